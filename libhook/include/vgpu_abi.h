@@ -1,0 +1,99 @@
+/*
+ * vgpu_abi.h - every constant and struct shared between libvgpu-hook.so
+ * (C, inside CUDA programs) and vgpud (Python, through cffi in API mode).
+ *
+ * This is the one truth for the boundary: the daemon's cffi module compiles
+ * against this header, so a field that moves breaks the build instead of
+ * corrupting a client, and tests/test_abi.py asserts every offset below.
+ * All fields are fixed-width; all structs are padded by hand to 8-byte
+ * multiples, and the per-device blocks to whole cache lines so a daemon
+ * write to one device never shares a line with a client's counters.
+ *
+ * Two shared-memory regions exist per client connection, both memfds made
+ * by the daemon and passed with SCM_RIGHTS in the welcome message:
+ *
+ *   ctl  (struct vgpu_ctl_page): written by the daemon only. The client gets
+ *        a read-only file description, so it cannot raise its own budget.
+ *   stat (struct vgpu_stat_page): written by the client only (counters and
+ *        measured GPU busy intervals); the daemon reads it every tick.
+ */
+#ifndef VGPU_ABI_H
+#define VGPU_ABI_H
+
+#include <stdint.h>
+
+/* ---- wire protocol (docs/protocol.md) ---- */
+#define VGPU_PROTO_VERSION 1u
+#define VGPU_FRAME_HEADER 4u         /* big-endian uint32 length prefix */
+#define VGPU_MAX_FRAME 65536u        /* largest msgpack body accepted */
+#define VGPU_DEFAULT_SOCKET "/run/vgpu/vgpud.sock"
+#define VGPU_HOOK_CONF "/etc/vgpu/hook.conf"
+
+/* ---- shared memory ---- */
+#define VGPU_SHM_MAGIC 0x55504756u   /* "VGPU" little-endian */
+#define VGPU_ABI_VERSION 1u
+#define VGPU_MAX_DEVICES 16u
+#define VGPU_RING_SLOTS 512u         /* busy intervals per device, power of 2 */
+#define VGPU_UNLIMITED UINT64_MAX    /* "max" in a uint64 field */
+
+/* vgpu_ctl_dev.flags */
+#define VGPU_DEV_ACTIVE 0x1u         /* slot assigned to a device */
+#define VGPU_DEV_UNLIMITED 0x2u      /* no gating: launches skip the budget */
+
+/*
+ * Per device, daemon-written. The hook's launch fast path reads tokens_ns
+ * and flags with relaxed/acquire atomic loads and nothing else.
+ */
+struct vgpu_ctl_dev {
+    int64_t tokens_ns;      /* GPU-time budget; launch allowed while > 0 */
+    uint32_t flags;         /* VGPU_DEV_* */
+    uint32_t _pad0;
+    uint64_t mem_limit;     /* effective gpu.memory.max over all ancestors */
+    uint64_t mem_used;      /* the limiting slice's current usage */
+    uint64_t rate_ppm;      /* granted share of one GPU, parts per million */
+    uint64_t _pad1[3];
+};                          /* 64 bytes */
+
+struct vgpu_ctl_page {
+    uint32_t magic;         /* VGPU_SHM_MAGIC */
+    uint32_t abi_version;   /* VGPU_ABI_VERSION */
+    uint64_t seq;           /* bumped once per daemon control tick */
+    uint64_t tick_ns;       /* the daemon's control period */
+    uint64_t daemon_epoch;  /* changes when the daemon restarts */
+    uint64_t _pad[4];
+    struct vgpu_ctl_dev dev[VGPU_MAX_DEVICES];
+};                          /* 64 + 16*64 = 1088 bytes */
+
+/* A span during which the client had work on the GPU, CLOCK_MONOTONIC ns. */
+struct vgpu_interval {
+    uint64_t start_ns;
+    uint64_t end_ns;
+};
+
+/*
+ * Per device, client-written. Counters only grow. ring_head counts every
+ * interval ever published: the writer fills ring[head % SLOTS] and then
+ * stores head + 1 with release order; the reader loads head with acquire.
+ */
+struct vgpu_stat_dev {
+    uint64_t launches;        /* kernel launches of every kind, graphs included */
+    uint64_t graph_launches;  /* of which cuGraphLaunch */
+    uint64_t throttled_ns;    /* time launching threads spent waiting for budget */
+    uint64_t nr_throttled;    /* launches that had to wait */
+    uint64_t busy_ns;         /* sum of published interval lengths */
+    uint64_t ring_head;
+    uint64_t allocs;          /* successful allocations on this device */
+    uint64_t frees;           /* frees on this device */
+    struct vgpu_interval ring[VGPU_RING_SLOTS];
+};                            /* 64 + 512*16 = 8256 bytes */
+
+struct vgpu_stat_page {
+    uint32_t magic;
+    uint32_t abi_version;
+    uint32_t pid;             /* as the client sees itself (informational) */
+    uint32_t _pad0;
+    uint64_t _pad[6];
+    struct vgpu_stat_dev dev[VGPU_MAX_DEVICES];
+};                            /* 64 + 16*8256 bytes */
+
+#endif /* VGPU_ABI_H */

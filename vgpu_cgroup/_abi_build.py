@@ -1,0 +1,78 @@
+"""cffi builder for vgpu_cgroup._abi: the daemon's view of libhook's header.
+
+API mode: the C compiler checks every field we declare against the real
+header, so the Python and C sides cannot silently disagree on a layout.
+"""
+
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join(HERE, "..", "libhook", "include")
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    #define VGPU_PROTO_VERSION ...
+    #define VGPU_FRAME_HEADER ...
+    #define VGPU_MAX_FRAME ...
+    #define VGPU_SHM_MAGIC ...
+    #define VGPU_ABI_VERSION ...
+    #define VGPU_MAX_DEVICES ...
+    #define VGPU_RING_SLOTS ...
+    #define VGPU_DEV_ACTIVE ...
+    #define VGPU_DEV_UNLIMITED ...
+
+    struct vgpu_ctl_dev {
+        int64_t tokens_ns;
+        uint32_t flags;
+        uint64_t mem_limit;
+        uint64_t mem_used;
+        uint64_t rate_ppm;
+        ...;
+    };
+    struct vgpu_ctl_page {
+        uint32_t magic;
+        uint32_t abi_version;
+        uint64_t seq;
+        uint64_t tick_ns;
+        uint64_t daemon_epoch;
+        struct vgpu_ctl_dev dev[16];
+        ...;
+    };
+    struct vgpu_interval {
+        uint64_t start_ns;
+        uint64_t end_ns;
+    };
+    struct vgpu_stat_dev {
+        uint64_t launches;
+        uint64_t graph_launches;
+        uint64_t throttled_ns;
+        uint64_t nr_throttled;
+        uint64_t busy_ns;
+        uint64_t ring_head;
+        uint64_t allocs;
+        uint64_t frees;
+        struct vgpu_interval ring[512];
+        ...;
+    };
+    struct vgpu_stat_page {
+        uint32_t magic;
+        uint32_t abi_version;
+        uint32_t pid;
+        struct vgpu_stat_dev dev[16];
+        ...;
+    };
+    """
+)
+ffibuilder.set_source(
+    "vgpu_cgroup._abi",
+    '#include "vgpu_abi.h"\n'
+    "_Static_assert(VGPU_MAX_DEVICES == 16, \"cdef array sizes\");\n"
+    "_Static_assert(VGPU_RING_SLOTS == 512, \"cdef array sizes\");\n",
+    include_dirs=[INCLUDE],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(HERE, ".."), verbose=False)
