@@ -1,0 +1,249 @@
+"""Knob names, parsing and formatting, following cgroup v2's conventions.
+
+One knob per key, ``max`` for "no limit", bytes shown as plain integers the
+way ``memory.max`` shows them. Values may come from TOML (int, float, str,
+list) or from the command line (always str), so every parser accepts both
+and rejects anything else with a message that names the knob, the bad value
+and what would have been accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+#: A parsed knob value. ``None`` means "max" (limits) or "all" (devices).
+KnobValue = float | int | tuple[str, ...] | None
+
+CORES_MAX = "gpu.cores.max"
+CORES_MIN = "gpu.cores.min"
+CORES_WEIGHT = "gpu.cores.weight"
+MEMORY_MAX = "gpu.memory.max"
+MEMORY_HIGH = "gpu.memory.high"
+DEVICES = "gpu.devices"
+
+#: Knobs that can be read but never set (``show`` reports them).
+READONLY_KNOBS: tuple[str, ...] = (
+    "gpu.memory.current",
+    "gpu.memory.peak",
+    "gpu.memory.events",
+    "gpu.cores.stat",
+)
+
+WEIGHT_MIN = 1
+WEIGHT_MAX = 10000
+WEIGHT_DEFAULT = 100
+
+
+class KnobError(ValueError):
+    """A knob name or value that cannot be accepted.
+
+    Subclasses ValueError so callers that only care about "bad input" can
+    catch one type; ``knob`` and ``value`` let the CLI and config loader point
+    at the culprit.
+    """
+
+    def __init__(self, knob: str, value: object, msg: str) -> None:
+        self.knob = knob
+        self.value = value
+        self.msg = msg
+        super().__init__(f"{knob}={value!r}: {msg}")
+
+
+@dataclass(frozen=True)
+class KnobSpec:
+    """What a writable knob accepts, its default, and how to show it."""
+
+    name: str
+    accepts: str  # human description, used in error messages
+    default: KnobValue
+    parse: Callable[[str, object], KnobValue]
+    format: Callable[[KnobValue], str]
+
+
+_NUM_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
+_BYTES_RE = re.compile(
+    r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE
+)
+_SUFFIX = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
+_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
+_U64_MAX = 2**64 - 1
+
+
+def _number(name: str, value: object, accepts: str) -> float:
+    """Coerce an int/float/numeric string to a finite float (bools refused)."""
+    if isinstance(value, bool):
+        raise KnobError(name, value, f"expected {accepts}")
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUM_RE.match(value)):
+        f = float(value)
+    else:
+        raise KnobError(name, value, f"expected {accepts}")
+    if not math.isfinite(f):
+        raise KnobError(name, value, f"expected {accepts}")
+    return f
+
+
+def _is_max(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "max"
+
+
+def _parse_cores_max(name: str, value: object) -> KnobValue:
+    accepts = "a percent of one GPU, 0 < x <= 100, or 'max'"
+    if _is_max(value):
+        return None
+    f = _number(name, value, accepts)
+    if not 0 < f <= 100:
+        raise KnobError(name, value, f"out of range: expected {accepts}")
+    return f
+
+
+def _parse_cores_min(name: str, value: object) -> KnobValue:
+    accepts = "a percent of one GPU, 0 <= x <= 100"
+    f = _number(name, value, accepts)
+    if not 0 <= f <= 100:
+        raise KnobError(name, value, f"out of range: expected {accepts}")
+    return f
+
+
+def _parse_weight(name: str, value: object) -> KnobValue:
+    accepts = f"an integer {WEIGHT_MIN}..{WEIGHT_MAX}"
+    f = _number(name, value, accepts)
+    if f != int(f):
+        raise KnobError(name, value, f"expected {accepts}")
+    if not WEIGHT_MIN <= f <= WEIGHT_MAX:
+        raise KnobError(name, value, f"out of range: expected {accepts}")
+    return int(f)
+
+
+def parse_bytes(name: str, value: object) -> int | None:
+    """Parse a byte count: int, ``"8G"``, ``"7680M"``, ``"4GiB"``, or ``"max"``.
+
+    Suffixes are binary (1024-based) and case-insensitive, as in cgroup v2's
+    ``memory.max``; a fractional amount is rounded down to whole bytes.
+    """
+    accepts = "bytes as an integer or with a K/M/G/T suffix (1024-based), or 'max'"
+    if _is_max(value):
+        return None
+    if isinstance(value, bool):
+        raise KnobError(name, value, f"expected {accepts}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise KnobError(name, value, f"expected {accepts}")
+        n = int(value)
+    elif isinstance(value, str):
+        m = _BYTES_RE.match(value)
+        if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+            raise KnobError(name, value, f"expected {accepts}")
+        num, suffix = m.group(1), m.group(2).lower()
+        if "." in num:
+            n = math.floor(float(num) * 1024 ** _SUFFIX[suffix])
+        else:
+            n = int(num) * 1024 ** _SUFFIX[suffix]
+    else:
+        raise KnobError(name, value, f"expected {accepts}")
+    if n < 0:
+        raise KnobError(name, value, f"negative: expected {accepts}")
+    if n > _U64_MAX:
+        raise KnobError(name, value, "too large: must fit in 64 bits")
+    return n
+
+
+def _parse_devices(name: str, value: object) -> KnobValue:
+    accepts = "'all', or GPU indices/UUIDs as '0,1', 'GPU-...' or a list"
+    items: list[object]
+    if isinstance(value, str):
+        if value.strip().lower() == "all":
+            return None
+        items = [p for p in (s.strip() for s in value.split(",")) if p]
+        if not items and value.strip():
+            raise KnobError(name, value, f"expected {accepts}")
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    else:
+        raise KnobError(name, value, f"expected {accepts}")
+    out: list[str] = []
+    for it in items:
+        if isinstance(it, int) and not isinstance(it, bool) and it >= 0:
+            s = str(it)
+        elif isinstance(it, str) and (it.strip().isdigit() or _UUID_RE.match(it.strip())):
+            s = it.strip()
+            if s.isdigit():
+                s = str(int(s))
+        else:
+            raise KnobError(name, value, f"bad device {it!r}: expected {accepts}")
+        if s not in out:
+            out.append(s)
+    return tuple(out)
+
+
+def _fmt_percent(v: KnobValue) -> str:
+    if v is None:
+        return "max"
+    assert isinstance(v, int | float)
+    if float(v) == int(v):
+        return str(int(v))
+    return f"{float(v):.6g}"
+
+
+def _fmt_int(v: KnobValue) -> str:
+    if v is None:
+        return "max"
+    assert isinstance(v, int | float)
+    return str(int(v))
+
+
+def _fmt_devices(v: KnobValue) -> str:
+    if v is None:
+        return "all"
+    assert isinstance(v, tuple)
+    return ",".join(v)
+
+
+KNOBS: Mapping[str, KnobSpec] = {
+    s.name: s
+    for s in (
+        KnobSpec(CORES_MAX, "percent 0<x<=100 or 'max'", None, _parse_cores_max, _fmt_percent),
+        KnobSpec(CORES_MIN, "percent 0<=x<=100", 0.0, _parse_cores_min, _fmt_percent),
+        KnobSpec(
+            CORES_WEIGHT,
+            f"integer {WEIGHT_MIN}..{WEIGHT_MAX}",
+            WEIGHT_DEFAULT,
+            _parse_weight,
+            _fmt_int,
+        ),
+        KnobSpec(MEMORY_MAX, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
+        KnobSpec(MEMORY_HIGH, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
+        KnobSpec(DEVICES, "'all' or GPU indices/UUIDs", None, _parse_devices, _fmt_devices),
+    )
+}
+
+
+def knob_spec(name: str) -> KnobSpec:
+    """The spec of a writable knob; KnobError naming the valid knobs otherwise."""
+    spec = KNOBS.get(name)
+    if spec is not None:
+        return spec
+    if name in READONLY_KNOBS:
+        raise KnobError(name, None, "read-only knob; writable: " + ", ".join(KNOBS))
+    raise KnobError(name, None, "unknown knob; valid knobs: " + ", ".join(KNOBS))
+
+
+def parse_knob(name: str, value: object) -> KnobValue:
+    """Validate and normalise one knob value (None means 'max' or 'all')."""
+    return knob_spec(name).parse(name, value)
+
+
+def format_knob(name: str, value: KnobValue) -> str:
+    """Show a parsed value the way cgroup v2 files do (``max``, plain bytes)."""
+    return knob_spec(name).format(value)
+
+
+def default_value(name: str) -> KnobValue:
+    """The value a knob has when nothing sets it."""
+    return knob_spec(name).default
