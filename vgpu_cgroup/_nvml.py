@@ -1,0 +1,88 @@
+"""GPU discovery through NVML, real or simulated.
+
+Real hardware goes through ``pynvml`` (the nvidia-ml-py package).  The
+simulated GPU is the ``libnvidia-ml.so.1`` built in ``libhook/sim`` and
+shipped in ``vgpu_cgroup/_lib/sim``: it is loaded with RTLD_GLOBAL before
+``nvmlInit`` so pynvml's ``dlopen("libnvidia-ml.so.1")`` finds it by soname.
+Simulation is always explicit; with no driver and no ``--simulate`` the
+daemon stops with an error that says so, never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from dataclasses import dataclass
+
+import pynvml
+
+SIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib", "sim")
+SIM_NVML = os.path.join(SIM_DIR, "libnvidia-ml.so.1")
+
+
+class NvmlError(Exception):
+    """GPU discovery failed; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    index: int
+    uuid: str
+    name: str
+    total_mem: int
+
+
+def _text(v: str | bytes) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def load_simulated(path: str = SIM_NVML) -> None:
+    """Make the simulated NVML the one pynvml will bind to."""
+    if not os.path.exists(path):
+        raise NvmlError(
+            f"simulated NVML not found at {path} (build it with `make -C libhook sim`)"
+        )
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+def discover(*, simulate: bool, sim_path: str = SIM_NVML) -> list[Device]:
+    """Every GPU NVML reports, in index order."""
+    if simulate:
+        load_simulated(sim_path)
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        if simulate:
+            raise NvmlError(f"simulated NVML failed to initialise: {exc}") from None
+        raise NvmlError(
+            f"no NVIDIA driver usable ({exc}); on a machine without a GPU pass "
+            "--simulate (or simulate = true in vgpud.toml) to use the simulated GPU"
+        ) from None
+    try:
+        devices = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            devices.append(Device(index=i, uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
+                                  name=_text(pynvml.nvmlDeviceGetName(h)),
+                                  total_mem=int(mem.total)))
+        return devices
+    except pynvml.NVMLError as exc:
+        raise NvmlError(f"NVML device query failed: {exc}") from None
+
+
+def process_memory(index: int) -> dict[int, int]:
+    """GPU memory used per pid on a device, as the driver sees it (used to
+    reconcile context overhead that no allocation call reports)."""
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+    except pynvml.NVMLError as exc:
+        raise NvmlError(f"NVML process query failed on device {index}: {exc}") from None
+    return {int(p.pid): int(p.usedGpuMemory or 0) for p in procs}
+
+
+def shutdown() -> None:
+    with contextlib.suppress(pynvml.NVMLError):
+        pynvml.nvmlShutdown()
