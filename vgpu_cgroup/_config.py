@@ -2,45 +2,74 @@
 
 Like systemd drop-ins: ``/etc/vgpu/slices/*.conf`` is the administrator's
 persistent layer and ``/run/vgpu/slices/*.conf`` the runtime layer written by
-``vgpuctl set --runtime``; the runtime layer wins until reboot. Parsing is
-all-or-nothing so a bad edit never leaves the daemon half-configured.
+``vgpuctl set --runtime``; the runtime layer wins until reboot. Loading is
+all-or-nothing (the first bad file raises) so a bad edit never leaves the
+daemon half-configured: the caller keeps its previous state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from ._knobs import KnobValue
+from ._knobs import KNOBS, READONLY_KNOBS, KnobError, KnobValue, parse_knob
+
+DEFAULT_CONFIG = "/etc/vgpu/vgpud.toml"
+DEFAULT_ETC_SLICES = "/etc/vgpu/slices"
+DEFAULT_RUN_SLICES = "/run/vgpu/slices"
+CONF_SUFFIX = ".conf"
 
 
 class ConfigError(Exception):
-    """A configuration problem, located as ``path:line: message``."""
+    """A configuration problem, located as ``path:line: message``.
+
+    ``line`` is 1-based, or None when the problem is not tied to a line (a
+    missing file, a file name that names no slice); then str() omits it.
+    """
 
     def __init__(self, path: str, line: int | None, msg: str) -> None:
         self.path = path
         self.line = line
         self.msg = msg
-        super().__init__(str(self))
+        super().__init__(path, line, msg)
 
     def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.path}: {self.msg}"
         return f"{self.path}:{self.line}: {self.msg}"
+
+
+IDENTITY_MODES = ("cgroup", "declared")
+LOG_FORMATS = ("auto", "json", "console")
 
 
 @dataclass
 class DaemonConfig:
-    """Daemon settings from ``vgpud.toml``; defaults work with no file at all."""
+    """Daemon settings from ``vgpud.toml``; the defaults work with no file at all."""
 
     socket: str = "/run/vgpu/vgpud.sock"
     runtime_dir: str = "/run/vgpu"
     identity: str = "cgroup"
     tick_ms: int = 10
+    lag_ms: int = 30
     simulate: bool = False
     log_format: str = "auto"
     metrics_listen: str | None = None
-    cgroup_root: str | None = None
-    etc_slices_dir: str = "/etc/vgpu/slices"
-    run_slices_dir: str | None = None  # default: <runtime_dir>/slices
+    cgroup_root: str | None = None  # None: find the cgroup2 mount
+    etc_slices_dir: str = DEFAULT_ETC_SLICES
+    run_slices_dir: str = ""  # "": <runtime_dir>/slices
+
+    def __post_init__(self) -> None:
+        if not self.run_slices_dir:
+            self.run_slices_dir = os.path.join(self.runtime_dir, "slices")
 
 
 @dataclass
@@ -54,28 +83,357 @@ class SliceSetting:
     source: str
 
 
+# --------------------------------------------------------------------------
+# slice names
+
+
+def _bad_name(name: str, why: str) -> ConfigError:
+    return ConfigError("slice name", None, f"invalid slice {name!r}: {why}")
+
+
 def expand_slice_name(name: str) -> str:
     """Canonical slice path relative to the cgroup root ("" is the root).
 
     Accepts a cgroup path (``tenants.slice/tenants-alice.slice``, a leading
     ``/`` allowed) or a systemd slice unit name (``tenants-alice.slice``),
-    expanded the way systemd nests slices by their dashes.
+    expanded the way systemd nests slices by their dashes:
+    ``a-b-c.slice`` → ``a.slice/a-b.slice/a-b-c.slice``; ``-.slice`` is the root.
     """
-    raise NotImplementedError
+    if not isinstance(name, str):
+        raise _bad_name(repr(name), "not a string")
+    if "\0" in name:
+        raise _bad_name(name, "contains NUL")
+    s = name.strip()
+    if s in ("", "/", "-.slice"):
+        return ""
+    if "/" not in s and s.endswith(".slice"):
+        prefix = s[: -len(".slice")]
+        parts = prefix.split("-")
+        if any(p == "" for p in parts):
+            raise _bad_name(name, "empty component between dashes in a slice unit name")
+        return "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
+    return canonical_cgroup_path(name)
+
+
+def canonical_cgroup_path(path: str) -> str:
+    """A cgroup path relative to the root, validated, with no unit expansion.
+
+    For paths that come from ``/proc/<pid>/cgroup``: ``/my-job.slice`` is a
+    directory at the root even though its unit name would nest it.
+    """
+    if "\0" in path:
+        raise _bad_name(path, "contains NUL")
+    s = path.strip()
+    if s.startswith("/"):
+        s = s[1:]
+    if s.endswith("/"):
+        s = s[:-1]
+    if s == "":
+        return ""
+    comps = s.split("/")
+    for c in comps:
+        if c == "":
+            raise _bad_name(path, "empty path component")
+        if c in (".", ".."):
+            raise _bad_name(path, f"{c!r} is not allowed in a slice path")
+    return "/".join(comps)
+
+
+def slice_file_name(slice: str) -> str:
+    """The runtime file name for a slice: its unit name when it has one.
+
+    ``tenants.slice/tenants-alice.slice`` → ``tenants-alice.slice.conf``;
+    other paths (``kubepods/pod1``) are escaped (``%`` → ``%25``, ``/`` →
+    ``%2F``) since the file carries ``slice = ...`` anyway.
+    """
+    if slice == "":
+        return "-.slice" + CONF_SUFFIX
+    last = slice.rsplit("/", 1)[-1]
+    try:
+        if last.endswith(".slice") and expand_slice_name(last) == slice:
+            return last + CONF_SUFFIX
+    except ConfigError:
+        pass
+    return slice.replace("%", "%25").replace("/", "%2F") + CONF_SUFFIX
+
+
+# --------------------------------------------------------------------------
+# TOML helpers
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys from nested tables (``[gpu.cores] max=1`` == ``gpu.cores.max=1``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _find_line(text: str, key: str) -> int | None:
+    """Best-effort 1-based line where a dotted key is assigned.
+
+    Tries the full dotted key (bare or quoted parts, spaces around dots), then
+    the last component inside a ``[table]``. None if nothing matches.
+    """
+    parts = key.split(".")
+    part_re = [rf"(?:{re.escape(p)}|\"{re.escape(p)}\"|'{re.escape(p)}')" for p in parts]
+    full = re.compile(r"^\s*" + r"\s*\.\s*".join(part_re) + r"\s*=")
+    quoted = re.compile(r"^\s*[\"']" + re.escape(key) + r"[\"']\s*=")
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
+        if full.match(line) or quoted.match(line):
+            return i
+    for n in range(len(parts) - 1, 0, -1):
+        tail = re.compile(r"^\s*" + r"\s*\.\s*".join(part_re[n:]) + r"\s*=")
+        for i, line in enumerate(lines, 1):
+            if tail.match(line):
+                return i
+    return None
+
+
+def _load_toml(path: str) -> tuple[str, dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad_line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(path, bad_line, "not valid UTF-8") from e
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line, msg = _toml_error(e)
+        raise ConfigError(path, line, f"TOML syntax error: {msg}") from e
+    return text, doc
+
+
+def _toml_error(e: tomllib.TOMLDecodeError) -> tuple[int | None, str]:
+    """Line and message of a TOMLDecodeError (3.11 only has them in the text)."""
+    lineno: int | None = getattr(e, "lineno", None)
+    msg = getattr(e, "msg", None) or str(e)
+    m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+    if lineno is None and m:
+        lineno = int(m.group(1))
+    msg = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", msg)
+    return (int(lineno) if lineno is not None else None), msg
+
+
+# --------------------------------------------------------------------------
+# daemon config
+
+
+def _want(path: str, text: str, key: str, v: object, typ: type | tuple[type, ...]) -> None:
+    if isinstance(v, bool) and typ is int:
+        raise ConfigError(path, _find_line(text, key), f"{key}: expected an integer")
+    if not isinstance(v, typ):
+        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise ConfigError(
+            path, _find_line(text, key), f"{key}: expected {names}, got {type(v).__name__}"
+        )
 
 
 def load_daemon_config(path: str | None) -> DaemonConfig:
-    """Read ``vgpud.toml`` (None: defaults); ConfigError on bad content."""
-    raise NotImplementedError
+    """Read the daemon's TOML file; ConfigError on anything unknown or invalid.
+
+    ``path=None`` reads ``/etc/vgpu/vgpud.toml`` when it exists and otherwise
+    returns the built-in defaults; an explicit path must exist.
+    """
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            return DaemonConfig()
+        path = DEFAULT_CONFIG
+    text, doc = _load_toml(path)
+    flat = _flatten(doc)
+    kw: dict[str, Any] = {}
+    str_keys = {
+        "socket": "socket",
+        "runtime_dir": "runtime_dir",
+        "cgroup_root": "cgroup_root",
+        "slices_dir": "etc_slices_dir",
+        "runtime_slices_dir": "run_slices_dir",
+        "metrics.listen": "metrics_listen",
+    }
+    for key, v in flat.items():
+        line = _find_line(text, key)
+        if key in str_keys:
+            _want(path, text, key, v, str)
+            assert isinstance(v, str)
+            if not v:
+                raise ConfigError(path, line, f"{key}: must not be empty")
+            kw[str_keys[key]] = v
+        elif key == "identity":
+            if v not in IDENTITY_MODES:
+                raise ConfigError(
+                    path, line, f"identity: {v!r} is not one of {', '.join(IDENTITY_MODES)}"
+                )
+            kw["identity"] = v
+        elif key == "log_format":
+            if v not in LOG_FORMATS:
+                raise ConfigError(
+                    path, line, f"log_format: {v!r} is not one of {', '.join(LOG_FORMATS)}"
+                )
+            kw["log_format"] = v
+        elif key in ("tick_ms", "lag_ms"):
+            _want(path, text, key, v, int)
+            assert isinstance(v, int)
+            if not 1 <= v <= 1000:
+                raise ConfigError(path, line, f"{key}: {v} out of range 1..1000")
+            kw[key] = v
+        elif key == "simulate":
+            _want(path, text, key, v, bool)
+            kw["simulate"] = v
+        else:
+            raise ConfigError(path, line, f"unknown setting {key!r}")
+    return DaemonConfig(**kw)
+
+
+# --------------------------------------------------------------------------
+# slice files
+
+
+def slice_from_filename(path: str) -> str:
+    """The slice a ``*.conf`` file configures by its name (no ``slice =`` key)."""
+    base = os.path.basename(path)
+    stem = base[: -len(CONF_SUFFIX)] if base.endswith(CONF_SUFFIX) else base
+    if "%2F" in stem or "%2f" in stem:
+        unescaped = re.sub("%2[fF]", "/", stem).replace("%25", "%")
+        try:
+            return expand_slice_name(unescaped)
+        except ConfigError as e:
+            raise ConfigError(path, None, e.msg) from e
+    if not stem.endswith(".slice"):
+        raise ConfigError(
+            path,
+            None,
+            "file name is not a slice unit name (like tenants-alice.slice.conf); "
+            "add a top-level slice = \"...\" key",
+        )
+    try:
+        return expand_slice_name(stem)
+    except ConfigError as e:
+        raise ConfigError(path, None, e.msg) from e
+
+
+def parse_slice_file(path: str, text: str) -> list[SliceSetting]:
+    """Settings in one slice file's text (``path`` names the file and the slice)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line, msg = _toml_error(e)
+        raise ConfigError(path, line, f"TOML syntax error: {msg}") from e
+    flat = _flatten(doc)
+    if "slice" in flat:
+        name = flat.pop("slice")
+        if not isinstance(name, str):
+            raise ConfigError(path, _find_line(text, "slice"), "slice: expected a string")
+        try:
+            slice = expand_slice_name(name)
+        except ConfigError as e:
+            raise ConfigError(path, _find_line(text, "slice"), e.msg) from e
+    else:
+        slice = slice_from_filename(path)
+    out: list[SliceSetting] = []
+    for key, raw in flat.items():
+        line = _find_line(text, key)
+        if key in READONLY_KNOBS:
+            raise ConfigError(path, line, f"{key} is read-only")
+        if key not in KNOBS:
+            raise ConfigError(
+                path, line, f"unknown knob {key!r}; valid knobs: {', '.join(KNOBS)}"
+            )
+        try:
+            value = parse_knob(key, raw)
+        except KnobError as e:
+            raise ConfigError(path, line, str(e)) from e
+        out.append(SliceSetting(slice, key, raw, value, path))
+    return out
+
+
+def _conf_files(d: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ConfigError(d, None, f"cannot list: {e.strerror or e}") from e
+    return [
+        os.path.join(d, n)
+        for n in names
+        if n.endswith(CONF_SUFFIX) and not n.startswith(".") and os.path.isfile(os.path.join(d, n))
+    ]
 
 
 def load_slice_layers(
-    etc_dir: str = "/etc/vgpu/slices", run_dir: str = "/run/vgpu/slices"
+    etc_dir: str = DEFAULT_ETC_SLICES, run_dir: str = DEFAULT_RUN_SLICES
 ) -> list[SliceSetting]:
-    """All slice settings, ``/etc`` first then ``/run`` (later wins)."""
-    raise NotImplementedError
+    """All slice settings in priority order: ``/etc`` then ``/run`` (later wins).
+
+    Missing directories are empty layers. Raises ConfigError on the first bad
+    file; nothing is returned in that case, so the caller keeps its old state.
+    """
+    out: list[SliceSetting] = []
+    for d in (etc_dir, run_dir):
+        for path in _conf_files(d):
+            text, _ = _load_toml(path)
+            out.extend(parse_slice_file(path, text))
+    return out
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"cannot write {v!r} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ValueError(f"cannot write {type(v).__name__} to TOML")
 
 
 def write_runtime_setting(run_dir: str, slice: str, knobs: Mapping[str, str]) -> str:
-    """Merge knobs into the slice's runtime file atomically; return its path."""
-    raise NotImplementedError
+    """Merge knobs into the slice's runtime file atomically; return its path.
+
+    Values are validated first (KnobError, nothing written). The merged file
+    is re-parsed before it replaces the old one (temp file + rename), so the
+    runtime layer is never left unreadable.
+    """
+    slice = expand_slice_name(slice)
+    for k, v in knobs.items():
+        parse_knob(k, v)
+    path = os.path.join(run_dir, slice_file_name(slice))
+    merged: dict[str, Any] = {}
+    if os.path.exists(path):
+        _, doc = _load_toml(path)
+        merged = _flatten(doc)
+        merged.pop("slice", None)
+    merged.update(knobs)
+    lines = ["# written by vgpuctl set --runtime; lost on reboot", f"slice = {_toml_value(slice)}"]
+    lines += [f"{k} = {_toml_value(merged[k])}" for k in sorted(merged)]
+    text = "\n".join(lines) + "\n"
+    parse_slice_file(path, text)
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=CONF_SUFFIX, dir=run_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
