@@ -1,17 +1,40 @@
 """The share algorithm: GPU-time rates per client and their token budgets.
 
 Every control tick the daemon hands in what each active client was charged
-and whether it was throttled; the scheduler splits each device's time down
-the slice tree (mins first, then weights, water-filling under every max) and
-moves each client's budget by ``rate * tick - charged``.
+(from ``_attrib``) and whether it was throttled (its launches waited for
+budget). Per device, the scheduler splits one GPU down the slice tree:
+
+* at each node, the children with an active client below them first get
+  ``min(gpu.cores.min, what they want)``;
+* the rest is split by ``gpu.cores.weight`` among children that want more,
+  water-filling: a child is capped by its own ``gpu.cores.max`` and, when it
+  was not throttled, by its demand (usage × 1.2 + 1 % of a GPU, so it can
+  grow); what a capped child leaves flows to its siblings;
+* clients directly in a slice are leaves of weight 100 sharing its allocation.
+
+A child *wants more* (unbounded demand) when a client below it was throttled:
+usage alone cannot show how much more it would take. Each client's budget
+then moves by ``tokens += rate * tick - charged``, clamped to
+``[-debt_ticks * tick, burst_ticks * tick * rate]``; the hook's launch gate
+lets launches through while tokens are positive.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._tree import SliceTree
+from ._knobs import WEIGHT_DEFAULT
+from ._tree import Node, SliceTree
+
+#: Multiplicative and additive headroom on an unthrottled client's demand.
+DEMAND_GAIN = 1.2
+DEMAND_FLOOR = 0.01
+#: Smallest rate used for the burst cap, so a tiny share can still launch.
+MIN_BURST_RATE = 0.01
+_INF = float("inf")
+_EPS = 1e-12
 
 
 @dataclass
@@ -33,8 +56,59 @@ class Budget:
     rate_ppm: int
 
 
+@dataclass
+class _Unit:
+    """A child at one level of the water-filling: a slice or a client."""
+
+    node: Node | None  # None: a client directly in the parent slice
+    client: int
+    lo: float  # guaranteed (cores.min), fraction of a GPU
+    hi: float  # ceiling (cores.max), fraction of a GPU
+    weight: int
+    want: float  # demand, capped by hi
+    alloc: float = 0.0
+
+
+def water_fill(total: float, units: Sequence[_Unit]) -> None:
+    """Split ``total`` among units: mins first, then by weight up to each ``want``.
+
+    Mins are scaled down proportionally if they overcommit ``total``. Sets
+    ``unit.alloc``; never gives a unit more than its ``want``.
+    """
+    for u in units:
+        u.alloc = min(u.lo, u.want)
+    used = sum(u.alloc for u in units)
+    if used > total:
+        scale = total / used if used > 0 else 0.0
+        for u in units:
+            u.alloc *= scale
+        return
+    rest = total - used
+    hungry = [u for u in units if u.alloc < u.want - _EPS]
+    while rest > _EPS and hungry:
+        wsum = sum(u.weight for u in hungry)
+        full = [u for u in hungry if u.alloc + rest * u.weight / wsum >= u.want]
+        if not full:
+            for u in hungry:
+                u.alloc += rest * u.weight / wsum
+            rest = 0.0
+            break
+        for u in full:
+            rest -= u.want - u.alloc
+            u.alloc = u.want
+        hungry = [u for u in hungry if u not in full]
+
+
+def _frac(pct: float | None) -> float:
+    return 1.0 if pct is None else min(1.0, pct / 100.0)
+
+
 class ShareScheduler:
-    """Computes per-client rates and budgets from the tree every tick."""
+    """Computes per-client rates and budgets from the tree every tick.
+
+    Knobs are read from the tree at every tick, so a live ``set_knobs``
+    takes effect at the next one.
+    """
 
     def __init__(
         self,
@@ -43,11 +117,166 @@ class ShareScheduler:
         burst_ticks: int = 5,
         debt_ticks: int = 50,
     ) -> None:
+        if tick_ns <= 0 or burst_ticks <= 0 or debt_ticks < 0:
+            raise ValueError("tick_ns and burst_ticks must be positive, debt_ticks >= 0")
         self.tree = tree
         self.tick_ns = tick_ns
         self.burst_ticks = burst_ticks
         self.debt_ticks = debt_ticks
+        self._tokens: dict[tuple[int, str], float] = {}
+        self._rates: dict[tuple[int, str], float] = {}
+        self._slice_rates: dict[tuple[str, str], float] = {}
+        self._budgets: dict[tuple[int, str], Budget] = {}
+
+    # -------------------------------------------------------------- helpers
+
+    def _limited(self, client: int) -> bool:
+        """Whether anything on the client's path asks for protection."""
+        for n in self.tree.client_nodes(client):
+            if n.cores_max is not None or n.cores_min > 0 or n.weight != WEIGHT_DEFAULT:
+                return True
+        return False
+
+    def _ceiling(self, client: int) -> float:
+        """The client's effective ``cores.max`` as a fraction (1.0 if none)."""
+        c = 1.0
+        for n in self.tree.client_nodes(client):
+            c = min(c, _frac(n.cores_max))
+        return c
+
+    def _demand(self, d: ClientDemand) -> float:
+        if d.throttled:
+            return _INF
+        used = d.charged_ns / self.tick_ns
+        return min(1.0, used * DEMAND_GAIN + DEMAND_FLOOR)
+
+    def _device_rates(self, dev: str, active: dict[int, ClientDemand]) -> dict[int, float]:
+        """Hierarchical water-filling of one GPU among the active clients."""
+        direct: dict[int, list[int]] = {}  # id(node) -> clients directly in it
+        kids: dict[int, dict[str, Node]] = {}  # id(node) -> active children
+        for c in active:
+            path = self.tree.client_nodes(c)
+            direct.setdefault(id(path[0]), []).append(c)
+            for child, parent in itertools.pairwise(path):
+                kids.setdefault(id(parent), {})[child.path] = child
+
+        demand_cache: dict[int, float] = {}
+
+        def demand(node: Node) -> float:
+            key = id(node)
+            if key not in demand_cache:
+                total = sum(self._demand(active[c]) for c in direct.get(key, []))
+                total += sum(demand(ch) for ch in kids.get(key, {}).values())
+                demand_cache[key] = min(total, _frac(node.cores_max))
+            return demand_cache[key]
+
+        rates: dict[int, float] = {}
+
+        def allocate(node: Node, amount: float) -> None:
+            self._slice_rates[(node.path, dev)] = amount
+            units: list[_Unit] = []
+            for ch in sorted(kids.get(id(node), {}).values(), key=lambda n: n.path):
+                hi = _frac(ch.cores_max)
+                units.append(_Unit(ch, -1, ch.cores_min / 100.0, hi, ch.weight, demand(ch)))
+            for c in sorted(direct.get(id(node), [])):
+                units.append(_Unit(None, c, 0.0, 1.0, WEIGHT_DEFAULT, self._demand(active[c])))
+            for u in units:
+                u.want = min(u.want, u.hi)
+            water_fill(amount, units)
+            for u in units:
+                if u.node is None:
+                    rates[u.client] = u.alloc
+                else:
+                    allocate(u.node, u.alloc)
+
+        root = self.tree.root
+        if active:
+            allocate(root, _frac(root.cores_max))
+        return rates
+
+    # ----------------------------------------------------------------- tick
 
     def tick(self, demands: Sequence[ClientDemand]) -> dict[tuple[int, str], Budget]:
-        """One control step: a Budget for every attached client-device pair."""
-        raise NotImplementedError
+        """One control step: a Budget for every attached client-device pair.
+
+        ``demands`` lists the pairs that were active in the last tick (they
+        ran, or wanted to and were throttled); other attached pairs are idle.
+        Idle pairs pay back debt at their ceiling rate and hold at most one
+        tick of budget, so a client that wakes up can launch at once but
+        cannot burst past its share for more than a tick.
+        """
+        T = self.tick_ns
+        pairs: list[tuple[int, str]] = []
+        by_dev: dict[str, list[int]] = {}
+        for c, st in self.tree.clients.items():
+            for dev in st.devices:
+                pairs.append((c, dev))
+                by_dev.setdefault(dev, []).append(c)
+        attached = set(pairs)
+
+        active: dict[str, dict[int, ClientDemand]] = {}
+        for d in demands:
+            if (d.client, d.dev) not in attached:
+                continue  # detached since; nothing to charge
+            slot = active.setdefault(d.dev, {})
+            prev = slot.get(d.client)
+            if prev is None:
+                slot[d.client] = ClientDemand(d.client, d.dev, max(0, d.charged_ns), d.throttled)
+            else:
+                prev.charged_ns += max(0, d.charged_ns)
+                prev.throttled = prev.throttled or d.throttled
+
+        self._slice_rates = {}
+        limited_dev = {dev: any(self._limited(c) for c in cs) for dev, cs in by_dev.items()}
+        rates: dict[tuple[int, str], float] = {}
+        for dev, cs in by_dev.items():
+            act = active.get(dev, {})
+            dev_rates = self._device_rates(dev, act)
+            for c in cs:
+                rates[(c, dev)] = dev_rates.get(c, 0.0)
+
+        out: dict[tuple[int, str], Budget] = {}
+        for key in pairs:
+            c, dev = key
+            cur = active.get(dev, {}).get(c)
+            tokens = self._tokens.get(key)
+            if cur is not None:
+                rate = rates[key]
+                if tokens is None:
+                    tokens = rate * T
+                tokens += rate * T - cur.charged_ns
+                hi = self.burst_ticks * T * max(rate, MIN_BURST_RATE)
+            else:
+                rate = self._ceiling(c)
+                if tokens is None:
+                    tokens = rate * T
+                hi = max(rate * T, MIN_BURST_RATE * T)
+                tokens = min(tokens + rate * T, max(tokens, hi))
+                hi = max(hi, tokens)
+            unlimited = not limited_dev[dev]
+            if unlimited:
+                tokens = self.burst_ticks * T * max(rate, MIN_BURST_RATE)
+            tokens = max(-self.debt_ticks * T, min(tokens, hi))
+            self._tokens[key] = tokens
+            self._rates[key] = rate if cur is not None else 0.0
+            out[key] = Budget(int(tokens), unlimited, round(rate * 1_000_000))
+        for key in list(self._tokens):
+            if key not in attached:
+                del self._tokens[key]
+                self._rates.pop(key, None)
+        self._budgets = out
+        return out
+
+    # -------------------------------------------------------- introspection
+
+    def rates(self) -> dict[tuple[int, str], float]:
+        """Last tick's rate (fraction of one GPU) per active client-device pair."""
+        return {k: v for k, v in self._rates.items() if v > 0}
+
+    def slice_rates(self) -> dict[tuple[str, str], float]:
+        """Last tick's allocation per (slice, device), for ``show`` and ``top``."""
+        return dict(self._slice_rates)
+
+    def budgets(self) -> dict[tuple[int, str], Budget]:
+        """The budgets the last tick returned."""
+        return dict(self._budgets)
