@@ -1,0 +1,458 @@
+"""The H200 benchmark harness: one command, every figure of SPEC.md's table
+measured against native in the same run.
+
+    python3 bench/h200.py [scenario ...]      (default: all)
+
+Builds libhook, starts vgpud on the real GPU, runs bench/workload.py natively
+and under `vgpuctl run`, and prints a table of ratios. Full results go to
+$OUT/h200.json (or ./h200.json). Scenarios: train, mem, compute, overhead,
+live, restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+WORKLOAD = [PY, os.path.join(ROOT, "bench", "workload.py")]
+VGPUD = [
+    PY,
+    "-c",
+    "import sys; from vgpu_cgroup._daemon_main import main; sys.exit(main(sys.argv[1:]))",
+]
+VGPUCTL_BASE = [
+    PY,
+    "-c",
+    "import sys; from vgpu_cgroup._ctl import main; sys.exit(main(sys.argv[1:]))",
+]
+GiB = 1 << 30
+
+
+class Bench:
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.socket = os.path.join(workdir, "vgpud.sock")
+        self.runtime = os.path.join(workdir, "run")
+        self.etc = os.path.join(workdir, "etc")
+        os.makedirs(self.etc, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = ROOT + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.log = open(os.path.join(workdir, "vgpud.log"), "wb")  # noqa: SIM115
+
+    # -- daemon ---------------------------------------------------------
+    def start_daemon(self) -> None:
+        self.daemon = subprocess.Popen(
+            [
+                *VGPUD,
+                "--socket",
+                self.socket,
+                "--runtime-dir",
+                self.runtime,
+                "--etc-dir",
+                self.etc,
+                "--log-format",
+                "json",
+            ],
+            env=self.env,
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if os.path.exists(self.socket):
+                try:
+                    self.ctl("status")
+                    return
+                except subprocess.CalledProcessError:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError("vgpud did not come up; see vgpud.log")
+
+    def kill_daemon(self, sig: int = signal.SIGTERM) -> None:
+        if self.daemon is not None:
+            self.daemon.send_signal(sig)
+            self.daemon.wait(10)
+            self.daemon = None
+
+    def vgpuctl(self) -> list[str]:
+        return [*VGPUCTL_BASE, "--socket", self.socket]
+
+    def ctl(self, *args: str) -> Any:
+        out = subprocess.run(
+            [*self.vgpuctl(), "--json", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return json.loads(out) if out.strip() else None
+
+    # -- workloads ------------------------------------------------------
+    def spawn(
+        self,
+        wl_args: list[str],
+        slice_: str | None = None,
+        knobs: dict[str, str] | None = None,
+        native: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[str]:
+        env = dict(self.env)
+        env.update(extra_env or {})
+        if native:
+            cmd = [*WORKLOAD, *wl_args]
+        else:
+            cmd = [*self.vgpuctl(), "run"]
+            if slice_:
+                cmd += ["--slice", slice_]
+            for k, v in (knobs or {}).items():
+                cmd += ["-p", f"{k}={v}"]
+            cmd += ["--", *WORKLOAD, *wl_args]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def collect(p: subprocess.Popen[str], timeout: float = 300) -> dict[str, Any]:
+        out, _ = p.communicate(timeout=timeout)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not lines:
+            raise RuntimeError(f"workload failed rc={p.returncode}: {out[-2000:]}")
+        return dict(json.loads(lines[-1]))
+
+    def run(self, wl_args: list[str], **kw: Any) -> dict[str, Any]:
+        return self.collect(self.spawn(wl_args, **kw))
+
+    def together(
+        self, specs: list[tuple[list[str], dict[str, Any]]], lead: float = 25.0
+    ) -> list[dict[str, Any]]:
+        """Start several workloads that measure the same wall-clock window."""
+        start_at = time.time() + lead
+        procs = [self.spawn([*a, "--start-at", str(start_at)], **kw) for a, kw in specs]
+        return [self.collect(p) for p in procs]
+
+
+# -- scenarios ----------------------------------------------------------------
+def sc_train(b: Bench) -> dict[str, Any]:
+    """Issue 2: a small training loop runs unchanged under vgpuctl run, and the
+    daemon's launch/allocation counts match what the CUDA runtime issued."""
+    vg = " ".join(b.vgpuctl())
+    r = b.run(["train", "--steps", "200", "--profile", "--vgpuctl", vg], slice_="bench-train.slice")
+    before, after = r.get("daemon_before") or {}, r.get("daemon_after") or {}
+    r["daemon_launches_in_region"] = after.get("launches", 0) - before.get("launches", 0)
+    r["daemon_allocs_total"] = after.get("allocs")
+    native = b.run(["train", "--steps", "200"], native=True)
+    r["native_final_loss"] = native["final_loss"]
+    return r
+
+
+def _nvml_poll(
+    pids_of: Callable[[], list[int]], stop: threading.Event, peak: dict[str, int]
+) -> None:
+    import pynvml
+
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    while not stop.is_set():
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+        mine = set(pids_of())
+        used = sum(p.usedGpuMemory or 0 for p in procs if p.pid in mine)
+        peak["max"] = max(peak.get("max", 0), used)
+        time.sleep(0.01)
+    pynvml.nvmlShutdown()
+
+
+def sc_mem(b: Bench) -> dict[str, Any]:
+    """Issue 3: gpu.memory.max=4G as the host's NVML sees it."""
+    res: dict[str, Any] = {}
+    for name, conf in [
+        ("default", ""),
+        ("expandable", "expandable_segments:True"),
+        ("async", "backend:cudaMallocAsync"),
+    ]:
+        env = {"PYTORCH_CUDA_ALLOC_CONF": conf} if conf else {}
+        p = b.spawn(
+            ["memfill", "--chunk-mib", "64"],
+            slice_=f"bench-mem-{name}.slice",
+            knobs={"gpu.memory.max": "4G"},
+            extra_env=env,
+        )
+        peak: dict[str, int] = {}
+        stop = threading.Event()
+        t = threading.Thread(target=_nvml_poll, args=(lambda p=p: _tree_pids(p.pid), stop, peak))
+        t.start()
+        try:
+            r = b.collect(p)
+        finally:
+            stop.set()
+            t.join()
+        r["nvml_peak_bytes"] = peak.get("max", 0)
+        res[name] = r
+    # Two processes in one slice share the 4 GiB.
+    b.ctl("set", "--runtime", "bench-shared.slice", "gpu.memory.max=4G")
+    pa = b.spawn(["memfill", "--chunk-mib", "64", "--hold", "8"], slice_="bench-shared.slice")
+    assert pa.stdout is not None
+    first = json.loads(pa.stdout.readline())
+    pb = b.spawn(["memfill", "--chunk-mib", "64"], slice_="bench-shared.slice")
+    peak = {}
+    stop = threading.Event()
+    t = threading.Thread(
+        target=_nvml_poll, args=(lambda: _tree_pids(pa.pid) + _tree_pids(pb.pid), stop, peak)
+    )
+    t.start()
+    try:
+        second = b.collect(pb)
+        rest = b.collect(pa)
+    finally:
+        stop.set()
+        t.join()
+    res["shared"] = {"a": first, "b": second, "a_end": rest, "nvml_peak_bytes": peak.get("max", 0)}
+    return res
+
+
+def _tree_pids(pid: int) -> list[int]:
+    """pid and its descendants (vgpuctl run forks the workload)."""
+    out = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            for c in f.read().split():
+                out += _tree_pids(int(c))
+    except OSError:
+        pass
+    return out
+
+
+def sc_compute(b: Bench) -> dict[str, Any]:
+    """Issue 4: shares against native, each ratio from this run."""
+    secs = ["--seconds", "8"]
+    res: dict[str, Any] = {}
+    native = b.run(["matmul", *secs], native=True)
+    base = native["rate"]
+    res["native_rate"] = base
+    for cap in (30, 60):
+        r = b.run(
+            ["matmul", *secs], slice_=f"bench-solo{cap}.slice", knobs={"gpu.cores.max": str(cap)}
+        )
+        res[f"solo{cap}"] = r["rate"] / base
+    np_ = b.together([(["matmul", *secs], {"native": True}), (["matmul", *secs], {"native": True})])
+    native_pair = np_[0]["rate"] + np_[1]["rate"]
+    res["native_pair"] = [np_[0]["rate"] / base, np_[1]["rate"] / base]
+    hp = b.together(
+        [
+            (
+                ["matmul", *secs],
+                {
+                    "slice_": "bench-hard-a.slice",
+                    "knobs": {"gpu.cores.max": "30", "gpu.cores.min": "30"},
+                },
+            ),
+            (
+                ["matmul", *secs],
+                {
+                    "slice_": "bench-hard-b.slice",
+                    "knobs": {"gpu.cores.max": "70", "gpu.cores.min": "70"},
+                },
+            ),
+        ]
+    )
+    res["pair_hard"] = [hp[0]["rate"] / base, hp[1]["rate"] / base]
+    sp = b.together(
+        [
+            (
+                ["matmul", *secs],
+                {
+                    "slice_": "bench-soft-a.slice",
+                    "knobs": {"gpu.cores.min": "30", "gpu.cores.max": "100"},
+                },
+            ),
+            (
+                ["matmul", *secs],
+                {
+                    "slice_": "bench-soft-b.slice",
+                    "knobs": {"gpu.cores.min": "70", "gpu.cores.max": "100"},
+                },
+            ),
+        ]
+    )
+    tot = sp[0]["rate"] + sp[1]["rate"]
+    res["pair_soft"] = [sp[0]["rate"] / base, sp[1]["rate"] / base]
+    res["pair_soft_total_vs_native_pair"] = tot / native_pair
+    res["pair_soft_split"] = [sp[0]["rate"] / tot, sp[1]["rate"] / tot]
+    r = b.run(["matmul", *secs], slice_="bench-soft-a.slice")
+    res["soft_alone"] = r["rate"] / base
+    nb = b.run(["big", *secs], native=True)
+    cb = b.run(["big", *secs], slice_="bench-big.slice", knobs={"gpu.cores.max": "30"})
+    res["big30"] = cb["rate"] / nb["rate"]
+    ng = b.run(["graph", *secs], native=True)
+    cg = b.run(["graph", *secs], slice_="bench-graph.slice", knobs={"gpu.cores.max": "30"})
+    res["graph30"] = cg["rate"] / ng["rate"]
+    return res
+
+
+def sc_overhead(b: Bench) -> dict[str, Any]:
+    """Launch overhead (driver-API empty kernel) and a PyTorch tiny-op loop,
+    hooked and uncapped against native, interleaved to cancel drift."""
+    exe = os.path.join(b.workdir, "empty_launch")
+    subprocess.check_call(
+        [
+            "gcc",
+            "-O2",
+            "-std=gnu11",
+            "-I",
+            os.path.join(ROOT, "libhook", "include"),
+            os.path.join(ROOT, "bench", "empty_launch.c"),
+            "-o",
+            exe,
+            "-lcuda",
+            "-L/usr/local/nvidia/lib64",
+            "-L/usr/lib/x86_64-linux-gnu",
+        ]
+    )
+    res: dict[str, Any] = {"native": [], "hooked": [], "tiny_native": [], "tiny_hooked": []}
+    for _ in range(3):
+        res["native"].append(json.loads(subprocess.check_output([exe, "300", "1000"], env=b.env)))
+        out = subprocess.check_output(
+            [*b.vgpuctl(), "run", "--slice", "bench-ovh.slice", "--", exe, "300", "1000"], env=b.env
+        )
+        res["hooked"].append(json.loads(out.splitlines()[-1]))
+    for _ in range(2):
+        res["tiny_native"].append(b.run(["tiny", "--seconds", "4"], native=True)["rate"])
+        res["tiny_hooked"].append(
+            b.run(["tiny", "--seconds", "4"], slice_="bench-ovh.slice")["rate"]
+        )
+    nat = min(r["ns_per_launch_best"] for r in res["native"])
+    hk = min(r["ns_per_launch_best"] for r in res["hooked"])
+    res["launch_overhead"] = hk / nat - 1
+    res["tiny_overhead"] = max(res["tiny_native"]) / max(res["tiny_hooked"]) - 1
+    res["ready_ms_hooked"] = min(r["ready_ns"] for r in res["hooked"]) / 1e6
+    res["ready_ms_native"] = min(r["ready_ns"] for r in res["native"]) / 1e6
+    return res
+
+
+def sc_live(b: Bench) -> dict[str, Any]:
+    """A live `vgpuctl set` from 30 to 60: time until the new share holds."""
+    native = b.run(["matmul", "--seconds", "4", "--sync-every", "5"], native=True)["rate"]
+    p = b.spawn(
+        ["matmul", "--seconds", "10", "--sync-every", "5", "--timeline"],
+        slice_="bench-live.slice",
+        knobs={"gpu.cores.max": "30"},
+    )
+    time.sleep(15)  # torch start + warm-up, then ~5 s of measurement at 30
+    t_set = time.time()
+    b.ctl("set", "--runtime", "bench-live.slice", "gpu.cores.max=60")
+    r = b.collect(p)
+    tl = r["timeline"]
+    set_rel = t_set - r["wall_start"]
+    win = 0.25
+    reached = None
+    before = []
+    for i, (t, n) in enumerate(tl):
+        j = i
+        while j > 0 and t - tl[j - 1][0] < win:
+            j -= 1
+        if j == i:
+            continue
+        rate = (n - tl[j][1]) / (t - tl[j][0]) / native
+        if t < set_rel:
+            before.append(rate)
+        elif reached is None and tl[j][0] >= set_rel and rate >= 0.57:
+            reached = tl[j][0] - set_rel + win
+    return {
+        "native_rate": native,
+        "set_at_s": set_rel,
+        "share_before": sorted(before)[len(before) // 2] if before else None,
+        "seconds_to_new_share": reached,
+    }
+
+
+def sc_restart(b: Bench) -> dict[str, Any]:
+    """Issue 6: a training job survives a daemon restart; a SIGKILLed job's
+    memory returns to its slice."""
+    p = b.spawn(
+        ["train", "--steps", "3000"], slice_="bench-restart.slice", knobs={"gpu.memory.max": "8G"}
+    )
+    time.sleep(12)
+    b.kill_daemon(signal.SIGKILL)
+    time.sleep(1)
+    b.start_daemon()
+    r = b.collect(p)
+    q = b.spawn(
+        ["memfill", "--chunk-mib", "256", "--hold", "60"],
+        slice_="bench-kill.slice",
+        knobs={"gpu.memory.max": "6G"},
+    )
+    assert q.stdout is not None
+    json.loads(q.stdout.readline())
+    before = b.ctl("show", "bench-kill.slice")
+    for pid in _tree_pids(q.pid)[1:]:
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    q.wait(30)
+    back = None
+    while time.time() - t0 < 5:
+        cur = b.ctl("show", "bench-kill.slice")
+        if int(cur.get("gpu.memory.current", {}).get("total", 1)) == 0:
+            back = time.time() - t0
+            break
+        time.sleep(0.02)
+    return {"train_after_restart": r, "kill_before": before, "seconds_to_release": back}
+
+
+SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "train": sc_train,
+    "mem": sc_mem,
+    "compute": sc_compute,
+    "overhead": sc_overhead,
+    "live": sc_live,
+    "restart": sc_restart,
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(SCENARIOS)
+    subprocess.check_call(["make", "-s", "-C", os.path.join(ROOT, "libhook")])
+    subprocess.check_call([PY, os.path.join(ROOT, "vgpu_cgroup", "_abi_build.py")])
+    out_dir = os.environ.get("OUT", ROOT)
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": argv}
+    try:
+        import torch
+
+        results["gpu"] = torch.cuda.get_device_name(0)
+        results["torch"] = torch.__version__
+    except Exception as e:  # pragma: no cover - reporting only
+        results["gpu"] = repr(e)
+    with tempfile.TemporaryDirectory(prefix="vgpu-bench-") as wd:
+        b = Bench(wd)
+        b.start_daemon()
+        try:
+            for n in names:
+                t0 = time.time()
+                try:
+                    results[n] = SCENARIOS[n](b)
+                except Exception as e:
+                    results[n] = {"error": repr(e)}
+                results[n + "_seconds"] = round(time.time() - t0, 1)
+                print(f"== {n}: {json.dumps(results[n])[:3000]}", flush=True)
+        finally:
+            b.kill_daemon()
+            with open(os.path.join(wd, "vgpud.log"), "rb") as f:
+                log_tail = f.read()[-200000:]
+            with open(os.path.join(out_dir, "vgpud.log"), "wb") as f:
+                f.write(log_tail)
+    with open(os.path.join(out_dir, "h200.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,268 @@
+"""PyTorch workloads for the H200 benchmarks, one JSON line of results each.
+
+Run natively or under `vgpuctl run`; the harness (bench/h200.py) compares the
+two in one run. Every mode warms up first, then measures for --seconds of
+wall time, synchronising before reading the host clock.
+
+Modes:
+  matmul   4096x4096 bf16 matmul loop (SPEC.md's reference workload)
+  big      16384x16384 bf16 matmuls, about 10 ms each on an H200
+  graph    CUDA graph of 20 4096x4096 matmuls, replayed
+  tiny     a loop of tiny elementwise ops (launch-bound)
+  train    a small MLP training loop (launch and allocation counting)
+  memfill  allocate 64 MiB tensors until CUDA OOM, then report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def _emit(result: dict[str, Any]) -> None:
+    result["pid"] = os.getpid()
+    print(json.dumps(result), flush=True)
+
+
+ARGS: argparse.Namespace
+
+
+def _timed_loop(step: Any, seconds: float, warmup: int, per_step: int) -> dict[str, Any]:
+    """Warm up, wait for the common start time (pairs measure the same
+    window), then count iterations for `seconds`. With --timeline, record
+    (t, iters) at every synchronisation to see a live change take effect."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    if ARGS.start_at:
+        time.sleep(max(0.0, ARGS.start_at - time.time()))
+    t0 = time.perf_counter()
+    wall0 = time.time()
+    n = 0
+    deadline = t0 + seconds
+    timeline: list[tuple[float, int]] = []
+    while True:
+        step()
+        n += 1
+        if n % per_step == 0:
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            if ARGS.timeline:
+                timeline.append((round(now - t0, 4), n))
+            if now >= deadline:
+                break
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    res: dict[str, Any] = {"iters": n, "seconds": dt, "rate": n / dt, "wall_start": wall0}
+    if ARGS.timeline:
+        res["timeline"] = timeline
+    return res
+
+
+def mode_matmul(args: argparse.Namespace, size: int = 4096) -> dict[str, Any]:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+
+    def step() -> None:
+        torch.matmul(a, b, out=out)
+
+    r = _timed_loop(step, args.seconds, warmup=20, per_step=args.sync_every)
+    r["tflops"] = r["rate"] * 2 * size**3 / 1e12
+    return r
+
+
+def mode_big(args: argparse.Namespace) -> dict[str, Any]:
+    args.sync_every = 2
+    return mode_matmul(args, size=16384)
+
+
+def mode_graph(args: argparse.Namespace) -> dict[str, Any]:
+    size = 4096
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            torch.matmul(a, b, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(20):
+            torch.matmul(a, b, out=out)
+
+    r = _timed_loop(g.replay, args.seconds, warmup=3, per_step=5)
+    r["matmuls_per_s"] = r["rate"] * 20
+    return r
+
+
+def mode_tiny(args: argparse.Namespace) -> dict[str, Any]:
+    x = torch.zeros(256, device="cuda")
+
+    def step() -> None:
+        x.add_(1.0)
+
+    return _timed_loop(step, args.seconds, warmup=1000, per_step=1000)
+
+
+def mode_train(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10)
+    ).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(256, 512, device="cuda")
+    y = torch.randint(0, 10, (256,), device="cuda")
+    losses = []
+    before = _daemon_counts(args)
+    prof_kernels = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+            torch.cuda.synchronize()
+        events = prof.events()
+        prof_kernels = sum(
+            1
+            for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memset" not in e.name.lower()
+            and "memcpy" not in e.name.lower()
+        )
+        runtime_launches = sum(
+            1
+            for e in events
+            if e.name
+            in (
+                "cudaLaunchKernel",
+                "cudaLaunchKernelExC",
+                "cuLaunchKernel",
+                "cuLaunchKernelEx",
+                "cudaGraphLaunch",
+            )
+        )
+    else:
+        for _ in range(args.steps):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss)
+        torch.cuda.synchronize()
+        runtime_launches = None
+    after = _daemon_counts(args)
+    stats = torch.cuda.memory_stats()
+    return {
+        "steps": args.steps,
+        "final_loss": float(loss),
+        "profiler_kernels": prof_kernels,
+        "profiler_launch_calls": runtime_launches,
+        "daemon_before": before,
+        "daemon_after": after,
+        "torch_segments_allocated": stats.get("segment.all.allocated"),
+        "torch_segments_freed": stats.get("segment.all.freed"),
+    }
+
+
+def _daemon_counts(args: argparse.Namespace) -> dict[str, Any] | None:
+    """This process's launch/alloc counts as vgpud sees them (via vgpuctl)."""
+    if not args.vgpuctl:
+        return None
+    import subprocess
+
+    torch.cuda.synchronize()
+    out = subprocess.run(
+        [*args.vgpuctl.split(), "--json", "tree"], capture_output=True, text=True, check=True
+    ).stdout
+    pid = os.getpid()
+
+    def find(node: dict[str, Any]) -> dict[str, Any] | None:
+        for p in node.get("processes", []):
+            if p.get("pid") == pid:
+                return dict(p)
+        for c in node.get("children", []):
+            got = find(c)
+            if got is not None:
+                return got
+        return None
+
+    return find(json.loads(out))
+
+
+def mode_memfill(args: argparse.Namespace) -> dict[str, Any]:
+    free0, total0 = torch.cuda.mem_get_info()
+    chunks = []
+    chunk = args.chunk_mib << 20
+    err = ""
+    while True:
+        try:
+            chunks.append(torch.empty(chunk, dtype=torch.uint8, device="cuda"))
+        except torch.OutOfMemoryError as e:
+            err = str(e).splitlines()[0][:200]
+            break
+        if len(chunks) * chunk > (1 << 40):
+            break
+    got = len(chunks) * chunk
+    free1, total1 = torch.cuda.mem_get_info()
+    res = {
+        "mem_get_info_before": [free0, total0],
+        "mem_get_info_full": [free1, total1],
+        "allocated_bytes": got,
+        "reserved_bytes": torch.cuda.memory_reserved(),
+        "oom": err,
+    }
+    if args.hold > 0:
+        _emit(dict(res, phase="holding"))
+        time.sleep(args.hold)
+    return res
+
+
+MODES = {
+    "matmul": mode_matmul,
+    "big": mode_big,
+    "graph": mode_graph,
+    "tiny": mode_tiny,
+    "train": mode_train,
+    "memfill": mode_memfill,
+}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("mode", choices=sorted(MODES))
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--sync-every", type=int, default=50)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--vgpuctl", default="", help="command prefix to reach vgpuctl")
+    p.add_argument("--chunk-mib", type=int, default=64)
+    p.add_argument("--hold", type=float, default=0.0)
+    p.add_argument("--tag", default="")
+    p.add_argument("--start-at", type=float, default=0.0, help="unix time to start measuring")
+    p.add_argument("--timeline", action="store_true")
+    args = p.parse_args(argv)
+    global ARGS
+    ARGS = args
+    torch.cuda.init()
+    res = MODES[args.mode](args)
+    res["mode"] = args.mode
+    res["tag"] = args.tag
+    _emit(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
