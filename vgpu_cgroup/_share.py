@@ -218,6 +218,8 @@ class ShareScheduler:
         for d in demands:
             if (d.client, d.dev) not in attached:
                 continue  # detached since; nothing to charge
+            if d.charged_ns <= 0 and not d.throttled:
+                continue  # neither ran nor waited: idle
             slot = active.setdefault(d.dev, {})
             prev = slot.get(d.client)
             if prev is None:
@@ -245,7 +247,9 @@ class ShareScheduler:
                 if tokens is None:
                     tokens = rate * T
                 tokens += rate * T - cur.charged_ns
-                hi = self.burst_ticks * T * max(rate, MIN_BURST_RATE)
+                # A light client may bank as much as an idle one (one tick at
+                # its ceiling), so a spike does not throttle it needlessly.
+                hi = max(self.burst_ticks * T * max(rate, MIN_BURST_RATE), self._ceiling(c) * T)
             else:
                 rate = self._ceiling(c)
                 if tokens is None:

@@ -1,0 +1,125 @@
+"""Knob parsing and formatting: cgroup v2 conventions, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vgpu_cgroup._knobs import KNOBS, KnobError, format_knob, parse_knob
+
+G = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(30, 30.0), ("30", 30.0), (12.5, 12.5), ("100", 100.0), ("max", None), (" MAX ", None)],
+)
+def test_cores_max(value: object, expected: float | None) -> None:
+    assert parse_knob("gpu.cores.max", value) == expected
+
+
+@pytest.mark.parametrize("value", [0, "0", 101, -1, "abc", True, None, [30], float("nan"), "1e2"])
+def test_cores_max_rejects(value: object) -> None:
+    with pytest.raises(KnobError) as ei:
+        parse_knob("gpu.cores.max", value)
+    assert "gpu.cores.max" in str(ei.value)
+    assert "max" in str(ei.value)
+
+
+def test_cores_min_and_weight() -> None:
+    assert parse_knob("gpu.cores.min", 0) == 0.0
+    assert parse_knob("gpu.cores.min", "50") == 50.0
+    with pytest.raises(KnobError):
+        parse_knob("gpu.cores.min", "max")
+    assert parse_knob("gpu.cores.weight", "100") == 100
+    assert parse_knob("gpu.cores.weight", 10000) == 10000
+    assert parse_knob("gpu.cores.weight", 3.0) == 3
+    for bad in (0, 10001, 2.5, "x"):
+        with pytest.raises(KnobError, match=r"1\.\.10000"):
+            parse_knob("gpu.cores.weight", bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1024, 1024),
+        ("8G", 8 * G),
+        ("8g", 8 * G),
+        ("8GiB", 8 * G),
+        ("8gb", 8 * G),
+        ("7680M", 7680 * 1024**2),
+        ("1.5K", 1536),
+        ("1T", 1024**4),
+        ("512", 512),
+        ("512B", 512),
+        ("max", None),
+        (0, 0),
+    ],
+)
+def test_bytes(value: object, expected: int | None) -> None:
+    assert parse_knob("gpu.memory.max", value) == expected
+    assert parse_knob("gpu.memory.high", value) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", -1, "8X", "G", "", "8 G B", 1.5, True, "1e9", 2**64])
+def test_bytes_rejects(value: object) -> None:
+    with pytest.raises(KnobError, match=r"gpu\.memory\.max"):
+        parse_knob("gpu.memory.max", value)
+
+
+def test_devices() -> None:
+    assert parse_knob("gpu.devices", "all") is None
+    assert parse_knob("gpu.devices", "0,1") == ("0", "1")
+    assert parse_knob("gpu.devices", " 0 , 01 ") == ("0", "1")
+    assert parse_knob("gpu.devices", ["0", "GPU-abc-123"]) == ("0", "GPU-abc-123")
+    assert parse_knob("gpu.devices", 2) == ("2",)
+    assert parse_knob("gpu.devices", "") == ()
+    for bad in ("x", ["-1"], [True], "GPU", 1.5):
+        with pytest.raises(KnobError, match=r"gpu\.devices"):
+            parse_knob("gpu.devices", bad)
+
+
+def test_unknown_and_readonly() -> None:
+    with pytest.raises(KnobError, match=r"valid knobs: gpu\.cores\.max") as ei:
+        parse_knob("gpu.cores.maxx", 1)
+    assert ei.value.knob == "gpu.cores.maxx"
+    with pytest.raises(KnobError, match="read-only"):
+        parse_knob("gpu.memory.current", 1)
+    with pytest.raises(KnobError):
+        format_knob("nope", 1)
+
+
+def test_format() -> None:
+    assert format_knob("gpu.cores.max", None) == "max"
+    assert format_knob("gpu.cores.max", 30.0) == "30"
+    assert format_knob("gpu.cores.max", 12.5) == "12.5"
+    assert format_knob("gpu.memory.max", 8 * G) == "8589934592"
+    assert format_knob("gpu.memory.high", None) == "max"
+    assert format_knob("gpu.devices", ("0", "GPU-x")) == "0,GPU-x"
+    assert format_knob("gpu.devices", None) == "all"
+    assert format_knob("gpu.cores.weight", 100) == "100"
+
+
+@given(st.sampled_from(sorted(KNOBS)), st.data())
+def test_roundtrip(name: str, data: st.DataObject) -> None:
+    """format(parse(x)) parses back to the same value."""
+    strategies: dict[str, st.SearchStrategy[object]] = {
+        "gpu.cores.max": st.one_of(st.just("max"), st.floats(0.001, 100)),
+        "gpu.cores.min": st.floats(0, 100),
+        "gpu.cores.weight": st.integers(1, 10000),
+        "gpu.memory.max": st.one_of(st.just("max"), st.integers(0, 2**63)),
+        "gpu.memory.high": st.one_of(
+            st.just("max"),
+            st.builds(lambda n, s: f"{n}{s}", st.integers(0, 10**6), st.sampled_from("KMGkmg")),
+        ),
+        "gpu.devices": st.one_of(
+            st.just("all"), st.lists(st.integers(0, 15).map(str), min_size=1, max_size=4)
+        ),
+    }
+    v = parse_knob(name, data.draw(strategies[name]))
+    again = parse_knob(name, format_knob(name, v))
+    if isinstance(v, float):
+        assert again == pytest.approx(v, rel=1e-5)
+    else:
+        assert again == v
