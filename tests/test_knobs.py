@@ -13,13 +13,23 @@ G = 1024**3
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(30, 30.0), ("30", 30.0), (12.5, 12.5), ("100", 100.0), ("max", None), (" MAX ", None)],
+    [
+        (30, 30.0),
+        ("30", 30.0),
+        (12.5, 12.5),
+        ("100", 100.0),
+        ("max", None),
+        (" MAX ", None),
+        ("1e2", 100.0),
+    ],
 )
 def test_cores_max(value: object, expected: float | None) -> None:
     assert parse_knob("gpu.cores.max", value) == expected
 
 
-@pytest.mark.parametrize("value", [0, "0", 101, -1, "abc", True, None, [30], float("nan"), "1e2"])
+@pytest.mark.parametrize(
+    "value", [0, "0", 101, -1, "abc", True, None, [30], float("nan"), "1e3", "inf"]
+)
 def test_cores_max_rejects(value: object) -> None:
     with pytest.raises(KnobError) as ei:
         parse_knob("gpu.cores.max", value)

@@ -63,7 +63,7 @@ class KnobSpec:
     format: Callable[[KnobValue], str]
 
 
-_NUM_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
+_NUM_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\s*$")
 _BYTES_RE = re.compile(
     r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE
 )
