@@ -1,0 +1,563 @@
+"""vgpud's I/O shell: sockets, shared memory and the control tick, in trio.
+
+Everything that decides anything lives in the pure core (_tree, _share,
+_attrib, _config); this module only moves bytes and fds between the kernel
+and it.  trio runs everything on one thread, so each request handler runs
+to completion before the next: that is what makes the tree's admission
+exact without locks.
+
+Isolation: each connection is its own task; anything that goes wrong in
+one (bad frames, a vanished peer, a bug) is caught there, logged, and only
+that connection is closed.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+import errno
+import os
+import signal
+import socket as _stdsocket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from structlog.typing import FilteringBoundLogger
+
+import vgpu_cgroup
+from vgpu_cgroup import _protocol as proto
+from vgpu_cgroup._attrib import Attributor
+from vgpu_cgroup._config import ConfigError, DaemonConfig, load_slice_layers, write_runtime_setting
+from vgpu_cgroup._identity import cgroup_of_pid, peer_pid_uid
+from vgpu_cgroup._knobs import KnobError
+from vgpu_cgroup._log import get_logger
+from vgpu_cgroup._nvml import Device
+from vgpu_cgroup._share import ClientDemand, ShareScheduler
+from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
+from vgpu_cgroup._tree import Denial, SliceTree
+
+MAX_CONNECTIONS = 4096
+HANDSHAKE_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 5.0
+TOP_WINDOW_NS = 1_000_000_000
+RECV_CHUNK = 65536
+
+
+@dataclass
+class _Client:
+    """Daemon-side state of one connection after its hello."""
+
+    id: int
+    role: str
+    pid: int
+    uid: int
+    comm: str
+    slice: str
+    log: FilteringBoundLogger
+    shm: ClientShm | None = None
+    slots: dict[int, str] = field(default_factory=dict)  # slot -> device UUID
+    dev_slot: dict[str, int] = field(default_factory=dict)
+    last_counters: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (nr, ns)
+    in_tree: bool = False
+
+
+class _Close(Exception):
+    """End this connection quietly (peer went away)."""
+
+
+class Daemon:
+    """One vgpud instance: configuration, devices, and the tree they feed."""
+
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        devices: list[Device],
+        *,
+        simulated: bool,
+        clock: Callable[[], int] = time.monotonic_ns,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.cfg = cfg
+        self.devices = {d.uuid: d for d in devices}
+        self.simulated = simulated
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.tick_ns = cfg.tick_ms * 1_000_000
+        self.lag_ns = cfg.lag_ms * 1_000_000
+        self.epoch = time.time_ns()
+        self.tree = SliceTree()
+        self.sched = ShareScheduler(self.tree, self.tick_ns)
+        self.attrib = {uuid: Attributor() for uuid in self.devices}
+        self.clients: dict[int, _Client] = {}
+        self.connections = 0
+        self.log = get_logger()
+        self._next_id = 1
+        # Non-runtime `set`s: re-applied after a reload so SIGHUP keeps them.
+        self._live: list[tuple[str, dict[str, str]]] = []
+        # (tick time, {(slice, dev): charged ns}) over the last TOP_WINDOW_NS.
+        self._window: collections.deque[tuple[int, dict[tuple[str, str], int]]] = (
+            collections.deque()
+        )
+        self._tick_errors = 0
+        self.listener: trio.socket.SocketType | None = None
+        self._inherited = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def load_slices(self) -> None:
+        """Read the slice layers into the tree; ConfigError leaves it unchanged."""
+        settings = load_slice_layers(self.cfg.etc_slices_dir, self.cfg.run_slices_dir)
+        self.tree.apply_settings(settings)
+        for slc, knobs in self._live:
+            self.tree.set_knobs(slc, knobs, "vgpuctl")
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read slice files, keeping the old state on any error."""
+        try:
+            self.load_slices()
+        except ConfigError as exc:
+            self.log.error("reload failed, keeping old configuration",
+                           path=exc.path, line=exc.line, error=exc.msg)
+            return False
+        except (KnobError, ValueError) as exc:
+            self.log.error("reload failed, keeping old configuration", error=str(exc))
+            return False
+        self.log.info("configuration reloaded", slices=len(self.tree.slices()))
+        return True
+
+    def bind(self) -> _stdsocket.socket:
+        """The listening socket: inherited (socket activation) or bound here."""
+        if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
+            self._inherited = True
+            return _stdsocket.socket(fileno=3)
+        path = self.cfg.socket
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            probe = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a dead daemon
+            else:
+                raise OSError(errno.EADDRINUSE, f"another vgpud is listening on {path}")
+            finally:
+                probe.close()
+        raw = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        try:
+            raw.bind(path)
+            # Anyone may connect: identity comes from the kernel, not permissions.
+            os.chmod(path, 0o666)
+            raw.listen(512)
+        except BaseException:
+            raw.close()
+            raise
+        return raw
+
+    async def serve(self, sock: _stdsocket.socket | None = None, *,
+                    handle_signals: bool = False,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (or SIGTERM/SIGINT when ``handle_signals``)."""
+        if self.cfg.identity == "declared":
+            self.log.warning("identity mode 'declared': clients choose their slice; "
+                             "development only, never in production")
+        listener = trio.socket.from_stdlib_socket(sock if sock is not None else self.bind())
+        self.listener = listener
+        try:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    await nursery.start(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._tick_loop)
+                nursery.start_soon(self._accept_loop, listener, nursery)
+                self.log.info("vgpud ready", socket=self.cfg.socket, simulated=self.simulated,
+                              devices=len(self.devices), tick_ms=self.cfg.tick_ms)
+                task_status.started(self.cfg.socket)
+        finally:
+            listener.close()
+            for c in list(self.clients.values()):
+                self._drop(c)
+            if not self._inherited:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.cfg.socket)
+
+    async def _signals(self, scope: trio.CancelScope,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
+            task_status.started()
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    self.reload()
+                else:
+                    self.log.info("stopping", signal=signal.Signals(sig).name)
+                    scope.cancel()
+                    return
+
+    async def _accept_loop(self, listener: trio.socket.SocketType,
+                           nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                # EMFILE and friends: back off instead of spinning.
+                self.log.warning("accept failed", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            if self.connections >= self.max_connections:
+                nursery.start_soon(self._refuse, sock)
+                continue
+            self.connections += 1
+            nursery.start_soon(self._connection, sock)
+
+    async def _refuse(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            err = proto.Error(code="internal", msg="too many connections")
+            with trio.move_on_after(1):
+                await self._sendall(sock, proto.Connection().send(err))
+
+    # ------------------------------------------------------------ connections
+
+    @staticmethod
+    async def _sendall(sock: trio.socket.SocketType, data: bytes) -> None:
+        with trio.fail_after(SEND_TIMEOUT_S):
+            view = memoryview(data)
+            while view:
+                n = await sock.send(view)
+                view = view[n:]
+
+    async def _recv(self, sock: trio.socket.SocketType) -> bytes:
+        data = await sock.recv(RECV_CHUNK)
+        if not data:
+            raise _Close
+        return data
+
+    async def _connection(self, sock: trio.socket.SocketType) -> None:
+        conn = proto.Connection()
+        client: _Client | None = None
+        log = self.log
+        try:
+            with sock:
+                try:
+                    pid, uid, _gid = peer_pid_uid(sock)
+                    log = log.bind(pid=pid)
+                    with trio.fail_after(self.handshake_timeout):
+                        hello: proto.Event | None = None
+                        while hello is None:
+                            conn.feed(await self._recv(sock))
+                            hello = conn.next_event()
+                    assert isinstance(hello, proto.Hello)
+                    client = self._register(hello, pid, uid)
+                    log = client.log
+                    await self._welcome(sock, conn, client)
+                    while True:
+                        # Handle every complete event before reading more.
+                        while (ev := conn.next_event()) is not None:
+                            reply = self._dispatch(client, ev)
+                            if reply is not None:
+                                await self._sendall(sock, conn.send(reply))
+                        conn.feed(await self._recv(sock))
+                except proto.ProtocolError as exc:
+                    log.warning("protocol error, closing", code=exc.code, error=exc.msg)
+                    with trio.move_on_after(1):
+                        await self._sendall(sock, conn.send(exc.reply()))
+                except trio.TooSlowError:
+                    log.info("client too slow (handshake or send timeout), closing")
+                except (_Close, ConnectionError):
+                    pass
+                except OSError as exc:
+                    log.info("connection error", error=str(exc))
+        except Exception:
+            log.exception("internal error on connection, closing it")
+        finally:
+            self.connections -= 1
+            if client is not None:
+                self._drop(client)
+
+    def _register(self, hello: proto.Hello, pid: int, uid: int) -> _Client:
+        """Identity, tree membership, shared regions (no I/O, so nothing leaks)."""
+        try:
+            slc = cgroup_of_pid(pid)
+        except (OSError, LookupError) as exc:
+            raise proto.ProtocolError("internal", f"cannot read cgroup of pid {pid}: {exc}") \
+                from None
+        if self.cfg.identity == "declared" and hello.slice is not None:
+            slc = hello.slice.strip("/")
+        cid = self._next_id
+        self._next_id += 1
+        log = self.log.bind(client=cid, pid=pid, slice=slc)
+        client = _Client(id=cid, role=hello.role, pid=pid, uid=uid, comm=hello.comm,
+                         slice=slc, log=log)
+        if hello.role == "hook":
+            try:
+                client.slice = self.tree.attach(cid, slc, pid, hello.comm)
+            except (ValueError, ConfigError) as exc:
+                raise proto.ProtocolError("invalid", f"bad slice {slc!r}: {exc}") from None
+            client.in_tree = True
+            self.clients[cid] = client
+            client.shm = ClientShm(tick_ns=self.tick_ns, epoch=self.epoch, name=f"vgpu-{cid}")
+            self._readmit(client, hello.held)
+            log.info("client attached", comm=hello.comm)
+        else:
+            self.clients[cid] = client
+        return client
+
+    async def _welcome(self, sock: trio.socket.SocketType, conn: proto.Connection,
+                       client: _Client) -> None:
+        """The welcome frame, with the two region fds for a hook."""
+        cid = client.id
+        welcome = conn.send(proto.Welcome(id=cid, slice=client.slice, tick_ns=self.tick_ns,
+                                          epoch=self.epoch))
+        if client.shm is not None:
+            fds = array.array("i", client.shm.fds_for_client())
+            with trio.fail_after(SEND_TIMEOUT_S):
+                sent = await sock.sendmsg(
+                    [welcome], [(_stdsocket.SOL_SOCKET, _stdsocket.SCM_RIGHTS, fds)])
+            if sent < len(welcome):  # fds went with the first byte; send the rest plainly
+                await self._sendall(sock, welcome[sent:])
+        else:
+            await self._sendall(sock, welcome)
+
+    def _readmit(self, client: _Client, held: tuple[proto.Held, ...]) -> None:
+        """After a daemon restart: book what the client still holds.
+
+        The memory is already allocated on the GPU, so refusing would only make
+        accounting wrong; the tree has no forced booking, so an entry over the
+        cap is logged and left out (see the report of this module).
+        """
+        for h in held:
+            if h.dev not in self.devices:
+                client.log.warning("held memory on unknown device ignored", dev=h.dev, n=h.n)
+                continue
+            if h.n == 0:
+                continue
+            self.tree.attach_device(client.id, h.dev)
+            res = self.tree.reserve(client.id, h.dev, h.n)
+            if isinstance(res, Denial):
+                client.log.warning("re-declared memory exceeds the slice's limit",
+                                   dev=h.dev, n=h.n, limit_slice=res.slice, limit=res.limit,
+                                   current=res.current)
+
+    def _drop(self, client: _Client) -> None:
+        """Connection gone: release everything, close fds, unmap."""
+        if self.clients.pop(client.id, None) is None:
+            return
+        for uuid in client.slots.values():
+            self.attrib[uuid].forget(client.id)
+        if client.in_tree:
+            self.tree.detach(client.id)
+            client.log.info("client detached")
+        if client.shm is not None:
+            client.shm.close()
+            client.shm = None
+
+    # ------------------------------------------------------------ requests
+
+    def _dispatch(self, client: _Client, ev: proto.Event) -> proto.Reply | None:
+        if isinstance(ev, proto.Reserve):
+            uuid = self._slot_dev(client, ev.slot, ev.id)
+            if ev.n == 0:
+                return proto.Granted(id=ev.id)
+            res = self.tree.reserve(client.id, uuid, ev.n)
+            if isinstance(res, Denial):
+                return proto.Denied(id=ev.id, slice=res.slice, limit=res.limit,
+                                    current=res.current)
+            return proto.Granted(id=ev.id)
+        if isinstance(ev, proto.Release):
+            uuid = self._slot_dev(client, ev.slot, None)
+            if ev.n:
+                try:
+                    self.tree.release(client.id, uuid, ev.n)
+                except ValueError as exc:
+                    raise proto.ProtocolError("invalid", str(exc)) from None
+            return None
+        if isinstance(ev, proto.Attach):
+            return self._attach(client, ev)
+        if isinstance(ev, proto.Ctl):
+            return self._ctl(client, ev)
+        raise proto.ProtocolError("order", f"unexpected {type(ev).__name__}")
+
+    def _slot_dev(self, client: _Client, slot: int, rid: int | None) -> str:
+        uuid = client.slots.get(slot)
+        if uuid is None:
+            raise proto.ProtocolError("invalid", f"slot {slot} is not attached", id=rid)
+        return uuid
+
+    def _attach(self, client: _Client, ev: proto.Attach) -> proto.Reply:
+        dev = self.devices.get(ev.dev)
+        if dev is None:
+            return proto.Error(code="device", msg=f"unknown device {ev.dev}", id=ev.id)
+        if not self.tree.device_allowed(client.id, dev.uuid, dev.index):
+            return proto.Error(code="device", id=ev.id,
+                               msg=f"device {dev.index} ({dev.uuid}) not allowed by gpu.devices")
+        assert client.shm is not None
+        slot = client.dev_slot.get(dev.uuid)
+        if slot is None:
+            free = [s for s in range(MAX_DEVICES) if s not in client.slots]
+            if not free:
+                return proto.Error(code="device", msg="all device slots in use", id=ev.id)
+            slot = free[0]
+            client.slots[slot] = dev.uuid
+            client.dev_slot[dev.uuid] = slot
+            self.tree.attach_device(client.id, dev.uuid)
+            client.shm.activate(slot)
+            c = client.shm.counters(slot)
+            client.last_counters[slot] = (c.nr_throttled, c.throttled_ns)
+        limit, used = self.tree.mem_view(client.id, dev.uuid)
+        client.shm.write_mem_view(slot, limit, used)
+        return proto.Attached(id=ev.id, slot=slot, mem_limit=limit)
+
+    # ------------------------------------------------------------ control ops
+
+    def _ctl(self, client: _Client, ev: proto.Ctl) -> proto.Reply:
+        try:
+            if ev.op == "status":
+                return proto.Ok(id=ev.id, data=self.status())
+            if ev.op == "show":
+                return proto.Ok(id=ev.id, data=self.tree.show(ev.slice or ""))
+            if ev.op == "tree":
+                return proto.Ok(id=ev.id, data=self.tree.snapshot())
+            if ev.op == "top":
+                return proto.Ok(id=ev.id, data=self.top())
+            if ev.op == "set":
+                return self._set(client, ev)
+        except KeyError as exc:
+            return proto.Error(code="notfound", msg=f"no such slice: {exc.args[0]}", id=ev.id)
+        except (KnobError, ConfigError) as exc:
+            return proto.Error(code="invalid", msg=str(exc), id=ev.id)
+        return proto.Error(code="invalid", msg=f"unknown op {ev.op}", id=ev.id)
+
+    def _set(self, client: _Client, ev: proto.Ctl) -> proto.Reply:
+        if client.uid != 0:
+            return proto.Error(code="permission", id=ev.id,
+                               msg="setting knobs needs root (peer uid is not 0)")
+        assert ev.slice is not None
+        source = "vgpuctl"
+        if ev.runtime:
+            # Persist first: a failed write leaves the live tree untouched.
+            try:
+                source = write_runtime_setting(self.cfg.run_slices_dir, ev.slice, ev.knobs)
+            except OSError as exc:
+                return proto.Error(code="internal", id=ev.id,
+                                   msg=f"cannot write runtime setting: {exc}")
+        path = self.tree.set_knobs(ev.slice, ev.knobs, source)
+        if not ev.runtime:
+            self._live.append((path, dict(ev.knobs)))
+        self.log.info("knobs set", slice=path, knobs=ev.knobs, runtime=ev.runtime,
+                      uid=client.uid, pid=client.pid)
+        return proto.Ok(id=ev.id, data={"slice": path, "knobs": dict(ev.knobs),
+                                        "source": source, "show": self.tree.show(path)})
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": vgpu_cgroup.__version__,
+            "protocol": proto.PROTO_VERSION,
+            "simulated": self.simulated,
+            "identity": self.cfg.identity,
+            "socket": self.cfg.socket,
+            "tick_ns": self.tick_ns,
+            "epoch": self.epoch,
+            "devices": [{"index": d.index, "uuid": d.uuid, "name": d.name,
+                         "total_mem": d.total_mem} for d in self.devices.values()],
+            "clients": [{"id": c.id, "role": c.role, "pid": c.pid, "comm": c.comm,
+                         "slice": c.slice, "devices": sorted(c.dev_slot)}
+                        for c in self.clients.values()],
+        }
+
+    def top(self) -> dict[str, Any]:
+        """Per slice: GPU time over the last second (% of one GPU, per device),
+        and memory current (descendants included)."""
+        if self._window:
+            span = max(self._window[-1][0] - self._window[0][0] + self.tick_ns, self.tick_ns)
+        else:
+            span = TOP_WINDOW_NS
+        busy: dict[tuple[str, str], int] = collections.defaultdict(int)
+        for _, charged in self._window:
+            for key, ns in charged.items():
+                busy[key] += ns
+        slices: dict[str, dict[str, Any]] = {}
+        for path in self.tree.slices():
+            show = self.tree.show(path)
+            slices[path] = {
+                "gpu_percent": {},
+                "memory_current": show["gpu.memory.current"]["total"],
+                "processes": len(show["processes"]),
+            }
+        for (path, uuid), ns in busy.items():
+            if path in slices:
+                slices[path]["gpu_percent"][uuid] = round(100.0 * ns / span, 2)
+        return {"window_ns": span, "slices": slices}
+
+    # ------------------------------------------------------------ control tick
+
+    async def _tick_loop(self) -> None:
+        deadline = trio.current_time()
+        period = self.tick_ns / 1e9
+        while True:
+            deadline += period
+            now = trio.current_time()
+            if deadline < now - period:  # fell behind (suspended?): don't catch up in a burst
+                deadline = now + period
+            await trio.sleep_until(deadline)
+            try:
+                self.tick()
+            except Exception:
+                self._tick_errors += 1
+                if self._tick_errors in (1, 10, 100) or self._tick_errors % 1000 == 0:
+                    self.log.exception("control tick failed", count=self._tick_errors)
+
+    def tick(self) -> None:
+        """One control step: drain stat rings, attribute, schedule, publish."""
+        now = self.clock()
+        demands: list[ClientDemand] = []
+        counters: list[tuple[_Client, int, str, bool, int, int]] = []
+        for c in self.clients.values():
+            if c.shm is None:
+                continue
+            for slot, uuid in c.slots.items():
+                drained = c.shm.drain(slot)
+                att = self.attrib[uuid]
+                for start, end in drained.intervals:
+                    att.add(c.id, start, end)
+                cnt = c.shm.counters(slot)
+                last_nr, last_ns = c.last_counters.get(slot, (0, 0))
+                d_nr = max(0, cnt.nr_throttled - last_nr)
+                d_ns = max(0, cnt.throttled_ns - last_ns)
+                c.last_counters[slot] = (cnt.nr_throttled, cnt.throttled_ns)
+                counters.append((c, slot, uuid, d_nr > 0, d_ns, d_nr))
+        watermark = now - self.lag_ns
+        charged = {uuid: att.advance(watermark) for uuid, att in self.attrib.items()}
+        window: dict[tuple[str, str], int] = collections.defaultdict(int)
+        for c, _slot, uuid, throttled, d_ns, d_nr in counters:
+            ns = charged[uuid].get(c.id, 0)
+            demands.append(ClientDemand(c.id, uuid, ns, throttled))
+            if ns or d_ns or d_nr:
+                self.tree.add_core_usage(c.id, uuid, ns, d_ns, d_nr)
+            if ns:
+                for node in self.tree.client_nodes(c.id):
+                    window[(node.path, uuid)] += ns
+        self._window.append((now, dict(window)))
+        while self._window and self._window[0][0] <= now - TOP_WINDOW_NS:
+            self._window.popleft()
+        budgets = self.sched.tick(demands)
+        for c in self.clients.values():
+            if c.shm is None:
+                continue
+            for slot, uuid in c.slots.items():
+                b = budgets.get((c.id, uuid))
+                if b is not None:
+                    c.shm.write_budget(slot, b.tokens_ns, b.unlimited, b.rate_ppm)
+                limit, used = self.tree.mem_view(c.id, uuid)
+                c.shm.write_mem_view(slot, limit, used)
+            c.shm.bump_seq()
