@@ -1,0 +1,190 @@
+"""Helpers for end-to-end tests: real vgpud processes on the simulated GPU,
+real cgroups, real CUDA programs running under the hook.
+
+Not a conftest: e2e test modules import what they need from here, and the
+fixtures they build from it stay visible in the module that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from vgpu_cgroup._identity import cgroup2_mount
+
+ROOT = Path(__file__).resolve().parent.parent
+LIB = ROOT / "vgpu_cgroup" / "_lib"
+HOOK = LIB / "libvgpu-hook.so"
+SIMDIR = LIB / "sim"
+_counter = itertools.count()
+
+
+def build() -> None:
+    """Build the hook, the simulated GPU and the ABI module (idempotent)."""
+    subprocess.run(["make", "-s", "-C", str(ROOT / "libhook")], check=True)
+    subprocess.run([sys.executable, str(ROOT / "vgpu_cgroup" / "_abi_build.py")], check=True)
+
+
+def build_c(name: str, out_dir: Path, *, link_cuda: bool = True) -> Path:
+    """Compile tests/c/<name>.c against the simulated libcuda."""
+    exe = out_dir / name
+    cmd = ["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE",
+           f"-I{ROOT / 'libhook' / 'include'}", str(ROOT / "tests" / "c" / f"{name}.c"),
+           "-o", str(exe), "-lpthread"]
+    if link_cuda:
+        cmd += [f"-L{SIMDIR}", "-l:libcuda.so.1", f"-Wl,-rpath-link,{SIMDIR}"]
+    subprocess.run(cmd, check=True)
+    return exe
+
+
+def cgroup_mount() -> Path:
+    with open("/proc/self/mountinfo") as f:
+        return Path(cgroup2_mount(f.read()))
+
+
+class Cgroups:
+    """A private subtree of the cgroup2 hierarchy for one test."""
+
+    def __init__(self) -> None:
+        self.mount = cgroup_mount()
+        self.base = f"vgpu-test-{os.getpid()}-{next(_counter)}"
+        (self.mount / self.base).mkdir()
+        self.made: list[Path] = [self.mount / self.base]
+
+    def make(self, rel: str) -> str:
+        """Create `base/rel` (and parents); return its path relative to the mount."""
+        path = self.mount / self.base
+        for part in rel.split("/"):
+            path = path / part
+            if not path.exists():
+                path.mkdir()
+                self.made.append(path)
+        return str(path.relative_to(self.mount))
+
+    def procs_file(self, rel_from_mount: str) -> str:
+        return str(self.mount / rel_from_mount / "cgroup.procs")
+
+    def cleanup(self) -> None:
+        root_procs = self.mount / "cgroup.procs"
+        for path in reversed(self.made):
+            with contextlib.suppress(OSError):
+                for pid in (path / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        os.kill(int(pid), signal.SIGKILL)
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+        del root_procs
+
+
+def spawn(cmd: Sequence[str], env: dict[str, str], cgroup: str | None = None,
+          cgroups: Cgroups | None = None, **kw: Any) -> subprocess.Popen[str]:
+    """Start cmd, moving the child into `cgroup` before it execs."""
+    procs = cgroups.procs_file(cgroup) if (cgroup and cgroups) else None
+
+    def enter() -> None:
+        if procs:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+    return subprocess.Popen(list(cmd), env=env, preexec_fn=enter, text=True, **kw)
+
+
+class VgpudProc:
+    """vgpud --simulate in a subprocess with its own socket, dirs and device."""
+
+    def __init__(self, tmp: Path, *, sim_mem: str = "16G", extra: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.socket = str(tmp / "vgpud.sock")
+        self.shm = f"vgpu-e2e-{os.getpid()}-{next(_counter)}"
+        self.env = dict(os.environ if env is None else env)
+        self.env.update({"VGPU_SIM_SHM": self.shm, "VGPU_SIM_MEM": sim_mem,
+                         "PYTHONPATH": str(ROOT)})
+        (tmp / "etc").mkdir(exist_ok=True)
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "vgpud.log"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vgpu_cgroup._daemon_main", "--simulate",
+                 "--socket", self.socket, "--runtime-dir", str(self.tmp / "run"),
+                 "--etc-dir", str(self.tmp / "etc"), "--log-format", "json", *self.extra],
+                env=self.env, stdout=log, stderr=log,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vgpud exited: {self.log.read_text()[-3000:]}")
+            if os.path.exists(self.socket) and self.ctl_rc("status") == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"vgpud did not start: {self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{self.shm}")
+
+    def client_env(self, **more: str) -> dict[str, str]:
+        env = dict(self.env)
+        env["LD_PRELOAD"] = str(HOOK)
+        env["LD_LIBRARY_PATH"] = str(SIMDIR)
+        env["VGPU_SOCKET"] = self.socket
+        env.update(more)
+        return env
+
+    def ctl_cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "vgpu_cgroup._ctl", "--socket", self.socket, *args]
+
+    def ctl_rc(self, *args: str) -> int:
+        return subprocess.run(self.ctl_cmd(*args), env=self.env, capture_output=True).returncode
+
+    def ctl(self, *args: str) -> Any:
+        p = subprocess.run(self.ctl_cmd("--json", *args), env=self.env, capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"vgpuctl {' '.join(args)}: {p.stderr}")
+        return json.loads(p.stdout)
+
+
+def walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of a `vgpuctl tree --json` document."""
+    yield node
+    for child in node.get("children", []):
+        yield from walk(child)
+
+
+def find_process(tree: dict[str, Any], pid: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(slice node, process entry) for pid in a tree document."""
+    for node in walk(tree):
+        for p in node.get("processes", []):
+            if p.get("pid") == pid:
+                return node, p
+    return None
