@@ -1,0 +1,28 @@
+# Builds $(OUT)/libvgpu-hook.so. Called from libhook/Makefile, which exports
+# OUT, CC and CFLAGS_COMMON. Run-time dependencies: libc, libdl, libpthread.
+OUT ?= $(abspath ../vgpu_cgroup/_lib)
+CC ?= cc
+CFLAGS_COMMON ?= -std=gnu11 -O2 -g -fPIC -Wall -Wextra -Werror -fvisibility=hidden \
+                 -I$(CURDIR)/include -D_GNU_SOURCE
+
+HOOK_SRCS = hook_init.c hook_dlsym.c hook_client.c hook_msgpack.c hook_dev.c \
+            hook_mem.c hook_launch.c hook_account.c hook_nvml.c
+HOOK_OBJDIR = $(OUT)/.hook-obj
+HOOK_OBJS = $(HOOK_SRCS:%.c=$(HOOK_OBJDIR)/%.o)
+HOOK_DEPS = hook_internal.h include/vgpu_abi.h include/vgpu_cuda.h include/vgpu_nvml.h
+
+.PHONY: all clean
+all: $(OUT)/libvgpu-hook.so
+
+$(HOOK_OBJDIR)/%.o: %.c $(HOOK_DEPS) | $(HOOK_OBJDIR)
+	$(CC) $(CFLAGS_COMMON) -pthread -c $< -o $@
+
+$(HOOK_OBJDIR):
+	mkdir -p $@
+
+$(OUT)/libvgpu-hook.so: $(HOOK_OBJS) libvgpu-hook.map
+	$(CC) -shared -pthread -o $@ $(HOOK_OBJS) -Wl,--version-script=libvgpu-hook.map \
+	    -Wl,-z,now -Wl,--no-undefined -ldl -lpthread
+
+clean:
+	rm -rf $(HOOK_OBJDIR) $(OUT)/libvgpu-hook.so

@@ -1,0 +1,272 @@
+/*
+ * hook_account.c - the accountant thread: turns completed batches into
+ * CLOCK_MONOTONIC busy intervals in the stat ring.
+ *
+ * Every ~500 us it walks every thread's batches: an open batch idle for 1 ms
+ * is closed here (CAS OPEN -> CLOSING, so the launching thread never waits),
+ * and a pending batch whose end event has completed is timed. GPU event times
+ * are converted to host time through a per-context anchor: an event recorded
+ * on a private stream and polled to completion, bracketed by host clock reads;
+ * the tightest of a few tries is kept and refreshed every few seconds.
+ */
+#include <signal.h>
+#include <time.h>
+
+#include "hook_internal.h"
+
+#define POLL_NS 500000
+#define IDLE_CLOSE_NS 1000000ull
+#define ANCHOR_REFRESH_NS 2000000000ull
+
+static pthread_mutex_t amu = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic int started;
+static CUcontext cur_ctx; /* accountant thread only */
+
+static bool set_ctx(CUcontext ctx)
+{
+    if (cur_ctx == ctx)
+        return true;
+    if (real_cuCtxSetCurrent(ctx) != CUDA_SUCCESS)
+        return false;
+    cur_ctx = ctx;
+    return true;
+}
+
+/* Host time of one event on the private stream; false on driver error. */
+static bool anchor_sample(struct vgpu_ctxinfo *ci, CUevent ev, uint64_t *mid, uint64_t *err)
+{
+    uint64_t t0 = vgpu_now_ns();
+    if (real_cuEventRecord(ev, ci->priv_stream) != CUDA_SUCCESS)
+        return false;
+    for (;;) {
+        CUresult q = real_cuEventQuery(ev);
+        if (q == CUDA_SUCCESS)
+            break;
+        if (q != CUDA_ERROR_NOT_READY)
+            return false;
+        if (vgpu_now_ns() - t0 > 100000000ull)
+            return false; /* device too busy to anchor now; try later */
+        struct timespec ts = {0, 10000};
+        nanosleep(&ts, NULL);
+    }
+    uint64_t t1 = vgpu_now_ns();
+    *err = (t1 - t0) / 2;
+    *mid = t0 + *err;
+    return true;
+}
+
+static bool ensure_anchor(struct vgpu_ctxinfo *ci)
+{
+    uint64_t now = vgpu_now_ns();
+    if (ci->anchor_ev && now - ci->anchor_taken < ANCHOR_REFRESH_NS)
+        return true;
+    if (!ci->priv_stream && real_cuStreamCreate(&ci->priv_stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
+        ci->priv_stream = NULL;
+        return ci->anchor_ev != NULL;
+    }
+    int best = -1;
+    uint64_t best_mid = 0, best_err = UINT64_MAX;
+    for (int k = 0; k < 3; k++) {
+        CUevent *ev = &ci->anchor_cand[k];
+        if (*ev == ci->anchor_ev && *ev)
+            continue; /* in use as the current anchor */
+        if (!*ev && real_cuEventCreate(ev, CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+            *ev = NULL;
+            continue;
+        }
+        uint64_t mid, err;
+        if (anchor_sample(ci, *ev, &mid, &err) && err < best_err) {
+            best = k;
+            best_mid = mid;
+            best_err = err;
+        }
+    }
+    if (best < 0)
+        return ci->anchor_ev != NULL;
+    /* A fresh anchor wins unless much looser than the one we have: clocks
+     * drift, so an old tight anchor is worth less than a new loose one. */
+    if (!ci->anchor_ev || best_err <= ci->anchor_err * 4 + 20000 || now - ci->anchor_taken > 5 * ANCHOR_REFRESH_NS) {
+        ci->anchor_ev = ci->anchor_cand[best];
+        ci->anchor_ns = best_mid;
+        ci->anchor_err = best_err;
+    }
+    ci->anchor_taken = now;
+    return true;
+}
+
+static bool event_host_ns(struct vgpu_ctxinfo *ci, CUevent ev, uint64_t *out)
+{
+    float ms = 0;
+    if (real_cuEventElapsedTime(&ms, ci->anchor_ev, ev) != CUDA_SUCCESS)
+        return false;
+    double ns = (double)ci->anchor_ns + (double)ms * 1e6;
+    *out = ns < 0 ? 0 : (uint64_t)ns;
+    return true;
+}
+
+static void publish(int hidx, uint64_t s, uint64_t e)
+{
+    int slot = atomic_load(&vgpu_hdevs[hidx].slot);
+    struct vgpu_stat_dev *d = vgpu_stat_dev(slot);
+    if (!d)
+        return;
+    if (e < s)
+        e = s;
+    uint64_t head = __atomic_load_n(&d->ring_head, __ATOMIC_RELAXED);
+    struct vgpu_interval *iv = &d->ring[head % VGPU_RING_SLOTS];
+    __atomic_store_n(&iv->start_ns, s, __ATOMIC_RELAXED);
+    __atomic_store_n(&iv->end_ns, e, __ATOMIC_RELAXED);
+    __atomic_store_n(&d->ring_head, head + 1, __ATOMIC_RELEASE);
+    __atomic_fetch_add(&d->busy_ns, e - s, __ATOMIC_RELAXED);
+}
+
+static void drop(struct vgpu_batch *b)
+{
+    atomic_fetch_add(&vgpu_lost_batches, 1);
+    atomic_store_explicit(&b->state, VGPU_B_FREE, memory_order_release);
+}
+
+static void finish(struct vgpu_batch *b)
+{
+    struct vgpu_ctxinfo *ci = b->ci;
+    if (!ci || atomic_load(&ci->ctx) != b->ctx || !set_ctx(b->ctx)) {
+        drop(b);
+        return;
+    }
+    CUresult q = real_cuEventQuery(b->ev_end);
+    if (q == CUDA_ERROR_NOT_READY)
+        return;
+    if (q != CUDA_SUCCESS || !ensure_anchor(ci)) {
+        drop(b);
+        return;
+    }
+    uint64_t s, e;
+    if (!event_host_ns(ci, b->ev_start, &s) || !event_host_ns(ci, b->ev_end, &e)) {
+        drop(b);
+        return;
+    }
+    /* A batch that began on the previous connection's slot numbering still
+     * belongs to this device: publish it into the current page. */
+    publish(ci->hidx, s, e);
+    atomic_store_explicit(&b->state, VGPU_B_FREE, memory_order_release);
+}
+
+static void close_idle(struct vgpu_batch *b, uint64_t now)
+{
+    uint64_t last = atomic_load_explicit(&b->last_ns, memory_order_relaxed);
+    if (now < last || now - last < IDLE_CLOSE_NS)
+        return;
+    int open = VGPU_B_OPEN;
+    if (!atomic_compare_exchange_strong_explicit(&b->state, &open, VGPU_B_CLOSING, memory_order_acquire,
+                                                 memory_order_relaxed))
+        return;
+    /* The per-thread default stream is the launching thread's: from here we
+     * can only reach it through the legacy stream, which waits for it. During
+     * a global-mode capture touching the legacy stream is not allowed: wait. */
+    CUstream s = b->stream;
+    if (s == CU_STREAM_PER_THREAD) {
+        if (atomic_load(&vgpu_active_captures) > 0) {
+            atomic_store_explicit(&b->state, VGPU_B_OPEN, memory_order_release);
+            return;
+        }
+        s = CU_STREAM_LEGACY;
+    }
+    if (!b->ci || atomic_load(&b->ci->ctx) != b->ctx || !set_ctx(b->ctx) ||
+        real_cuEventRecord(b->ev_end, s) != CUDA_SUCCESS) {
+        drop(b);
+        return;
+    }
+    atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
+}
+
+static void pass(void)
+{
+    uint64_t now = vgpu_coarse_ns();
+    for (struct vgpu_thread *t = atomic_load(&vgpu_threads); t; t = t->next) {
+        for (int i = 0; i < VGPU_THREAD_STREAMS; i++) {
+            for (int j = 0; j < VGPU_BATCH_RING; j++) {
+                struct vgpu_batch *b = &t->ts[i].b[j];
+                int st = atomic_load_explicit(&b->state, memory_order_acquire);
+                if (st == VGPU_B_OPEN)
+                    close_idle(b, now);
+                else if (st == VGPU_B_PENDING)
+                    finish(b);
+            }
+        }
+    }
+}
+
+static void *account_main(void *arg)
+{
+    (void)arg;
+    vgpu_in_hook = 1;
+    for (;;) {
+        pthread_mutex_lock(&amu);
+        pass();
+        pthread_mutex_unlock(&amu);
+        struct timespec ts = {0, POLL_NS};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+void vgpu_account_start(void)
+{
+    if (atomic_exchange(&started, 1))
+        return;
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (pthread_create(&t, &a, account_main, NULL) != 0) {
+        atomic_store(&started, 0);
+        vgpu_warn_once(VGPU_W_THREAD, "vgpu: cannot start the accountant thread; GPU time is not measured");
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&a);
+}
+
+void vgpu_account_forget_ctx(CUcontext ctx)
+{
+    pthread_mutex_lock(&amu);
+    for (struct vgpu_thread *t = atomic_load(&vgpu_threads); t; t = t->next) {
+        for (int i = 0; i < VGPU_THREAD_STREAMS; i++) {
+            for (int j = 0; j < VGPU_BATCH_RING; j++) {
+                struct vgpu_batch *b = &t->ts[i].b[j];
+                if (b->ev_ctx != ctx && b->ctx != ctx)
+                    continue;
+                int st = atomic_load(&b->state);
+                if (st == VGPU_B_INUSE)
+                    continue; /* a launch racing the destroy: the program's bug */
+                /* The events die with the context. */
+                if (b->ev_ctx == ctx) {
+                    b->ev_start = b->ev_end = NULL;
+                    b->ev_ctx = NULL;
+                }
+                if (b->ctx == ctx && st != VGPU_B_FREE)
+                    drop(b);
+            }
+        }
+    }
+    struct vgpu_ctxinfo *ci = vgpu_ctxinfo_get(ctx, false);
+    if (ci) {
+        ci->priv_stream = NULL;
+        ci->anchor_ev = NULL;
+        for (int k = 0; k < 3; k++)
+            ci->anchor_cand[k] = NULL;
+        ci->anchor_taken = 0;
+    }
+    if (cur_ctx == ctx)
+        cur_ctx = NULL;
+    pthread_mutex_unlock(&amu);
+}
+
+void vgpu_account_atfork_child(void)
+{
+    pthread_mutex_init(&amu, NULL);
+    atomic_store(&started, 0);
+    cur_ctx = NULL;
+}

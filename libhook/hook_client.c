@@ -1,0 +1,661 @@
+/*
+ * hook_client.c - the connection to vgpud: framing, handshake, requests, and
+ * the monitor thread that notices a daemon restart and reconnects.
+ *
+ * One request is in flight per process (cmu): reservations are not a hot path
+ * and a single in-order stream keeps reply matching trivial. The launch fast
+ * path never comes here; it only reads the ctl page mapped at registration.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "hook_internal.h"
+
+_Atomic(struct vgpu_ctl_page *) vgpu_ctl;
+_Atomic(struct vgpu_stat_page *) vgpu_stat;
+_Atomic int vgpu_connected;
+_Atomic uint64_t vgpu_conn_gen;
+
+static pthread_mutex_t cmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t up_cv;
+static int cfd = -1;              /* guarded by cmu */
+static uint32_t next_id = 1;      /* guarded by cmu */
+static _Atomic int monitor_started;
+static _Atomic int cfd_snapshot = -1;
+static uint64_t client_id;
+static char client_slice[256];
+
+#define RECONNECT_WAIT_NS (10ull * 1000000000ull)
+#define BUF_CAP 4096
+
+static void init_cv(void)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&up_cv, &a);
+    pthread_condattr_destroy(&a);
+}
+
+__attribute__((constructor)) static void client_ctor(void)
+{
+    init_cv();
+}
+
+static int remaining_ms(uint64_t deadline)
+{
+    uint64_t now = vgpu_now_ns();
+    if (now >= deadline)
+        return 0;
+    uint64_t ms = (deadline - now + 999999) / 1000000;
+    return ms > 600000 ? 600000 : (int)ms;
+}
+
+/* ---- framing ---- */
+
+static bool write_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return false;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return true;
+}
+
+static bool send_frame(int fd, const struct mp_w *w)
+{
+    if (w->overflow || w->len == 0 || w->len > VGPU_MAX_FRAME)
+        return false;
+    uint8_t hdr[4] = {(uint8_t)(w->len >> 24), (uint8_t)(w->len >> 16), (uint8_t)(w->len >> 8),
+                      (uint8_t)w->len};
+    uint8_t buf[4 + BUF_CAP];
+    memcpy(buf, hdr, 4);
+    memcpy(buf + 4, w->p, w->len);
+    return write_all(fd, buf, 4 + w->len);
+}
+
+/* Read exactly n bytes before deadline; collects SCM_RIGHTS fds if fds. */
+static bool read_full(int fd, uint8_t *p, size_t n, uint64_t deadline, int *fds, int *nfds)
+{
+    while (n) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int pr = poll(&pfd, 1, remaining_ms(deadline));
+        if (pr < 0 && errno == EINTR)
+            continue;
+        if (pr <= 0)
+            return false;
+        union {
+            struct cmsghdr h;
+            char b[CMSG_SPACE(sizeof(int) * 4)];
+        } cm;
+        struct iovec iov = {.iov_base = p, .iov_len = n};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b,
+                            .msg_controllen = sizeof cm.b};
+        ssize_t r = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return false;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int got[4];
+            memcpy(got, CMSG_DATA(c), sizeof(int) * (size_t)(k > 4 ? 4 : k));
+            for (int i = 0; i < k && i < 4; i++) {
+                if (fds && *nfds < 2)
+                    fds[(*nfds)++] = got[i];
+                else
+                    close(got[i]);
+            }
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+    return true;
+}
+
+static bool recv_frame(int fd, uint8_t *buf, size_t cap, size_t *len, uint64_t deadline, int *fds,
+                       int *nfds)
+{
+    uint8_t hdr[4];
+    if (!read_full(fd, hdr, 4, deadline, fds, nfds))
+        return false;
+    uint32_t n = (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
+    if (n == 0 || n > cap) {
+        vgpu_warn_once(VGPU_W_PROTO, "vgpu: daemon sent a frame of %u bytes; dropping connection", n);
+        return false;
+    }
+    if (!read_full(fd, buf, n, deadline, fds, nfds))
+        return false;
+    *len = n;
+    return true;
+}
+
+/* ---- replies ---- */
+
+struct reply {
+    char t[16];
+    int64_t id;
+    int64_t slot;
+    int64_t tick_ns, epoch;
+    char code[16];
+    char msg[160];
+    char slice[256];
+    int64_t limit, current;
+};
+
+static void copy_str(char *dst, size_t cap, const char *s, uint32_t n)
+{
+    if (n >= cap)
+        n = (uint32_t)cap - 1;
+    memcpy(dst, s, n);
+    dst[n] = 0;
+}
+
+/* Decode one reply map; unknown keys are skipped. false if malformed. */
+static bool parse_reply(const uint8_t *buf, size_t len, struct reply *out)
+{
+    memset(out, 0, sizeof *out);
+    out->id = -1;
+    out->slot = -1;
+    struct mp_r r = {.p = buf, .len = len};
+    uint32_t n;
+    if (!mp_read_map(&r, &n))
+        return false;
+    for (uint32_t i = 0; i < n; i++) {
+        const char *k;
+        uint32_t kl;
+        if (!mp_read_str(&r, &k, &kl))
+            return false;
+        const char *s;
+        uint32_t sl;
+#define KEY(lit) (kl == sizeof(lit) - 1 && !memcmp(k, lit, kl))
+        if (KEY("t") || KEY("code") || KEY("msg") || KEY("slice")) {
+            if (mp_peek(&r) != MP_STR) {
+                if (!mp_skip(&r))
+                    return false;
+                continue;
+            }
+            if (!mp_read_str(&r, &s, &sl))
+                return false;
+            if (KEY("t"))
+                copy_str(out->t, sizeof out->t, s, sl);
+            else if (KEY("code"))
+                copy_str(out->code, sizeof out->code, s, sl);
+            else if (KEY("msg"))
+                copy_str(out->msg, sizeof out->msg, s, sl);
+            else
+                copy_str(out->slice, sizeof out->slice, s, sl);
+        } else if ((KEY("id") || KEY("slot") || KEY("tick_ns") || KEY("epoch") || KEY("limit") ||
+                    KEY("current")) &&
+                   (mp_peek(&r) == MP_INT || mp_peek(&r) == MP_UINT)) {
+            int64_t v;
+            if (!mp_read_int(&r, &v))
+                return false;
+            if (KEY("id"))
+                out->id = v;
+            else if (KEY("slot"))
+                out->slot = v;
+            else if (KEY("tick_ns"))
+                out->tick_ns = v;
+            else if (KEY("epoch"))
+                out->epoch = v;
+            else if (KEY("limit"))
+                out->limit = v;
+            else
+                out->current = v;
+        } else if (!mp_skip(&r)) {
+            return false;
+        }
+#undef KEY
+    }
+    return out->t[0] != 0 && !r.err;
+}
+
+/* ---- connection state (cmu held) ---- */
+
+static void mark_down_locked(void)
+{
+    if (cfd >= 0) {
+        close(cfd);
+        cfd = -1;
+    }
+    atomic_store(&cfd_snapshot, -1);
+    if (atomic_exchange(&vgpu_connected, 0))
+        vgpu_warn_once(VGPU_W_LOST, "vgpu: lost the connection to vgpud at %s; reconnecting, running on the last budget",
+                       vgpu_cfg.socket);
+}
+
+/* Send a request and wait for the reply with the same id. */
+static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
+{
+    if (cfd < 0)
+        return false;
+    if (!send_frame(cfd, w)) {
+        mark_down_locked();
+        return false;
+    }
+    uint8_t buf[BUF_CAP];
+    for (;;) {
+        size_t len;
+        /* A live daemon answers in well under a second; 30 s means hung. */
+        if (!recv_frame(cfd, buf, sizeof buf, &len, vgpu_now_ns() + 30000000000ull, NULL, NULL)) {
+            mark_down_locked();
+            return false;
+        }
+        if (!parse_reply(buf, len, rep)) {
+            vgpu_warn_once(VGPU_W_PROTO, "vgpu: undecodable reply from vgpud; dropping connection");
+            mark_down_locked();
+            return false;
+        }
+        if (rep->id == (int64_t)id)
+            return true;
+        if (!strcmp(rep->t, "error") && rep->id < 0) {
+            vgpu_warn_once(VGPU_W_PROTO, "vgpu: vgpud error %s: %s", rep->code, rep->msg);
+            mark_down_locked();
+            return false;
+        }
+        /* a stale reply (e.g. for a request before a timeout): skip */
+    }
+}
+
+static int connect_once(const char *path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+    for (;;) {
+        if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
+            return fd;
+        if (errno != EINTR)
+            break;
+    }
+    int e = errno;
+    close(fd);
+    return -e;
+}
+
+static void *map_region(int fd, size_t size, int prot)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (size_t)st.st_size < size)
+        return NULL;
+    void *p = mmap(NULL, size, prot, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/* Connect, hello, welcome with the two regions. Leaves cfd open on success.
+ * `why` gets a human reason on failure. */
+static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
+{
+    int fd;
+    for (;;) {
+        fd = connect_once(vgpu_cfg.socket);
+        if (fd >= 0)
+            break;
+        /* The daemon may be starting: retry refused/missing until deadline. */
+        if ((fd != -ENOENT && fd != -ECONNREFUSED && fd != -EAGAIN) || remaining_ms(deadline) == 0) {
+            snprintf(why, whylen, "%s", strerror(-fd));
+            return false;
+        }
+        struct timespec ts = {0, 20 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+
+    uint8_t out[BUF_CAP];
+    struct mp_w w = {.p = out, .cap = sizeof out};
+    char comm[64] = "";
+    FILE *f = fopen("/proc/self/comm", "re");
+    if (f) {
+        if (fgets(comm, sizeof comm, f))
+            comm[strcspn(comm, "\n")] = 0;
+        fclose(f);
+    }
+    int nheld = 0, nh = atomic_load(&vgpu_nr_hdev);
+    for (int i = 0; i < nh; i++)
+        if (atomic_load(&vgpu_hdevs[i].held))
+            nheld++;
+    mp_map(&w, nheld ? 6 : 5);
+    mp_str(&w, "t");
+    mp_str(&w, "hello");
+    mp_str(&w, "v");
+    mp_uint(&w, VGPU_PROTO_VERSION);
+    mp_str(&w, "role");
+    mp_str(&w, "hook");
+    mp_str(&w, "pid");
+    mp_uint(&w, (uint64_t)getpid());
+    mp_str(&w, "comm");
+    mp_str(&w, comm);
+    if (nheld) {
+        mp_str(&w, "held");
+        mp_array(&w, (uint32_t)nheld);
+        for (int i = 0; i < nh; i++) {
+            uint64_t h = atomic_load(&vgpu_hdevs[i].held);
+            if (!h)
+                continue;
+            mp_map(&w, 2);
+            mp_str(&w, "dev");
+            mp_str(&w, vgpu_hdevs[i].uuid);
+            mp_str(&w, "n");
+            mp_uint(&w, h);
+        }
+    }
+    if (!send_frame(fd, &w)) {
+        snprintf(why, whylen, "sending hello: %s", strerror(errno));
+        close(fd);
+        return false;
+    }
+    uint8_t buf[BUF_CAP];
+    size_t len;
+    int fds[2], nfds = 0;
+    struct reply rep;
+    bool ok = recv_frame(fd, buf, sizeof buf, &len, deadline, fds, &nfds);
+    if (!ok) {
+        snprintf(why, whylen, "no welcome from the daemon");
+    } else if (!parse_reply(buf, len, &rep)) {
+        snprintf(why, whylen, "undecodable welcome");
+        ok = false;
+    } else if (strcmp(rep.t, "welcome")) {
+        snprintf(why, whylen, "daemon said %s: %s %s", rep.t, rep.code, rep.msg);
+        ok = false;
+    } else if (nfds != 2) {
+        snprintf(why, whylen, "welcome carried %d descriptors, not 2", nfds);
+        ok = false;
+    }
+    struct vgpu_ctl_page *ctl = NULL;
+    struct vgpu_stat_page *st = NULL;
+    if (ok) {
+        ctl = map_region(fds[0], sizeof *ctl, PROT_READ);
+        st = map_region(fds[1], sizeof *st, PROT_READ | PROT_WRITE);
+        if (!ctl || !st) {
+            snprintf(why, whylen, "cannot map the shared regions");
+            ok = false;
+        } else if (ctl->magic != VGPU_SHM_MAGIC || ctl->abi_version != VGPU_ABI_VERSION) {
+            snprintf(why, whylen, "shared region magic/abi mismatch (abi %u, want %u)", ctl->abi_version,
+                     VGPU_ABI_VERSION);
+            ok = false;
+        }
+    }
+    for (int i = 0; i < nfds; i++)
+        close(fds[i]);
+    if (!ok) {
+        if (ctl)
+            munmap(ctl, sizeof *ctl);
+        if (st)
+            munmap(st, sizeof *st);
+        close(fd);
+        return false;
+    }
+    if (st->magic == 0) {
+        st->magic = VGPU_SHM_MAGIC;
+        st->abi_version = VGPU_ABI_VERSION;
+    }
+    st->pid = (uint32_t)getpid();
+    client_id = (uint64_t)rep.id;
+    snprintf(client_slice, sizeof client_slice, "%s", rep.slice);
+    /* Old mappings stay mapped: a launching thread may still hold a pointer. */
+    atomic_store_explicit(&vgpu_stat, st, memory_order_release);
+    atomic_store_explicit(&vgpu_ctl, ctl, memory_order_release);
+    cfd = fd;
+    atomic_store(&cfd_snapshot, fd);
+    atomic_store(&vgpu_connected, 1);
+    atomic_fetch_add(&vgpu_conn_gen, 1);
+    return true;
+}
+
+static void *monitor_main(void *arg);
+static void reattach_locked(void);
+
+static void start_monitor(void)
+{
+    if (atomic_exchange(&monitor_started, 1))
+        return;
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (pthread_create(&t, &a, monitor_main, NULL) != 0) {
+        atomic_store(&monitor_started, 0);
+        vgpu_warn_once(VGPU_W_THREAD, "vgpu: cannot start the monitor thread");
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&a);
+}
+
+bool vgpu_client_register(void)
+{
+    char why[256] = "";
+    uint64_t deadline = vgpu_now_ns() + (uint64_t)vgpu_cfg.connect_timeout_ms * 1000000ull;
+    pthread_mutex_lock(&cmu);
+    bool ok = handshake_locked(deadline, why, sizeof why);
+    pthread_mutex_unlock(&cmu);
+    if (ok) {
+        start_monitor();
+        return true;
+    }
+    const char *src = vgpu_cfg.conf_path[0] ? vgpu_cfg.conf_path : "the default; no hook.conf";
+    if (vgpu_cfg.on_no_daemon_unlimited)
+        vgpu_warn_once(VGPU_W_CONNECT,
+                       "vgpu: cannot reach vgpud at %s: %s; running WITHOUT limits (on_no_daemon=unlimited in %s)",
+                       vgpu_cfg.socket, why, src);
+    else
+        vgpu_warn_once(VGPU_W_CONNECT,
+                       "vgpu: cannot reach vgpud at %s: %s; refusing CUDA (on_no_daemon=fail in %s)",
+                       vgpu_cfg.socket, why, src);
+    return false;
+}
+
+/* ---- monitor: notice hangups, reconnect with backoff ---- */
+
+static void *monitor_main(void *arg)
+{
+    (void)arg;
+    uint64_t backoff_ms = 50;
+    for (;;) {
+        int fd = atomic_load(&cfd_snapshot);
+        if (fd >= 0 && atomic_load(&vgpu_connected)) {
+            backoff_ms = 50;
+            struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+            int r = poll(&p, 1, 100);
+            if (r > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) {
+                pthread_mutex_lock(&cmu);
+                if (cfd == fd)
+                    mark_down_locked();
+                pthread_mutex_unlock(&cmu);
+            }
+            continue;
+        }
+        struct timespec ts = {(time_t)(backoff_ms / 1000), (long)(backoff_ms % 1000) * 1000000};
+        nanosleep(&ts, NULL);
+        char why[256];
+        pthread_mutex_lock(&cmu);
+        bool ok = cfd >= 0;
+        if (!ok && handshake_locked(vgpu_now_ns() + 1000000000ull, why, sizeof why)) {
+            reattach_locked();
+            ok = cfd >= 0;
+        }
+        if (ok)
+            pthread_cond_broadcast(&up_cv);
+        pthread_mutex_unlock(&cmu);
+        if (ok) {
+            backoff_ms = 50;
+        } else if (backoff_ms < 1000) {
+            backoff_ms *= 2;
+            if (backoff_ms > 1000)
+                backoff_ms = 1000;
+        }
+    }
+    return NULL;
+}
+
+/* Wait (cmu held) until connected and devices re-attached, or deadline. */
+static bool wait_up_locked(uint64_t deadline)
+{
+    while (cfd < 0) {
+        if (vgpu_now_ns() >= deadline)
+            return false;
+        uint64_t d = deadline;
+        struct timespec ts = {(time_t)(d / 1000000000ull), (long)(d % 1000000000ull)};
+        pthread_cond_timedwait(&up_cv, &cmu, &ts);
+    }
+    return true;
+}
+
+/* ---- requests ---- */
+
+static int attach_locked(const char *uuid, uint64_t total, int *slot)
+{
+    if (cfd < 0)
+        return VGPU_R_DOWN;
+    uint8_t out[256];
+    struct mp_w w = {.p = out, .cap = sizeof out};
+    uint32_t id = next_id++;
+    mp_map(&w, 4);
+    mp_str(&w, "t");
+    mp_str(&w, "attach");
+    mp_str(&w, "id");
+    mp_uint(&w, id);
+    mp_str(&w, "dev");
+    mp_str(&w, uuid);
+    mp_str(&w, "total");
+    mp_uint(&w, total);
+    struct reply rep;
+    if (!roundtrip_locked(&w, id, &rep))
+        return VGPU_R_DOWN;
+    if (!strcmp(rep.t, "attached") && rep.slot >= 0 && rep.slot < (int64_t)VGPU_MAX_DEVICES) {
+        *slot = (int)rep.slot;
+        return VGPU_R_OK;
+    }
+    vgpu_warn_once(VGPU_W_DEVICE, "vgpu: vgpud refused device %s: %s %s", uuid, rep.code, rep.msg);
+    return VGPU_R_REFUSED;
+}
+
+int vgpu_client_attach(const char *uuid, uint64_t total, int *slot)
+{
+    pthread_mutex_lock(&cmu);
+    int res = attach_locked(uuid, total, slot);
+    pthread_mutex_unlock(&cmu);
+    return res;
+}
+
+/* After a reconnect: slots are per connection, so attach every device we
+ * knew again before any request uses a slot number (cmu held). */
+static void reattach_locked(void)
+{
+    int nh = atomic_load(&vgpu_nr_hdev);
+    for (int i = 0; i < nh; i++) {
+        struct vgpu_hdev *d = &vgpu_hdevs[i];
+        if (atomic_load(&d->slot) < 0 && !atomic_load(&d->held))
+            continue;
+        int slot = -1;
+        int r = attach_locked(d->uuid, d->total, &slot);
+        if (r == VGPU_R_OK)
+            atomic_store(&d->slot, slot);
+        else if (r == VGPU_R_REFUSED)
+            atomic_store(&d->slot, -1);
+        else
+            return;
+    }
+}
+
+int vgpu_client_reserve(int hidx, uint64_t n)
+{
+    uint64_t deadline = vgpu_now_ns() + RECONNECT_WAIT_NS;
+    pthread_mutex_lock(&cmu);
+    int res = VGPU_R_DOWN;
+    for (;;) {
+        if (!wait_up_locked(deadline))
+            break;
+        int slot = atomic_load(&vgpu_hdevs[hidx].slot);
+        if (slot < 0) {
+            res = VGPU_R_REFUSED;
+            break;
+        }
+        uint8_t out[128];
+        struct mp_w w = {.p = out, .cap = sizeof out};
+        uint32_t id = next_id++;
+        mp_map(&w, 4);
+        mp_str(&w, "t");
+        mp_str(&w, "reserve");
+        mp_str(&w, "id");
+        mp_uint(&w, id);
+        mp_str(&w, "slot");
+        mp_uint(&w, (uint64_t)slot);
+        mp_str(&w, "n");
+        mp_uint(&w, n);
+        struct reply rep;
+        if (!roundtrip_locked(&w, id, &rep))
+            continue; /* connection dropped: wait for the monitor, retry */
+        if (!strcmp(rep.t, "granted")) {
+            res = VGPU_R_OK;
+        } else if (!strcmp(rep.t, "denied")) {
+            res = VGPU_R_DENIED;
+        } else {
+            vgpu_warn_once(VGPU_W_PROTO, "vgpu: reserve answered with %s %s: %s", rep.t, rep.code, rep.msg);
+            res = VGPU_R_DENIED;
+        }
+        break;
+    }
+    pthread_mutex_unlock(&cmu);
+    return res;
+}
+
+void vgpu_client_release(int hidx, uint64_t n)
+{
+    if (n == 0)
+        return;
+    pthread_mutex_lock(&cmu);
+    int slot = atomic_load(&vgpu_hdevs[hidx].slot);
+    if (cfd >= 0 && slot >= 0) {
+        uint8_t out[128];
+        struct mp_w w = {.p = out, .cap = sizeof out};
+        mp_map(&w, 3);
+        mp_str(&w, "t");
+        mp_str(&w, "release");
+        mp_str(&w, "slot");
+        mp_uint(&w, (uint64_t)slot);
+        mp_str(&w, "n");
+        mp_uint(&w, n);
+        if (!send_frame(cfd, &w))
+            mark_down_locked();
+    }
+    /* While down: the hello on reconnect declares what is still held. */
+    pthread_mutex_unlock(&cmu);
+}
+
+void vgpu_client_atfork_child(void)
+{
+    pthread_mutex_init(&cmu, NULL);
+    init_cv();
+    if (cfd >= 0)
+        close(cfd);
+    cfd = -1;
+    atomic_store(&cfd_snapshot, -1);
+    atomic_store(&vgpu_connected, 0);
+    atomic_store(&monitor_started, 0);
+    /* The parent's pages are shared memory: never write the parent's stats. */
+    atomic_store(&vgpu_ctl, NULL);
+    atomic_store(&vgpu_stat, NULL);
+}

@@ -1,0 +1,343 @@
+/*
+ * hook_internal.h - what the units of libvgpu-hook.so share with each other.
+ *
+ * Nothing here is exported: the library is built with -fvisibility=hidden and
+ * a version script, and only the driver entry points marked VGPU_EXPORT (plus
+ * dlsym) are visible to the program.
+ *
+ * Units:
+ *   hook_init.c     config, lazy registration, real-symbol resolution, fork
+ *   hook_dlsym.c    dlsym + cuGetProcAddress interposition, the hook table
+ *   hook_client.c   socket, framing, msgpack, hello/attach/reserve/release,
+ *                   the monitor thread that reconnects after a daemon restart
+ *   hook_msgpack.c  the minimal msgpack encoder/decoder (pure)
+ *   hook_dev.c      devices, contexts, info virtualisation, cuInit
+ *   hook_mem.c      every allocation path and its free
+ *   hook_launch.c   the launch gate and per-thread batches
+ *   hook_account.c  the accountant thread (batch timing -> stat ring)
+ *   hook_nvml.c     NVML memory info
+ */
+#ifndef VGPU_HOOK_INTERNAL_H
+#define VGPU_HOOK_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vgpu_abi.h"
+#include "vgpu_cuda.h"
+#include "vgpu_nvml.h"
+
+#define VGPU_EXPORT __attribute__((visibility("default")))
+#define VGPU_HIDDEN __attribute__((visibility("hidden")))
+
+/* ---------------------------------------------------------------------- */
+/* The hooked CUDA entry points: exported under the driver's names, handed */
+/* out by dlsym and cuGetProcAddress. X(name).                              */
+#define VGPU_HOOKED_CUDA(X)                                                    \
+    X(cuInit)                                                                  \
+    X(cuGetProcAddress)                                                        \
+    X(cuGetProcAddress_v2)                                                     \
+    X(cuDevicePrimaryCtxRetain)                                                \
+    X(cuCtxCreate_v2)                                                          \
+    X(cuCtxCreate_v4)                                                          \
+    X(cuCtxDestroy_v2)                                                         \
+    X(cuMemGetInfo_v2)                                                         \
+    X(cuDeviceTotalMem_v2)                                                     \
+    X(cuMemAlloc_v2)                                                           \
+    X(cuMemAllocPitch_v2)                                                      \
+    X(cuMemAllocManaged)                                                       \
+    X(cuMemFree_v2)                                                            \
+    X(cuArrayCreate_v2)                                                        \
+    X(cuArray3DCreate_v2)                                                      \
+    X(cuArrayDestroy)                                                          \
+    X(cuMipmappedArrayCreate)                                                  \
+    X(cuMipmappedArrayDestroy)                                                 \
+    X(cuMemCreate)                                                             \
+    X(cuMemRelease)                                                            \
+    X(cuMemAllocAsync)                                                         \
+    X(cuMemAllocAsync_ptsz)                                                    \
+    X(cuMemAllocFromPoolAsync)                                                 \
+    X(cuMemAllocFromPoolAsync_ptsz)                                            \
+    X(cuMemFreeAsync)                                                          \
+    X(cuMemFreeAsync_ptsz)                                                     \
+    X(cuLaunchKernel)                                                          \
+    X(cuLaunchKernel_ptsz)                                                     \
+    X(cuLaunchKernelEx)                                                        \
+    X(cuLaunchKernelEx_ptsz)                                                   \
+    X(cuLaunchCooperativeKernel)                                               \
+    X(cuLaunchCooperativeKernel_ptsz)                                          \
+    X(cuGraphLaunch)                                                           \
+    X(cuGraphLaunch_ptsz)                                                      \
+    X(cuStreamBeginCapture_v2)                                                 \
+    X(cuStreamBeginCapture_v2_ptsz)                                            \
+    X(cuStreamEndCapture)                                                      \
+    X(cuStreamEndCapture_ptsz)
+
+/* Driver functions the hook calls but does not intercept. */
+#define VGPU_USED_CUDA(X)                                                      \
+    X(cuDeviceGetUuid)                                                         \
+    X(cuDeviceGetUuid_v2)                                                      \
+    X(cuDeviceGet)                                                             \
+    X(cuCtxGetCurrent)                                                         \
+    X(cuCtxSetCurrent)                                                         \
+    X(cuCtxGetDevice)                                                          \
+    X(cuStreamCreate)                                                          \
+    X(cuStreamDestroy_v2)                                                      \
+    X(cuStreamIsCapturing)                                                     \
+    X(cuStreamIsCapturing_ptsz)                                                \
+    X(cuEventCreate)                                                           \
+    X(cuEventRecord)                                                           \
+    X(cuEventRecord_ptsz)                                                      \
+    X(cuEventQuery)                                                            \
+    X(cuEventElapsedTime)                                                      \
+    X(cuEventDestroy_v2)
+
+#define VGPU_HOOKED_NVML(X)                                                    \
+    X(nvmlDeviceGetMemoryInfo)                                                 \
+    X(nvmlDeviceGetMemoryInfo_v2)
+
+#define VGPU_USED_NVML(X) X(nvmlDeviceGetUUID)
+
+/* real_<name>: the driver's own function, resolved at init. */
+#define VGPU_DECL_REAL(name) extern __typeof__(&name) real_##name;
+VGPU_HOOKED_CUDA(VGPU_DECL_REAL)
+VGPU_USED_CUDA(VGPU_DECL_REAL)
+VGPU_HOOKED_NVML(VGPU_DECL_REAL)
+VGPU_USED_NVML(VGPU_DECL_REAL)
+#undef VGPU_DECL_REAL
+
+/* ---------------------------------------------------------------------- */
+/* hook_init.c                                                              */
+
+enum vgpu_mode {
+    VGPU_MODE_UNINIT = 0,   /* registration not attempted yet (or after fork) */
+    VGPU_MODE_REGISTERED,   /* talking to vgpud: everything is enforced */
+    VGPU_MODE_PASSTHROUGH,  /* no daemon, on_no_daemon=unlimited */
+    VGPU_MODE_FAIL,         /* no daemon, on_no_daemon=fail: refuse CUDA */
+    VGPU_MODE_BROKEN,       /* the real driver could not be loaded */
+};
+
+struct vgpu_config {
+    char socket[108];
+    bool on_no_daemon_unlimited;
+    int connect_timeout_ms;
+    char conf_path[256];    /* which hook.conf was read ("" if none) */
+};
+
+extern struct vgpu_config vgpu_cfg;
+extern _Atomic int vgpu_mode;
+
+/* Resolve real symbols and read config (once), then register with vgpud if
+ * not yet done in this process image. Returns the mode. Cheap after the first
+ * call: one atomic load. */
+int vgpu_ensure(void);
+/* Resolve the real NVML symbols (NVML may be used without CUDA). */
+bool vgpu_resolve_nvml(void);
+/* The error code every hooked call returns in VGPU_MODE_FAIL/BROKEN. */
+#define VGPU_REFUSED_ERROR CUDA_ERROR_NOT_INITIALIZED
+
+/* One stderr line per kind of problem (kind is a small integer < 64). */
+void vgpu_warn_once(int kind, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+enum {
+    VGPU_W_CONNECT = 0, VGPU_W_LIBCUDA, VGPU_W_NVML, VGPU_W_PROTO, VGPU_W_LOST,
+    VGPU_W_REGIONS, VGPU_W_TABLE, VGPU_W_ACCOUNT, VGPU_W_DEVICE, VGPU_W_THREAD,
+    VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH,
+};
+
+uint64_t vgpu_now_ns(void);         /* CLOCK_MONOTONIC */
+uint64_t vgpu_coarse_ns(void);      /* CLOCK_MONOTONIC_COARSE (vDSO) */
+
+/* Thread-local re-entry guard: set while the hook runs driver code that may
+ * call back into exported driver names. */
+extern _Thread_local int vgpu_in_hook;
+
+/* ---------------------------------------------------------------------- */
+/* hook_dlsym.c                                                             */
+
+typedef void (*vgpu_fn)(void);
+/* The real dlsym (never our own). */
+void *vgpu_real_dlsym(void *handle, const char *name);
+/* Our hook for `name`, or NULL if we do not hook it. */
+void *vgpu_hook_for_name(const char *name);
+/* Fill the table of the driver's addresses of every hooked name. */
+void vgpu_dlsym_fill_real(void *libcuda, void *libnvml);
+
+/* ---------------------------------------------------------------------- */
+/* hook_client.c                                                            */
+
+/* Try to register (connect + hello + welcome + mmap) within the configured
+ * timeout. true on success. Called with the init mutex held. */
+bool vgpu_client_register(void);
+/* Current shared pages (NULL if never registered). Swapped atomically on
+ * reconnect; old mappings stay mapped. */
+extern _Atomic(struct vgpu_ctl_page *) vgpu_ctl;
+extern _Atomic(struct vgpu_stat_page *) vgpu_stat;
+extern _Atomic int vgpu_connected;    /* 1 while the daemon connection is up */
+extern _Atomic uint64_t vgpu_conn_gen; /* bumped on every (re)registration */
+
+enum vgpu_reply { VGPU_R_OK = 0, VGPU_R_DENIED, VGPU_R_REFUSED, VGPU_R_DOWN };
+/* attach: slot out; mem_limit ignored (read from ctl). */
+int vgpu_client_attach(const char *uuid, uint64_t total, int *slot);
+/* reserve n bytes on device hidx (its current slot); waits up to 10 s for a
+ * reconnect if down. */
+int vgpu_client_reserve(int hidx, uint64_t n);
+/* release (no reply); dropped while down (the next hello's held covers it). */
+void vgpu_client_release(int hidx, uint64_t n);
+/* fork child: forget the connection and threads. */
+void vgpu_client_atfork_child(void);
+
+/* ---------------------------------------------------------------------- */
+/* hook_dev.c                                                               */
+
+struct vgpu_hdev {
+    char uuid[48];              /* "GPU-xxxxxxxx-..." */
+    uint64_t total;
+    _Atomic int slot;           /* -1 not attached */
+    _Atomic int refused;        /* daemon said no */
+    _Atomic uint64_t held;      /* bytes this process holds here */
+};
+#define VGPU_MAX_HDEV 16
+extern struct vgpu_hdev vgpu_hdevs[VGPU_MAX_HDEV];
+extern _Atomic int vgpu_nr_hdev;
+
+/* hdev index for CUdevice ordinal (resolves uuid/total on first use), -1 on
+ * failure. Does not attach. */
+int vgpu_hdev_of_cudev(CUdevice dev);
+/* hdev index for a uuid string with the given total (NVML path). */
+int vgpu_hdev_of_uuid(const char *uuid, uint64_t total);
+/* Ensure attached: returns slot >= 0, -1 if refused, -2 if not registered
+ * or daemon down. */
+int vgpu_hdev_attach(int hidx);
+/* hdev index of the calling thread's current context, -1 if none. */
+int vgpu_current_hdev(void);
+void vgpu_dev_atfork_child(void);
+/* Clamp (free,total) to the slot's limit. */
+void vgpu_clamp_mem(int hidx, uint64_t *free_b, uint64_t *total_b);
+
+/* Per-context record: the device and the accountant's timing anchor. */
+struct vgpu_ctxinfo {
+    _Atomic(CUcontext) ctx;     /* NULL = free record */
+    int hidx;
+    _Atomic int dead;
+    /* accountant-only: */
+    CUstream priv_stream;
+    CUevent anchor_ev;
+    CUevent anchor_cand[3];
+    uint64_t anchor_ns;         /* host CLOCK_MONOTONIC of anchor_ev */
+    uint64_t anchor_err;        /* half-width of the bracket */
+    uint64_t anchor_taken;      /* when it was taken */
+};
+#define VGPU_MAX_CTX 64
+extern struct vgpu_ctxinfo vgpu_ctxs[VGPU_MAX_CTX];
+struct vgpu_ctxinfo *vgpu_ctxinfo_get(CUcontext ctx, bool create);
+
+/* ---------------------------------------------------------------------- */
+/* hook_launch.c / hook_account.c                                           */
+
+enum vgpu_batch_state {
+    VGPU_B_FREE = 0,    /* may be (re)used by the owning thread */
+    VGPU_B_OPEN,        /* owned by its thread between launches; accountant may close */
+    VGPU_B_INUSE,       /* its thread is launching into it right now */
+    VGPU_B_CLOSING,     /* accountant is recording the end event */
+    VGPU_B_PENDING,     /* end recorded; accountant waits for completion */
+};
+
+struct vgpu_batch {
+    _Atomic int state;
+    CUcontext ctx;
+    struct vgpu_ctxinfo *ci;
+    CUstream stream;
+    int ptsz;
+    CUevent ev_start, ev_end;   /* created lazily in ctx, reused */
+    CUcontext ev_ctx;           /* context the events belong to */
+    unsigned n;
+    uint64_t first_ns;
+    _Atomic uint64_t last_ns;
+    uint64_t conn_gen;
+};
+
+#define VGPU_BATCH_RING 16
+#define VGPU_THREAD_STREAMS 8
+struct vgpu_tstream {
+    CUcontext ctx;
+    CUstream stream;
+    int ptsz;
+    int cur;                    /* index of the current batch, -1 none */
+    struct vgpu_batch b[VGPU_BATCH_RING];
+};
+
+struct vgpu_thread {
+    struct vgpu_thread *next;   /* global list, push-only */
+    _Atomic int alive;
+    _Atomic int claimed;
+    unsigned rr;                /* round robin victim for tstreams */
+    struct vgpu_tstream ts[VGPU_THREAD_STREAMS];
+};
+extern _Atomic(struct vgpu_thread *) vgpu_threads;
+extern _Atomic int vgpu_active_captures;
+extern _Atomic uint64_t vgpu_lost_batches;
+
+void vgpu_account_start(void);
+void vgpu_account_atfork_child(void);
+/* Drop every batch of ctx (called before the context is destroyed). */
+void vgpu_account_forget_ctx(CUcontext ctx);
+void vgpu_launch_atfork_child(void);
+
+/* Stat page helpers. */
+static inline struct vgpu_stat_dev *vgpu_stat_dev(int slot)
+{
+    struct vgpu_stat_page *s = atomic_load_explicit(&vgpu_stat, memory_order_acquire);
+    if (!s || slot < 0 || slot >= (int)VGPU_MAX_DEVICES)
+        return NULL;
+    return &s->dev[slot];
+}
+static inline void vgpu_stat_add(int slot, size_t off, uint64_t v)
+{
+    struct vgpu_stat_dev *d = vgpu_stat_dev(slot);
+    if (d)
+        __atomic_fetch_add((uint64_t *)((char *)d + off), v, __ATOMIC_RELAXED);
+}
+#define VGPU_STAT_ADD(slot, field, v) \
+    vgpu_stat_add((slot), offsetof(struct vgpu_stat_dev, field), (v))
+
+/* ---------------------------------------------------------------------- */
+/* hook_mem.c                                                               */
+
+void vgpu_mem_atfork_child(void);
+
+/* ---------------------------------------------------------------------- */
+/* hook_msgpack.c: a writer into a fixed buffer and a reader over one.      */
+
+struct mp_w {
+    uint8_t *p;
+    size_t len, cap;
+    bool overflow;
+};
+void mp_map(struct mp_w *w, uint32_t n);
+void mp_array(struct mp_w *w, uint32_t n);
+void mp_str(struct mp_w *w, const char *s);
+void mp_uint(struct mp_w *w, uint64_t v);
+void mp_int(struct mp_w *w, int64_t v);
+void mp_nil(struct mp_w *w);
+void mp_bool(struct mp_w *w, bool b);
+
+struct mp_r {
+    const uint8_t *p;
+    size_t len, pos;
+    bool err;
+};
+enum mp_type { MP_NIL, MP_BOOL, MP_INT, MP_UINT, MP_STR, MP_ARRAY, MP_MAP, MP_OTHER, MP_ERR };
+enum mp_type mp_peek(struct mp_r *r);
+bool mp_read_map(struct mp_r *r, uint32_t *n);
+/* str: pointer into the buffer, not NUL-terminated. */
+bool mp_read_str(struct mp_r *r, const char **s, uint32_t *n);
+/* any integer that fits int64 (uint > INT64_MAX fails) */
+bool mp_read_int(struct mp_r *r, int64_t *v);
+bool mp_read_nil(struct mp_r *r);
+bool mp_skip(struct mp_r *r);
+
+#endif /* VGPU_HOOK_INTERNAL_H */

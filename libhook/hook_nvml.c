@@ -1,0 +1,64 @@
+/*
+ * hook_nvml.c - NVML memory info inside a slice: nvidia-smi, pynvml and
+ * frameworks that ask NVML see the slice's limit as the device's memory.
+ *
+ * NVML may be used by a process that never touches CUDA, so the device is
+ * found by UUID (the daemon's key) and attached here if needed.
+ */
+#include <string.h>
+
+#include "hook_internal.h"
+
+static int nvml_hdev(nvmlDevice_t device, uint64_t total)
+{
+    if (!real_nvmlDeviceGetUUID)
+        return -1;
+    char uuid[NVML_DEVICE_UUID_V2_BUFFER_SIZE];
+    if (real_nvmlDeviceGetUUID(device, uuid, sizeof uuid) != NVML_SUCCESS)
+        return -1;
+    return vgpu_hdev_of_uuid(uuid, total);
+}
+
+/* Registration happens through the CUDA side (it owns the real-driver
+ * resolution); NVML without a reachable daemon is reported unclamped. */
+static bool registered(void)
+{
+    return vgpu_ensure() == VGPU_MODE_REGISTERED;
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetMemoryInfo)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    nvmlReturn_t r = real_nvmlDeviceGetMemoryInfo(device, memory);
+    if (r != NVML_SUCCESS || !memory || !registered())
+        return r;
+    int h = nvml_hdev(device, memory->total);
+    if (h < 0)
+        return r;
+    uint64_t f = memory->free, t = memory->total;
+    vgpu_clamp_mem(h, &f, &t);
+    memory->total = t;
+    memory->free = f;
+    memory->used = t - f;
+    return r;
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetMemoryInfo_v2)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    nvmlReturn_t r = real_nvmlDeviceGetMemoryInfo_v2(device, memory);
+    if (r != NVML_SUCCESS || !memory || !registered())
+        return r;
+    int h = nvml_hdev(device, memory->total);
+    if (h < 0)
+        return r;
+    uint64_t f = memory->free, t = memory->total;
+    vgpu_clamp_mem(h, &f, &t);
+    memory->total = t;
+    memory->free = f;
+    /* used excludes the driver's reserved part, as NVML reports it */
+    memory->used = t - f > memory->reserved ? t - f - memory->reserved : 0;
+    return r;
+}
