@@ -315,7 +315,10 @@ class SliceTree:
         """
         if client in self.clients:
             raise ValueError(f"client {client} is already attached")
-        path = canonical_cgroup_path(cgroup_path)
+        try:
+            path = canonical_cgroup_path(cgroup_path)
+        except ConfigError as e:
+            raise ValueError(e.msg) from e
         node = self._ensure(path)
         node.clients.add(client)
         self.clients[client] = ClientState(client, node, pid, comm)

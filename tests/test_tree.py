@@ -1,0 +1,211 @@
+"""Slice tree: exact hierarchical admission, accounting, events, views."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vgpu_cgroup._config import SliceSetting
+from vgpu_cgroup._knobs import KnobError, parse_knob
+from vgpu_cgroup._tree import Denial, Grant, SliceTree
+
+D = "GPU-0"
+ALICE = "tenants.slice/tenants-alice.slice"
+
+
+def setting(slice: str, knob: str, raw: object, src: str = "/etc/x.conf") -> SliceSetting:
+    return SliceSetting(slice, knob, raw, parse_knob(knob, raw), src)
+
+
+def test_attach_creates_implicit_path_and_detach_prunes() -> None:
+    t = SliceTree()
+    assert t.attach(1, "/tenants.slice/tenants-alice.slice/job1", 42, "python") == ALICE + "/job1"
+    assert set(t.slices()) == {"", "tenants.slice", ALICE, ALICE + "/job1"}
+    assert t.show(ALICE + "/job1")["processes"] == [{"pid": 42, "comm": "python", "client": 1}]
+    t.detach(1)
+    assert t.slices() == [""]
+    t.detach(1)  # idempotent
+
+
+def test_configured_slices_survive_without_processes() -> None:
+    t = SliceTree()
+    t.apply_settings([setting(ALICE, "gpu.memory.max", "1G")])
+    t.attach(1, ALICE + "/job", 1, "x")
+    t.detach(1)
+    assert ALICE in t.slices()
+    assert ALICE + "/job" not in t.slices()
+    t.apply_settings([])
+    assert t.slices() == [""]
+
+
+def test_attach_literal_path_and_duplicate() -> None:
+    t = SliceTree()
+    assert t.attach(1, "my-job.slice", 1, "x") == "my-job.slice"  # no unit expansion
+    with pytest.raises(ValueError, match="already attached"):
+        t.attach(1, "", 1, "x")
+    with pytest.raises(ValueError, match="slice"):
+        t.attach(2, "a/../b", 1, "x")
+
+
+def test_reserve_hierarchical_max_and_events() -> None:
+    t = SliceTree()
+    t.set_knobs("tenants.slice", {"gpu.memory.max": 1000}, "vgpuctl")
+    t.set_knobs(ALICE, {"gpu.memory.max": 600, "gpu.memory.high": 400}, "vgpuctl")
+    t.attach(1, ALICE, 1, "a")
+    t.attach(2, "tenants.slice/tenants-bob.slice", 2, "b")
+    assert t.reserve(1, D, 500) == Grant(500)
+    assert t.show(ALICE)["gpu.memory.events"] == {"high": 1, "max": 0, "oom": 0}
+    assert t.reserve(1, D, 200) == Denial(ALICE, 600, 500)
+    assert t.reserve(2, D, 600) == Denial("tenants.slice", 1000, 500)
+    assert t.reserve(2, D, 500) == Grant(500)
+    assert t.show("tenants.slice")["gpu.memory.current"] == {"total": 1000, "devices": {D: 1000}}
+    ev_a = t.show(ALICE)["gpu.memory.events"]
+    assert ev_a == {"high": 1, "max": 1, "oom": 1}
+    assert t.show("tenants.slice")["gpu.memory.events"]["max"] == 1
+    assert t.show("tenants-bob.slice")["gpu.memory.events"]["oom"] == 1
+    # other devices are accounted separately
+    assert t.reserve(1, "GPU-1", 600) == Grant(600)
+    assert t.held(1) == {D: 500, "GPU-1": 600}
+    assert t.mem_view(1, D) == (1000, 1000)  # the parent is full: least headroom
+    assert t.mem_view(2, D) == (1000, 1000)
+    t.release(2, D, 400)
+    assert t.mem_view(1, D) == (600, 500)
+    t.release(1, D, 100)
+    assert t.reserve(2, D, 350) == Grant(350)
+    assert t.mem_view(1, D) == (1000, 850)  # alice has 200 left, the parent 150
+    with pytest.raises(ValueError, match="holds 400"):
+        t.release(1, D, 401)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            t.reserve(1, D, bad)  # type: ignore[arg-type]
+    t.detach(1)
+    assert t.show("tenants.slice")["gpu.memory.current"]["total"] == 450
+    assert t.show("tenants.slice")["gpu.memory.peak"]["devices"][D] == 1000
+
+
+def test_mem_view_no_limit() -> None:
+    t = SliceTree()
+    t.attach(1, "a/b", 1, "x")
+    t.reserve(1, D, 10)
+    assert t.mem_view(1, D) == (None, 10)
+
+
+def test_set_knobs_validates_all_first() -> None:
+    t = SliceTree()
+    t.set_knobs("a", {"gpu.cores.max": 50}, "vgpuctl")
+    with pytest.raises(KnobError):
+        t.set_knobs("a", {"gpu.cores.max": 20, "gpu.memory.max": "lots"}, "vgpuctl")
+    assert t.show("a")["knobs"]["gpu.cores.max"] == {"value": "50", "source": "vgpuctl"}
+    with pytest.raises(KnobError):
+        t.set_knobs("a", {"gpu.nope": 1}, "vgpuctl")
+
+
+def test_apply_settings_later_wins_and_sources() -> None:
+    t = SliceTree()
+    t.apply_settings(
+        [
+            setting(ALICE, "gpu.cores.max", 30, "/etc/vgpu/slices/a.conf"),
+            setting(ALICE, "gpu.cores.max", 60, "/run/vgpu/slices/a.conf"),
+            setting("tenants.slice", "gpu.cores.max", 50, "/etc/vgpu/slices/t.conf"),
+        ]
+    )
+    s = t.show("tenants-alice.slice")
+    assert s["slice"] == ALICE
+    assert s["knobs"]["gpu.cores.max"] == {"value": "60", "source": "/run/vgpu/slices/a.conf"}
+    assert s["knobs"]["gpu.memory.max"] == {"value": "max", "source": "default"}
+    assert s["effective"]["gpu.cores.max"] == "50"
+    lim = t.effective_limits(ALICE)
+    assert lim.cores_max == 50
+    assert lim.mem_max is None
+    assert lim.weight == 100
+
+
+def test_effective_limits_and_devices() -> None:
+    t = SliceTree()
+    t.set_knobs("a", {"gpu.devices": "0,1,GPU-x", "gpu.memory.max": "2G"}, "v")
+    t.set_knobs("a/b", {"gpu.devices": "1,GPU-x", "gpu.memory.max": "4G", "gpu.cores.min": 80}, "v")
+    t.set_knobs("a/b/c", {"gpu.cores.max": 40}, "v")
+    assert t.effective_limits("a/b").devices == ("1", "GPU-x")
+    assert t.effective_limits("a/b").mem_max == 2 * 1024**3
+    assert t.effective_limits("a/b/c").cores_max == 40
+    t.attach(1, "a/b/c", 1, "x")
+    assert t.device_allowed(1, "GPU-x", 7)
+    assert t.device_allowed(1, "GPU-y", 1)
+    assert not t.device_allowed(1, "GPU-y", 0)  # a allows 0 but b does not
+    assert not t.device_allowed(1, "GPU-z", 3)
+    with pytest.raises(KeyError):
+        t.effective_limits("nope")
+    with pytest.raises(KeyError):
+        t.show("nope")
+    with pytest.raises(KeyError):
+        t.show("a/../b")
+
+
+def test_core_usage_hierarchical_and_snapshot() -> None:
+    t = SliceTree()
+    t.attach(1, "a/b", 10, "x")
+    t.attach(2, "a", 11, "y")
+    t.attach_device(1, D)
+    t.add_core_usage(1, D, 5_000_000, 1_000_000, 3)
+    t.add_core_usage(2, D, 2_000_000, 0, 0)
+    assert t.show("a")["gpu.cores.stat"] == {
+        "usage_usec": 7000,
+        "throttled_usec": 1000,
+        "nr_throttled": 3,
+    }
+    assert t.show("a/b")["gpu.cores.stat"]["usage_usec"] == 5000
+    snap = t.snapshot()
+    assert snap["slice"] == ""
+    (a,) = snap["children"]
+    assert a["slice"] == "a"
+    assert a["processes"] == [{"pid": 11, "comm": "y", "client": 2}]
+    assert a["children"][0]["processes"][0]["pid"] == 10
+    assert t.clients_on_device(D) == [1]
+    with pytest.raises(ValueError, match="backwards"):
+        t.add_core_usage(1, D, -1, 0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limits=st.tuples(
+        st.one_of(st.none(), st.integers(0, 3000)),
+        st.one_of(st.none(), st.integers(0, 2000)),
+        st.one_of(st.none(), st.integers(0, 2000)),
+    ),
+    ops=st.lists(
+        st.tuples(st.integers(0, 3), st.booleans(), st.integers(1, 700)),
+        max_size=60,
+    ),
+)
+def test_admission_never_exceeds_any_max(
+    limits: tuple[int | None, int | None, int | None], ops: list[tuple[int, bool, int]]
+) -> None:
+    """No sequence of reserve/release/detach pushes any slice past its max,
+    and every slice's current equals the sum of what clients below it hold."""
+    t = SliceTree()
+    paths = {"p": limits[0], "p/x": limits[1], "p/y": limits[2]}
+    for p, lim in paths.items():
+        if lim is not None:
+            t.set_knobs(p, {"gpu.memory.max": lim}, "t")
+    where = {0: "p/x", 1: "p/x", 2: "p/y", 3: "p"}
+    for c, p in where.items():
+        t.attach(c, p, c, "x")
+    for c, is_reserve, n in ops:
+        if is_reserve:
+            before = t.held(c).get(D, 0)
+            r = t.reserve(c, D, n)
+            assert t.held(c).get(D, 0) == before + (n if isinstance(r, Grant) else 0)
+            if isinstance(r, Denial):
+                assert r.current + n > r.limit
+        elif t.held(c).get(D, 0) >= n:
+            t.release(c, D, n)
+        else:
+            t.detach(c)
+            t.attach(c, where[c], c, "x")
+        for p, lim in paths.items():
+            cur = t.show(p)["gpu.memory.current"]["total"]
+            below = sum(t.held(k).get(D, 0) for k, w in where.items() if w.startswith(p))
+            assert cur == below
+            if lim is not None:
+                assert cur <= lim
