@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -333,6 +334,10 @@ def test_vgpud_process_simulated_and_sigterm(tmp_path: Path) -> None:
             st = c.ctl("status")
         assert st["simulated"] is True
         assert st["devices"]
+        proc.send_signal(signal.SIGHUP)  # reload: no slice files, still serving
+        with Client(str(tmp_path / "vgpud.sock")) as c:
+            c.hello("ctl")
+            assert c.ctl("tree")["slice"] == ""
         proc.terminate()
         assert proc.wait(10) == 0
         assert not (tmp_path / "vgpud.sock").exists()
