@@ -75,6 +75,10 @@ def water_fill(total: float, units: Sequence[_Unit]) -> None:
     Mins are scaled down proportionally if they overcommit ``total``. Sets
     ``unit.alloc``; never gives a unit more than its ``want``.
     """
+    if len(units) == 1:  # the common chain of single children
+        u = units[0]
+        u.alloc = max(0.0, min(total, u.want))
+        return
     for u in units:
         u.alloc = min(u.lo, u.want)
     used = sum(u.alloc for u in units)
@@ -127,21 +131,33 @@ class ShareScheduler:
         self._rates: dict[tuple[int, str], float] = {}
         self._slice_rates: dict[tuple[str, str], float] = {}
         self._budgets: dict[tuple[int, str], Budget] = {}
+        self._paths: dict[int, list[Node]] = {}
+        self._ceilings: dict[int, float] = {}
 
     # -------------------------------------------------------------- helpers
 
+    def _path(self, client: int) -> list[Node]:
+        """The client's slices, leaf first (cached for the current tick)."""
+        p = self._paths.get(client)
+        if p is None:
+            p = self._paths[client] = self.tree.client_nodes(client)
+        return p
+
     def _limited(self, client: int) -> bool:
         """Whether anything on the client's path asks for protection."""
-        for n in self.tree.client_nodes(client):
+        for n in self._path(client):
             if n.cores_max is not None or n.cores_min > 0 or n.weight != WEIGHT_DEFAULT:
                 return True
         return False
 
     def _ceiling(self, client: int) -> float:
         """The client's effective ``cores.max`` as a fraction (1.0 if none)."""
-        c = 1.0
-        for n in self.tree.client_nodes(client):
-            c = min(c, _frac(n.cores_max))
+        c = self._ceilings.get(client)
+        if c is None:
+            c = 1.0
+            for n in self._path(client):
+                c = min(c, _frac(n.cores_max))
+            self._ceilings[client] = c
         return c
 
     def _demand(self, d: ClientDemand) -> float:
@@ -155,7 +171,7 @@ class ShareScheduler:
         direct: dict[int, list[int]] = {}  # id(node) -> clients directly in it
         kids: dict[int, dict[str, Node]] = {}  # id(node) -> active children
         for c in active:
-            path = self.tree.client_nodes(c)
+            path = self._path(c)
             direct.setdefault(id(path[0]), []).append(c)
             for child, parent in itertools.pairwise(path):
                 kids.setdefault(id(parent), {})[child.path] = child
@@ -175,10 +191,10 @@ class ShareScheduler:
         def allocate(node: Node, amount: float) -> None:
             self._slice_rates[(node.path, dev)] = amount
             units: list[_Unit] = []
-            for ch in sorted(kids.get(id(node), {}).values(), key=lambda n: n.path):
+            for ch in kids.get(id(node), {}).values():
                 hi = _frac(ch.cores_max)
                 units.append(_Unit(ch, -1, ch.cores_min / 100.0, hi, ch.weight, demand(ch)))
-            for c in sorted(direct.get(id(node), [])):
+            for c in direct.get(id(node), []):
                 units.append(_Unit(None, c, 0.0, 1.0, WEIGHT_DEFAULT, self._demand(active[c])))
             for u in units:
                 u.want = min(u.want, u.hi)
@@ -206,6 +222,8 @@ class ShareScheduler:
         cannot burst past its share for more than a tick.
         """
         T = self.tick_ns
+        self._paths = {}
+        self._ceilings = {}
         pairs: list[tuple[int, str]] = []
         by_dev: dict[str, list[int]] = {}
         for c, st in self.tree.clients.items():

@@ -30,6 +30,8 @@ from ._knobs import (
     parse_knob,
 )
 
+_DEFAULTS: dict[str, KnobValue] = {k: default_value(k) for k in KNOBS}
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -88,7 +90,7 @@ class Node:
     def get(self, knob: str) -> KnobValue:
         """The knob's own value on this slice (default when unset)."""
         v = self.knobs.get(knob)
-        return default_value(knob) if v is None else v[0]
+        return _DEFAULTS[knob] if v is None else v[0]
 
     @property
     def cores_max(self) -> float | None:
