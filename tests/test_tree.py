@@ -84,6 +84,22 @@ def test_reserve_hierarchical_max_and_events() -> None:
     assert t.show("tenants.slice")["gpu.memory.peak"]["devices"][D] == 1000
 
 
+def test_adopt_books_over_the_limit_without_events() -> None:
+    t = SliceTree()
+    t.set_knobs("a", {"gpu.memory.max": 100}, "v")
+    t.attach(1, "a/j", 1, "x")
+    assert t.adopt(1, D, 80) is None
+    assert t.adopt(1, D, 50) == Denial("a", 100, 80)
+    assert t.held(1) == {D: 130}
+    assert t.show("a")["gpu.memory.current"]["total"] == 130
+    assert t.show("a")["gpu.memory.events"] == {"high": 0, "max": 0, "oom": 0}
+    assert isinstance(t.reserve(1, D, 1), Denial)
+    t.release(1, D, 40)
+    assert t.reserve(1, D, 10) == Grant(10)
+    t.detach(1)
+    assert t.show("a")["gpu.memory.current"]["total"] == 0
+
+
 def test_mem_view_no_limit() -> None:
     t = SliceTree()
     t.attach(1, "a/b", 1, "x")

@@ -408,6 +408,33 @@ class SliceTree:
             st.devices.append(dev)
         return Grant(n)
 
+    def adopt(self, client: int, dev: str, n: int) -> Denial | None:
+        """Book memory the client already holds, without admission.
+
+        For ``hello{held}`` after a daemon restart: the memory exists on the
+        GPU whatever the limits say now, so it is booked even when that puts
+        a slice over its ``gpu.memory.max`` (later reservations are then
+        refused until enough is freed; nothing is killed). Returns the Denial
+        that a reserve would have got, for the caller to log, else None. No
+        events are counted: no allocation failed.
+        """
+        n = _check_bytes(n)
+        st = self._client(client)
+        over: Denial | None = None
+        for node in st.node.ancestry():
+            lim = node.mem_max
+            cur = node.current.get(dev, 0)
+            if over is None and lim is not None and cur + n > lim:
+                over = Denial(node.path, lim, cur)
+            cur += n
+            node.current[dev] = cur
+            if cur > node.peak.get(dev, 0):
+                node.peak[dev] = cur
+        st.held[dev] = st.held.get(dev, 0) + n
+        if dev not in st.devices:
+            st.devices.append(dev)
+        return over
+
     def release(self, client: int, dev: str, n: int) -> None:
         """Give back ``n`` bytes; ValueError if the client holds less."""
         n = _check_bytes(n)
