@@ -1,0 +1,34 @@
+/*
+ * vgpu_sim.h - the simulated GPU's control surface for tests.
+ *
+ * Exported from the simulated libcuda.so.1 next to the cu* entry points.
+ * Every call maps the shm object named by VGPU_SIM_SHM *at call time*, so a
+ * test process can inspect any simulated device, including one it never
+ * initialised CUDA on. They need no cuInit and work in a forked child.
+ * All return 0 on success and -1 when the object or pid is unknown.
+ */
+#ifndef VGPU_SIM_H
+#define VGPU_SIM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Device time spent on pid's kernels and memory it holds, summed over devices.
+ * pid <= 0 means the caller. A dead process keeps its busy time (memory 0)
+ * until its table slot is recycled. */
+int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes);
+
+/* Total busy time of a device and its memory in use (dead processes reaped) and total. */
+int vgpuSimDeviceStats(int dev, uint64_t *busy_ns, uint64_t *used_bytes, uint64_t *total_bytes);
+
+/* Zeroes busy-time counters and utilization history; memory accounting is kept. */
+int vgpuSimReset(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VGPU_SIM_H */
