@@ -10,6 +10,7 @@
  * the tightest of a few tries is kept and refreshed every few seconds.
  */
 #include <signal.h>
+#include <stdlib.h>
 #include <time.h>
 
 #include "hook_internal.h"
@@ -179,9 +180,12 @@ static void close_idle(struct vgpu_batch *b, uint64_t now)
     atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
 }
 
-static void pass(void)
+/* One walk over every batch; returns how many are still open or pending.
+ * `force` closes open batches regardless of idleness (exit flush). */
+static int pass_ex(bool force)
 {
-    uint64_t now = vgpu_coarse_ns();
+    int left = 0;
+    uint64_t now = force ? UINT64_MAX / 2 : vgpu_coarse_ns();
     for (struct vgpu_thread *t = atomic_load(&vgpu_threads); t; t = t->next) {
         for (int i = 0; i < VGPU_THREAD_STREAMS; i++) {
             for (int j = 0; j < VGPU_BATCH_RING; j++) {
@@ -189,11 +193,46 @@ static void pass(void)
                 int st = atomic_load_explicit(&b->state, memory_order_acquire);
                 if (st == VGPU_B_OPEN)
                     close_idle(b, now);
-                else if (st == VGPU_B_PENDING)
+                st = atomic_load_explicit(&b->state, memory_order_acquire);
+                if (st == VGPU_B_PENDING)
                     finish(b);
+                st = atomic_load_explicit(&b->state, memory_order_acquire);
+                left += st == VGPU_B_OPEN || st == VGPU_B_PENDING;
             }
         }
     }
+    return left;
+}
+
+static void pass(void)
+{
+    (void)pass_ex(false);
+}
+
+/* At exit() the last batches are still open or in flight: publish them, or
+ * the GPU time of a short program's tail would never be charged. Runs from
+ * atexit (before library destructors), so the driver is still alive. */
+static void account_flush(void)
+{
+    if (!atomic_load(&started) || atomic_load(&vgpu_mode) != VGPU_MODE_REGISTERED)
+        return;
+    uint64_t deadline = vgpu_now_ns() + 500000000ull;
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_nsec += 500000000;
+    if (dl.tv_nsec >= 1000000000) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000;
+    }
+    if (pthread_mutex_timedlock(&amu, &dl) != 0)
+        return;
+    cur_ctx = NULL; /* this thread's current context is not the accountant's */
+    while (pass_ex(true) > 0 && vgpu_now_ns() < deadline) {
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
+    cur_ctx = NULL;
+    pthread_mutex_unlock(&amu);
 }
 
 static void *account_main(void *arg)
@@ -214,6 +253,9 @@ void vgpu_account_start(void)
 {
     if (atomic_exchange(&started, 1))
         return;
+    static _Atomic int flush_registered;
+    if (!atomic_exchange(&flush_registered, 1))
+        atexit(account_flush);
     pthread_t t;
     pthread_attr_t a;
     pthread_attr_init(&a);

@@ -1,0 +1,234 @@
+"""A scripted vgpud for the hook's tests: speaks docs/protocol.md (hello,
+welcome with the two memfds, attach, reserve, release) from a thread, keeps
+the regions writable on its side, and records every message it got.
+
+Not the daemon: no tree, no share. It lets a test set tokens and limits by
+hand and read the client's stat page, so each hook mechanism is checked in
+isolation from the daemon's policy.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from vgpu_cgroup._abi import ffi, lib
+
+CTL_SIZE = ffi.sizeof("struct vgpu_ctl_page")
+STAT_SIZE = ffi.sizeof("struct vgpu_stat_page")
+CTL_DEV0 = ffi.offsetof("struct vgpu_ctl_page", "dev")
+CTL_DEV = ffi.sizeof("struct vgpu_ctl_dev")
+STAT_DEV0 = ffi.offsetof("struct vgpu_stat_page", "dev")
+STAT_DEV = ffi.sizeof("struct vgpu_stat_dev")
+UNLIMITED = 2**64 - 1
+
+
+def _off(struct: str, name: str) -> int:
+    return int(ffi.offsetof(struct, name))
+
+
+@dataclass
+class Conn:
+    sock: socket.socket
+    ctl_map: mmap.mmap
+    stat_map: mmap.mmap
+    pid: int
+    hello: dict[str, Any]
+    slots: dict[str, int] = field(default_factory=dict)
+    used: dict[int, int] = field(default_factory=dict)
+    msgs: list[dict[str, Any]] = field(default_factory=list)
+    closed: bool = False
+
+    # ---- ctl page (the daemon's side) ----
+    def set_dev(self, slot: int, **kv: int) -> None:
+        base = CTL_DEV0 + slot * CTL_DEV
+        fmt = {"tokens_ns": "<q", "flags": "<I", "mem_limit": "<Q", "mem_used": "<Q", "rate_ppm": "<Q"}
+        for k, v in kv.items():
+            struct.pack_into(fmt[k], self.ctl_map, base + _off("struct vgpu_ctl_dev", k), v)
+
+    # ---- stat page (the client's side) ----
+    def stat(self, slot: int, name: str) -> int:
+        off = STAT_DEV0 + slot * STAT_DEV + _off("struct vgpu_stat_dev", name)
+        return int(struct.unpack_from("<Q", self.stat_map, off)[0])
+
+    def intervals(self, slot: int) -> list[tuple[int, int]]:
+        head = self.stat(slot, "ring_head")
+        ring = STAT_DEV0 + slot * STAT_DEV + _off("struct vgpu_stat_dev", "ring")
+        out = []
+        for i in range(max(0, head - lib.VGPU_RING_SLOTS), head):
+            s, e = struct.unpack_from("<QQ", self.stat_map, ring + (i % lib.VGPU_RING_SLOTS) * 16)
+            out.append((s, e))
+        return out
+
+
+class Peer:
+    """Listens on `path`; policy knobs are plain attributes set by the test."""
+
+    def __init__(self, path: str, *, mem_limit: int = UNLIMITED, unlimited: bool = True,
+                 tokens: int = 10**12, refuse: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.mem_limit = mem_limit
+        self.unlimited = unlimited
+        self.tokens = tokens
+        self.refuse = refuse
+        self.conns: list[Conn] = []
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(64)
+        self._stop = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.srv.close()
+        for c in self.conns:
+            try:
+                c.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def wait_conn(self, n: int = 1, timeout: float = 10.0) -> Conn:
+        with self.cv:
+            self.cv.wait_for(lambda: len(self.conns) >= n, timeout)
+            assert len(self.conns) >= n, f"only {len(self.conns)} connections"
+            return self.conns[n - 1]
+
+    def wait_for(self, pred: Any, timeout: float = 10.0) -> None:
+        with self.cv:
+            assert self.cv.wait_for(pred, timeout), "condition not reached"
+
+    # ---- protocol ----
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                s, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    @staticmethod
+    def _recv(s: socket.socket) -> dict[str, Any] | None:
+        hdr = b""
+        while len(hdr) < 4:
+            chunk = s.recv(4 - len(hdr))
+            if not chunk:
+                return None
+            hdr += chunk
+        (n,) = struct.unpack(">I", hdr)
+        body = b""
+        while len(body) < n:
+            chunk = s.recv(n - len(body))
+            if not chunk:
+                return None
+            body += chunk
+        msg = msgpack.unpackb(body, raw=False)
+        assert isinstance(msg, dict)
+        return msg
+
+    @staticmethod
+    def _send(s: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        body = msgpack.packb(msg)
+        frame = struct.pack(">I", len(body)) + body
+        if fds:
+            socket.send_fds(s, [frame], fds)
+        else:
+            s.sendall(frame)
+
+    def _serve(self, s: socket.socket) -> None:
+        hello = self._recv(s)
+        if hello is None or hello.get("t") != "hello":
+            s.close()
+            return
+        ctl_fd = os.memfd_create("vgpu-ctl")
+        stat_fd = os.memfd_create("vgpu-stat")
+        os.ftruncate(ctl_fd, CTL_SIZE)
+        os.ftruncate(stat_fd, STAT_SIZE)
+        ctl = mmap.mmap(ctl_fd, CTL_SIZE)
+        stat = mmap.mmap(stat_fd, STAT_SIZE)
+        struct.pack_into("<II", ctl, 0, lib.VGPU_SHM_MAGIC, lib.VGPU_ABI_VERSION)
+        ro = os.open(f"/proc/self/fd/{ctl_fd}", os.O_RDONLY)
+        conn = Conn(sock=s, ctl_map=ctl, stat_map=stat, pid=int(hello.get("pid", 0)), hello=hello)
+        conn.msgs.append(hello)
+        self._send(s, {"t": "welcome", "v": 1, "id": len(self.conns) + 1, "slice": "test.slice",
+                       "tick_ns": 10_000_000, "epoch": 1}, [ro, stat_fd])
+        for fd in (ro, ctl_fd, stat_fd):
+            os.close(fd)
+        with self.cv:
+            self.conns.append(conn)
+            self.cv.notify_all()
+        while True:
+            try:
+                msg = self._recv(s)
+            except OSError:
+                msg = None
+            if msg is None:
+                break
+            with self.cv:
+                conn.msgs.append(msg)
+                self._handle(conn, msg)
+                self.cv.notify_all()
+        with self.cv:
+            conn.closed = True
+            self.cv.notify_all()
+
+    def _handle(self, c: Conn, m: dict[str, Any]) -> None:
+        t = m.get("t")
+        if t == "attach":
+            dev = m["dev"]
+            if dev in self.refuse:
+                self._send(c.sock, {"t": "error", "id": m["id"], "code": "device", "msg": "not allowed"})
+                return
+            if dev not in c.slots:
+                c.slots[dev] = len(c.slots)
+                # what the client re-declared after a restart is held from now
+                held = {h["dev"]: h["n"] for h in c.hello.get("held", [])}
+                c.used[c.slots[dev]] = held.get(dev, 0)
+            slot = c.slots[dev]
+            flags = lib.VGPU_DEV_ACTIVE | (lib.VGPU_DEV_UNLIMITED if self.unlimited else 0)
+            c.set_dev(slot, tokens_ns=self.tokens, flags=flags, mem_limit=self.mem_limit,
+                      mem_used=c.used.get(slot, 0))
+            self._send(c.sock, {"t": "attached", "id": m["id"], "slot": slot,
+                                "mem_limit": None if self.mem_limit == UNLIMITED else self.mem_limit})
+        elif t == "reserve":
+            slot, n = m["slot"], m["n"]
+            cur = c.used.get(slot, 0)
+            if cur + n > self.mem_limit:
+                self._send(c.sock, {"t": "denied", "id": m["id"], "slice": "test.slice",
+                                    "limit": self.mem_limit, "current": cur})
+            else:
+                c.used[slot] = cur + n
+                c.set_dev(slot, mem_used=cur + n)
+                self._send(c.sock, {"t": "granted", "id": m["id"]})
+        elif t == "release":
+            slot, n = m["slot"], m["n"]
+            assert c.used.get(slot, 0) >= n, "release of more than held"
+            c.used[slot] -= n
+            c.set_dev(slot, mem_used=c.used[slot])
+
+
+def wait_until(pred: Any, timeout: float = 10.0, step: float = 0.01) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())

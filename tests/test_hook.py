@@ -1,0 +1,281 @@
+"""libvgpu-hook.so against a scripted daemon (tests/programs/hookpeer.py) on
+the simulated GPU: registration, every allocation path, denial, info
+clamping, the launch gate, measured intervals, interposition, on_no_daemon,
+fork and reconnect.
+
+Each test runs real programs under LD_PRELOAD with their own VGPU_SIM_SHM,
+so the simulated device is private to the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "programs"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _e2e import HOOK, ROOT, SIMDIR, build, build_c  # noqa: E402
+from hookpeer import Peer, wait_until  # noqa: E402
+
+MB = 1 << 20
+_n = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    build()
+    out = tmp_path_factory.mktemp("hookbin")
+    return {
+        "client_basic": build_c("client_basic", out),
+        "hook_allocs": build_c("hook_allocs", out),
+        "hook_interpose": build_c("hook_interpose", out, link_cuda=False),
+    }
+
+
+@pytest.fixture
+def sock(tmp_path: Path) -> str:
+    # sun_path is short: keep it under /tmp
+    return f"/tmp/vgpu-hook-test-{os.getpid()}-{next(_n)}.sock"
+
+
+@pytest.fixture
+def peer(sock: str) -> Iterator[Peer]:
+    p = Peer(sock)
+    yield p
+    p.close()
+
+
+def env(sock: str, tmp: Path, **extra: str) -> dict[str, str]:
+    conf = tmp / "hook.conf"
+    if not conf.exists():
+        conf.write_text("connect_timeout_ms=300\n")
+    e = dict(os.environ)
+    e.update({"LD_PRELOAD": str(HOOK), "LD_LIBRARY_PATH": str(SIMDIR),
+              "VGPU_SIM_SHM": f"vgpu-hooktest-{os.getpid()}-{next(_n)}",
+              "VGPU_SOCKET": sock, "VGPU_HOOK_CONF": str(conf)})
+    e.update(extra)
+    return e
+
+
+def run(cmd: list[str], e: dict[str, str], timeout: float = 30) -> tuple[dict[str, Any], str]:
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"no JSON from {cmd}: rc={p.returncode} out={p.stdout!r} err={p.stderr!r}"
+    return json.loads(lines[-1]), p.stderr
+
+
+def msgs(peer: Peer, t: str, conn: int = 0) -> list[dict[str, Any]]:
+    return [m for m in peer.conns[conn].msgs if m.get("t") == t]
+
+
+def test_registration_reserve_release_and_launch_counts(bins: dict[str, Path], peer: Peer, sock: str,
+                                                         tmp_path: Path) -> None:
+    out, err = run([str(bins["client_basic"]), "50", "20000", str(1 * MB), str(2 * MB)], env(sock, tmp_path))
+    assert out["init_rc"] == 0 and out["ctx_rc"] == 0 and out["alloc_rc"] == [0, 0], err
+    assert out["launched"] == 50 and out["sync_rc"] == 0
+    c = peer.wait_conn()
+    hello = c.msgs[0]
+    assert hello["role"] == "hook" and hello["v"] == 1 and hello["pid"] == out["pid"]
+    peer.wait_for(lambda: c.closed)
+    att = msgs(peer, "attach")
+    assert len(att) == 1 and att[0]["dev"].startswith("GPU-") and len(att[0]["dev"]) == 40
+    assert [m["n"] for m in msgs(peer, "reserve")] == [1 * MB, 2 * MB]
+    assert sorted(m["n"] for m in msgs(peer, "release")) == [1 * MB, 2 * MB]
+    assert c.used[0] == 0
+    assert c.stat(0, "launches") == 50
+    assert c.stat(0, "allocs") == 2 and c.stat(0, "frees") == 2
+    assert "vgpu:" not in err
+
+
+def test_every_allocation_path_is_reserved_and_released(bins: dict[str, Path], peer: Peer, sock: str,
+                                                         tmp_path: Path) -> None:
+    out, err = run([str(bins["hook_allocs"])], env(sock, tmp_path))
+    assert out["init"] == 0 and all(rc == 0 for rc in out["rc"]), (out, err)
+    c = peer.wait_conn()
+    peer.wait_for(lambda: c.closed)
+    res = [m["n"] for m in msgs(peer, "reserve")]
+    rel = [m["n"] for m in msgs(peer, "release")]
+    pitch, gran = out["pitch"], out["gran"]
+    mip = sum(max(64 >> i, 1) * max(32 >> i, 1) * max(8 >> i, 1) * 2 for i in range(3))
+    expected = [1 * MB, pitch * 100, 2 * MB, 256 * 64 * 16, 64 * 32 * 8 * 2, mip, 2 * gran, 3 * MB, 4 * MB]
+    # the pitch path reserves an estimate first and settles it after the call
+    net = list(expected)
+    assert sum(res) - sum(rel) == 0
+    assert res[0] == 1 * MB and res[2:] == net[2:] or sorted(rel) == sorted(net)
+    assert sorted(rel) == sorted(net)
+    assert c.used[0] == 0
+    assert c.stat(0, "allocs") == 9 and c.stat(0, "frees") == 9
+
+
+def test_denied_allocation_and_clamped_info(bins: dict[str, Path], sock: str, tmp_path: Path) -> None:
+    p = Peer(sock, mem_limit=3 * MB)
+    try:
+        out, err = run([str(bins["client_basic"]), "1", "1000", str(2 * MB), str(2 * MB)], env(sock, tmp_path))
+        assert out["alloc_rc"] == [0, 2], (out, err)  # CUDA_ERROR_OUT_OF_MEMORY
+        assert out["mem_total"] == 3 * MB and out["dev_total"] == 3 * MB
+        assert out["mem_free"] == 1 * MB
+        c = p.wait_conn()
+        p.wait_for(lambda: c.closed)
+        assert [m["n"] for m in msgs(p, "reserve")] == [2 * MB, 2 * MB]
+        assert [m["n"] for m in msgs(p, "release")] == [2 * MB]
+        assert c.stat(0, "allocs") == 1
+    finally:
+        p.close()
+
+
+def test_gate_blocks_until_tokens_arrive(bins: dict[str, Path], sock: str, tmp_path: Path) -> None:
+    p = Peer(sock, unlimited=False, tokens=0)
+    try:
+        proc = subprocess.Popen([str(bins["client_basic"]), "5", "1000"], env=env(sock, tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        c = p.wait_conn()
+        p.wait_for(lambda: bool(c.slots))
+        time.sleep(0.4)
+        assert proc.poll() is None, "launch ran without budget"
+        assert c.stat(0, "launches") == 0
+        c.set_dev(0, tokens_ns=10**9)
+        stdout, stderr = proc.communicate(timeout=10)
+        out = json.loads(stdout.strip().splitlines()[-1])
+        assert out["launched"] == 5, stderr
+        assert c.stat(0, "launches") == 5
+        assert c.stat(0, "nr_throttled") == 1
+        assert c.stat(0, "throttled_ns") >= 300_000_000
+    finally:
+        p.close()
+
+
+def test_intervals_match_kernel_durations(bins: dict[str, Path], peer: Peer, sock: str,
+                                          tmp_path: Path) -> None:
+    t0 = time.monotonic_ns()
+    out, err = run([str(bins["client_basic"]), "20", "2000000"], env(sock, tmp_path))
+    t1 = time.monotonic_ns()
+    assert out["launched"] == 20, err
+    c = peer.wait_conn()
+    # the accountant publishes within a few ms of completion, before exit
+    assert wait_until(lambda: c.stat(0, "busy_ns") >= 36_000_000, timeout=2)
+    busy = c.stat(0, "busy_ns")
+    # 20 x 2 ms of kernels, plus the simulated launch gaps between them
+    assert 38_000_000 <= busy <= 70_000_000, busy
+    ivs = c.intervals(0)
+    assert ivs and all(t0 <= s <= e <= t1 for s, e in ivs), (ivs, t0, t1)
+    assert sum(e - s for s, e in ivs) == busy
+
+
+def test_dlsym_and_get_proc_address_return_hooks(bins: dict[str, Path], peer: Peer, sock: str,
+                                                 tmp_path: Path) -> None:
+    e = env(sock, tmp_path)
+    out, _ = run([str(bins["hook_interpose"])], e)
+    assert out["dlsym:cuMemAlloc_v2"] == "libvgpu-hook.so:cuMemAlloc_v2"
+    assert out["dlsym:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
+    assert out["gpa:cuGetProcAddress"] == "libvgpu-hook.so:cuGetProcAddress_v2"
+    assert out["gpa:cuLaunchKernel"] == "libvgpu-hook.so:cuLaunchKernel"
+    assert out["gpa_ptsz:cuLaunchKernel"] == "libvgpu-hook.so:cuLaunchKernel_ptsz"
+    assert out["gpa_ptsz:cuGraphLaunch"] == "libvgpu-hook.so:cuGraphLaunch_ptsz"
+    assert out["gpa:cuMemAlloc"] == "libvgpu-hook.so:cuMemAlloc_v2"
+    assert out["gpa_ptsz:cuMemAllocAsync"] == "libvgpu-hook.so:cuMemAllocAsync_ptsz"
+    assert out["gpa:cuMemGetInfo"] == "libvgpu-hook.so:cuMemGetInfo_v2"
+    assert out["gpa:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
+
+
+@pytest.mark.parametrize("ptsz", [False, True])
+def test_ctypes_client_through_get_proc_address(bins: dict[str, Path], peer: Peer, sock: str,
+                                                tmp_path: Path, ptsz: bool) -> None:
+    cmd = [sys.executable, str(ROOT / "tests" / "programs" / "ctypes_client.py"), "30", "100000", str(MB)]
+    out, err = run(cmd + (["--ptsz"] if ptsz else []), env(sock, tmp_path))
+    assert out["launched"] == 30 and out["alloc_rc"] == [0], err
+    c = peer.wait_conn()
+    peer.wait_for(lambda: c.closed)
+    assert c.stat(0, "launches") == 30
+    assert [m["n"] for m in msgs(peer, "reserve")] == [MB]
+    assert [m["n"] for m in msgs(peer, "release")] == [MB]
+    assert c.stat(0, "busy_ns") >= 2_000_000
+
+
+@pytest.mark.parametrize("policy", ["fail", "unlimited"])
+def test_on_no_daemon(bins: dict[str, Path], tmp_path: Path, policy: str) -> None:
+    conf = tmp_path / "hook.conf"
+    conf.write_text(f"on_no_daemon={policy}\nconnect_timeout_ms=50\n")
+    out, err = run([str(bins["client_basic"]), "3", "1000", str(MB)],
+                   env(str(tmp_path / "nobody.sock"), tmp_path))
+    lines = [ln for ln in err.splitlines() if ln.startswith("vgpu:")]
+    assert len(lines) == 1 and "cannot reach vgpud" in lines[0] and str(conf) in lines[0], err
+    if policy == "fail":
+        assert out["init_rc"] == 3  # CUDA_ERROR_NOT_INITIALIZED
+        assert "refusing CUDA" in lines[0]
+    else:
+        assert out["init_rc"] == 0 and out["launched"] == 3 and out["alloc_rc"] == [0]
+        assert "WITHOUT limits" in lines[0]
+
+
+def test_fork_child_registers_as_its_own_client(bins: dict[str, Path], peer: Peer, sock: str,
+                                                tmp_path: Path) -> None:
+    code = r"""
+import ctypes, os, json, sys
+cuda = ctypes.CDLL("libcuda.so.1")
+u64 = ctypes.c_uint64
+assert cuda.cuInit(0) == 0
+dev = ctypes.c_int(0); ctx = ctypes.c_void_p()
+cuda.cuDeviceGet(ctypes.byref(dev), 0)
+assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+cuda.cuCtxSetCurrent(ctx)
+p = u64(); assert cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(1 << 20)) == 0
+pid = os.fork()
+if pid == 0:
+    q = u64()
+    rc = cuda.cuMemAlloc_v2(ctypes.byref(q), ctypes.c_size_t(3 << 20))
+    os._exit(0)
+os.waitpid(pid, 0)
+print(json.dumps({"child": pid, "parent": os.getpid()}))
+"""
+    out, err = run([sys.executable, "-c", code], env(sock, tmp_path))
+    peer.wait_for(lambda: len(peer.conns) >= 2)
+    pids = {c.pid for c in peer.conns}
+    assert pids == {out["child"], out["parent"]}, err
+    child = next(c for c in peer.conns if c.pid == out["child"])
+    parent = next(c for c in peer.conns if c.pid == out["parent"])
+    peer.wait_for(lambda: child.closed and parent.closed)
+    # Like the real driver, the simulated one refuses CUDA in a forked child;
+    # what matters is that the child is its own client, holding nothing of
+    # the parent's, and that the parent's accounting is untouched.
+    assert "held" not in child.msgs[0]
+    assert not [m for m in child.msgs if m.get("t") == "release"]
+    assert [m["n"] for m in parent.msgs if m.get("t") == "reserve"] == [1 << 20]
+    assert parent.stat(0, "allocs") == 1
+
+
+def test_reconnect_declares_held_memory(bins: dict[str, Path], sock: str, tmp_path: Path) -> None:
+    p = Peer(sock)
+    proc = subprocess.Popen([str(bins["client_basic"]), "1", "1000", str(5 * MB)],
+                            env=env(sock, tmp_path, CLIENT_HOLD_MS="3000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        c = p.wait_conn()
+        p.wait_for(lambda: bool(msgs(p, "reserve")))
+        p.close()  # the daemon "restarts"
+        time.sleep(0.2)
+        p2 = Peer(sock)
+        try:
+            c2 = p2.wait_conn(timeout=5)
+            assert c2.msgs[0]["held"] == [{"dev": msgs(p, "attach")[0]["dev"], "n": 5 * MB}]
+            p2.wait_for(lambda: bool(c2.slots))  # re-attached
+            stdout, stderr = proc.communicate(timeout=10)
+            out = json.loads(stdout.strip().splitlines()[-1])
+            assert out["alloc_rc"] == [0] and out["free_rc"] == 0, stderr
+            p2.wait_for(lambda: c2.closed)
+            assert [m["n"] for m in c2.msgs if m.get("t") == "release"] == [5 * MB]
+        finally:
+            p2.close()
+        assert c.used[0] == 5 * MB
+    finally:
+        if proc.poll() is None:
+            proc.kill()
