@@ -136,3 +136,14 @@ def test_identical_clients_split_evenly(ivs: list[tuple[int, int]]) -> None:
         a.add(2, s, s + length)
     got = a.advance(2000)
     assert abs(got.get(1, 0) - got.get(2, 0)) <= 1
+
+
+def test_last_busy_is_the_unsplit_union() -> None:
+    a = Attributor(0)
+    a.add(1, 0, 100)
+    a.add(1, 50, 100)
+    a.add(2, 0, 100)
+    assert a.advance(100) == {1: 50, 2: 50}
+    assert a.last_busy() == {1: 100, 2: 100}
+    assert a.advance(200) == {}
+    assert a.last_busy() == {}

@@ -270,9 +270,7 @@ units = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(total=st.floats(0, 1), spec=units)
-def test_water_fill_properties(
-    total: float, spec: list[tuple[float, float, int, float]]
-) -> None:
+def test_water_fill_properties(total: float, spec: list[tuple[float, float, int, float]]) -> None:
     us = [_Unit(None, i, lo, hi, w, min(d, hi)) for i, (lo, hi, w, d) in enumerate(spec)]
     water_fill(total, us)
     allocs = [u.alloc for u in us]
@@ -309,3 +307,95 @@ def test_rates_never_exceed_caps_or_one_gpu(caps: list[int | None], busy: list[b
     for (c, _), r in rates.items():
         cap = caps[c]
         assert r <= (1.0 if cap is None else cap / 100) + 1e-9
+
+
+class LaggedGPU(FluidGPU):
+    """The daemon's real conditions: an overshooting gate and late charges.
+
+    A client with positive tokens runs for the whole tick (the hook's gate
+    only checks the sign), and its charge and busy time reach the scheduler
+    ``lag`` ticks later (the attribution watermark), while the throttled flag
+    is current.
+    """
+
+    lag = 3
+
+    def __init__(self, tree: SliceTree, sched: ShareScheduler) -> None:
+        super().__init__(tree, sched)
+        self.queue: list[tuple[dict[int, float], dict[int, float]]] = []
+
+    def step(self) -> dict[int, float]:
+        caps: dict[int, float] = {}
+        throttled: dict[int, bool] = {}
+        for c, a in self.appetite.items():
+            b = self.budgets[(c, DEV)]
+            can_run = b.unlimited or b.tokens_ns > 0
+            caps[c] = a * T if can_run else 0.0
+            throttled[c] = not can_run and a > 0
+        runnable = [c for c in caps if caps[c] > 0]
+        got = {c: 0.0 for c in caps}
+        rest = float(T)
+        while runnable and rest > 1e-6:
+            share = rest / len(runnable)
+            done = [c for c in runnable if caps[c] - got[c] <= share]
+            if not done:
+                for c in runnable:
+                    got[c] += share
+                break
+            for c in done:
+                rest -= caps[c] - got[c]
+                got[c] = caps[c]
+            runnable = [c for c in runnable if c not in done]
+        k = sum(1 for g in got.values() if g > 0)
+        self.queue.append((dict(got), {c: min(float(T), g * k) for c, g in got.items()}))
+        zero = {c: 0.0 for c in got}
+        charged, busy = self.queue.pop(0) if len(self.queue) > self.lag else (zero, zero)
+        demands = [
+            ClientDemand(c, DEV, round(charged.get(c, 0)), throttled[c], round(busy.get(c, 0)))
+            for c, a in self.appetite.items()
+            if a > 0
+        ]
+        self.budgets = self.sched.tick(demands)
+        for c, g in got.items():
+            self.used.setdefault(c, []).append(g / T)
+        return {c: g / T for c, g in got.items()}
+
+
+HARD = {
+    "a": {"gpu.cores.min": 30, "gpu.cores.max": 30},
+    "b": {"gpu.cores.min": 70, "gpu.cores.max": 70},
+}
+SOFT = {
+    "a": {"gpu.cores.min": 30, "gpu.cores.max": 100},
+    "b": {"gpu.cores.min": 70, "gpu.cores.max": 100},
+}
+NESTED = {
+    "p": {"gpu.cores.max": 50},
+    "p/x": {"gpu.cores.weight": 1},
+    "p/y": {"gpu.cores.weight": 3},
+}
+
+
+@pytest.mark.parametrize(
+    ("knobs", "where", "expected"),
+    [
+        ({"a": {"gpu.cores.max": 30}}, ["a"], [0.30]),
+        ({"a": {"gpu.cores.max": 60}}, ["a"], [0.60]),
+        (HARD, ["a", "b"], [0.30, 0.70]),
+        (SOFT, ["a", "b"], [0.30, 0.70]),
+        ({"a": {"gpu.cores.min": 30, "gpu.cores.max": 100}}, ["a"], [1.0]),
+        (NESTED, ["p/x", "p/y"], [0.125, 0.375]),
+    ],
+)
+def test_shares_with_lagged_charges(
+    knobs: Mapping[str, Mapping[str, object]], where: list[str], expected: list[float]
+) -> None:
+    tree = SliceTree()
+    for path, ks in knobs.items():
+        tree.set_knobs(path, ks, "test")
+    gpu = LaggedGPU(tree, ShareScheduler(tree, tick_ns=T))
+    for i, path in enumerate(where):
+        gpu.add(i + 1, path, 1.0)
+    gpu.run(2000)
+    for i, want in enumerate(expected):
+        assert gpu.mean(i + 1, 1000) == pytest.approx(want, abs=0.02)

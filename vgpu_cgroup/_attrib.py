@@ -32,6 +32,7 @@ class Attributor:
         self._wm = watermark_ns
         self._pending: dict[int, list[tuple[int, int]]] = {}
         self._late: dict[int, int] = {}
+        self._busy: dict[int, int] = {}
 
     @property
     def watermark(self) -> int | None:
@@ -65,6 +66,14 @@ class Attributor:
         """Number of intervals held (for tests of boundedness and for metrics)."""
         return sum(len(v) for v in self._pending.values())
 
+    def last_busy(self) -> dict[int, int]:
+        """Per client, the union of its busy time in the last advanced window.
+
+        Not split with neighbours: it tells the share scheduler that a client
+        held back by time-slicing still had work the whole time.
+        """
+        return dict(self._busy)
+
     def advance(self, watermark_ns: int) -> dict[int, int]:
         """Charge wall time in ``(previous watermark, watermark_ns]``; ns per client.
 
@@ -75,6 +84,7 @@ class Attributor:
         """
         out = self._late
         self._late = {}
+        self._busy = {}
         lo = self._wm
         if lo is None:
             starts = [s for segs in self._pending.values() for s, _ in segs]
@@ -108,6 +118,7 @@ class Attributor:
         self._pending = keep
         if not merged:
             return out
+        self._busy = {c: sum(e - s for s, e in segs) for c, segs in merged.items()}
 
         # Sweep: F(t) = integral of 1/k(t) from lo; a client's charge is the
         # sum of F(end) - F(start) over its intervals.

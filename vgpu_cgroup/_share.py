@@ -45,6 +45,11 @@ class ClientDemand:
     dev: str
     charged_ns: int
     throttled: bool
+    #: wall time the client had work on the GPU (union of its intervals, not
+    #: split with neighbours: ``Attributor.last_busy``). Under time-slicing a
+    #: client that is busy the whole tick but charged half of it was held back
+    #: by contention, not by lack of work, so it still wants more. 0: unknown.
+    busy_ns: int = 0
 
 
 @dataclass
@@ -120,6 +125,7 @@ class ShareScheduler:
         tick_ns: int = 10_000_000,
         burst_ticks: int = 5,
         debt_ticks: int = 50,
+        idle_ticks: int = 5,
     ) -> None:
         if tick_ns <= 0 or burst_ticks <= 0 or debt_ticks < 0:
             raise ValueError("tick_ns and burst_ticks must be positive, debt_ticks >= 0")
@@ -127,6 +133,10 @@ class ShareScheduler:
         self.tick_ns = tick_ns
         self.burst_ticks = burst_ticks
         self.debt_ticks = debt_ticks
+        #: ticks without charge or throttling before a pair counts as idle;
+        #: must exceed the attribution lag in ticks (30 ms / 10 ms by default).
+        self.idle_ticks = max(1, idle_ticks)
+        self._recent: dict[tuple[int, str], tuple[ClientDemand, int]] = {}
         self._tokens: dict[tuple[int, str], float] = {}
         self._rates: dict[tuple[int, str], float] = {}
         self._slice_rates: dict[tuple[str, str], float] = {}
@@ -163,7 +173,7 @@ class ShareScheduler:
     def _demand(self, d: ClientDemand) -> float:
         if d.throttled:
             return _INF
-        used = d.charged_ns / self.tick_ns
+        used = max(d.charged_ns, d.busy_ns) / self.tick_ns
         return min(1.0, used * DEMAND_GAIN + DEMAND_FLOOR)
 
     def _device_rates(self, dev: str, active: dict[int, ClientDemand]) -> dict[int, float]:
@@ -216,10 +226,12 @@ class ShareScheduler:
         """One control step: a Budget for every attached client-device pair.
 
         ``demands`` lists the pairs that were active in the last tick (they
-        ran, or wanted to and were throttled); other attached pairs are idle.
-        Idle pairs pay back debt at their ceiling rate and hold at most one
-        tick of budget, so a client that wakes up can launch at once but
-        cannot burst past its share for more than a tick.
+        were charged, or wanted to run and were throttled); entries with
+        neither, and pairs left out, are idle once ``idle_ticks`` have passed
+        since they were last active. Idle pairs pay back debt at their
+        ceiling rate and hold at most one tick of budget, so a client that
+        wakes up can launch at once but cannot burst past its share for
+        more than a tick.
         """
         T = self.tick_ns
         self._paths = {}
@@ -232,19 +244,39 @@ class ShareScheduler:
                 by_dev.setdefault(dev, []).append(c)
         attached = set(pairs)
 
-        active: dict[str, dict[int, ClientDemand]] = {}
+        # What each pair is charged this tick, and which pairs are active.
+        charged: dict[tuple[int, str], int] = {}
+        now: dict[tuple[int, str], ClientDemand] = {}
         for d in demands:
-            if (d.client, d.dev) not in attached:
+            key = (d.client, d.dev)
+            if key not in attached:
                 continue  # detached since; nothing to charge
-            if d.charged_ns <= 0 and not d.throttled:
-                continue  # neither ran nor waited: idle
-            slot = active.setdefault(d.dev, {})
-            prev = slot.get(d.client)
+            ns = max(0, d.charged_ns)
+            charged[key] = charged.get(key, 0) + ns
+            prev = now.get(key)
             if prev is None:
-                slot[d.client] = ClientDemand(d.client, d.dev, max(0, d.charged_ns), d.throttled)
+                now[key] = ClientDemand(d.client, d.dev, ns, d.throttled, max(0, d.busy_ns))
             else:
-                prev.charged_ns += max(0, d.charged_ns)
+                prev.charged_ns += ns
+                prev.busy_ns += max(0, d.busy_ns)
                 prev.throttled = prev.throttled or d.throttled
+        active: dict[str, dict[int, ClientDemand]] = {}
+        for key in pairs:
+            got = now.get(key)
+            if got is not None and (got.charged_ns > 0 or got.throttled):
+                self._recent[key] = (got, 0)
+                use = got
+            else:
+                # Charges arrive some ticks late (the attribution lag): a pair
+                # that was active recently keeps its last demand for a grace
+                # period rather than being treated as idle while it still runs.
+                last = self._recent.get(key)
+                if last is None or last[1] + 1 >= self.idle_ticks:
+                    self._recent.pop(key, None)
+                    continue
+                use = last[0]
+                self._recent[key] = (use, last[1] + 1)
+            active.setdefault(key[1], {})[key[0]] = use
 
         self._slice_rates = {}
         limited_dev = {dev: any(self._limited(c) for c in cs) for dev, cs in by_dev.items()}
@@ -260,11 +292,12 @@ class ShareScheduler:
             c, dev = key
             cur = active.get(dev, {}).get(c)
             tokens = self._tokens.get(key)
+            spent = charged.get(key, 0)
             if cur is not None:
                 rate = rates[key]
                 if tokens is None:
                     tokens = rate * T
-                tokens += rate * T - cur.charged_ns
+                tokens += rate * T - spent
                 # A light client may bank as much as an idle one (one tick at
                 # its ceiling), so a spike does not throttle it needlessly.
                 hi = max(self.burst_ticks * T * max(rate, MIN_BURST_RATE), self._ceiling(c) * T)
@@ -273,7 +306,7 @@ class ShareScheduler:
                 if tokens is None:
                     tokens = rate * T
                 hi = max(rate * T, MIN_BURST_RATE * T)
-                tokens = min(tokens + rate * T, max(tokens, hi))
+                tokens = min(tokens + rate * T, max(tokens, hi)) - spent
                 hi = max(hi, tokens)
             unlimited = not limited_dev[dev]
             if unlimited:
@@ -286,6 +319,7 @@ class ShareScheduler:
             if key not in attached:
                 del self._tokens[key]
                 self._rates.pop(key, None)
+                self._recent.pop(key, None)
         self._budgets = out
         return out
 
