@@ -68,15 +68,18 @@ def main(argv: list[str]) -> int:
     alloc = fn("cuMemAlloc", ctypes.POINTER(u64), ctypes.c_size_t)
     free = fn("cuMemFree", u64)
     ptrs = [u64(0) for _ in sizes]
-    out["alloc_rc"] = [alloc(ctypes.byref(ptrs[i]), s) for i, s in enumerate(sizes)]
+    alloc_rc: list[int] = [alloc(ctypes.byref(ptrs[i]), s) for i, s in enumerate(sizes)]
+    out["alloc_rc"] = alloc_rc
     mfree, mtotal = ctypes.c_size_t(0), ctypes.c_size_t(0)
     fn("cuMemGetInfo", ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t))(
         ctypes.byref(mfree), ctypes.byref(mtotal))
     out["mem_free"], out["mem_total"] = mfree.value, mtotal.value
     mod, func = P(), P()
     fn("cuModuleLoadData", ctypes.POINTER(P), ctypes.c_char_p)(ctypes.byref(mod), b"vgpu-sim")
-    fn("cuModuleGetFunction", ctypes.POINTER(P), P, ctypes.c_char_p)(ctypes.byref(func), mod, b"sim_sleep_ns")
-    launch = fn("cuLaunchKernel", P, *([ctypes.c_uint] * 7), P, ctypes.POINTER(P), ctypes.POINTER(P))
+    fn("cuModuleGetFunction", ctypes.POINTER(P), P, ctypes.c_char_p)(
+        ctypes.byref(func), mod, b"sim_sleep_ns")
+    launch = fn("cuLaunchKernel", P, *([ctypes.c_uint] * 7), P, ctypes.POINTER(P),
+                ctypes.POINTER(P))
     arg = u64(ns)
     params = (P * 1)(ctypes.cast(ctypes.byref(arg), P))
     l0 = time.monotonic_ns()
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> int:
     hold = os.environ.get("CLIENT_HOLD_MS")
     if hold:
         time.sleep(int(hold) / 1000)
-    out["free_rc"] = int(any(free(ptrs[i]) != 0 for i, rc in enumerate(out["alloc_rc"]) if rc == 0))  # type: ignore[arg-type]
+    out["free_rc"] = int(any(free(ptrs[i]) != 0 for i, rc in enumerate(alloc_rc) if rc == 0))
     print(json.dumps(out), flush=True)
     return 0
 

@@ -9,6 +9,7 @@ isolation from the daemon's policy.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -49,7 +50,8 @@ class Conn:
     # ---- ctl page (the daemon's side) ----
     def set_dev(self, slot: int, **kv: int) -> None:
         base = CTL_DEV0 + slot * CTL_DEV
-        fmt = {"tokens_ns": "<q", "flags": "<I", "mem_limit": "<Q", "mem_used": "<Q", "rate_ppm": "<Q"}
+        fmt = {"tokens_ns": "<q", "flags": "<I", "mem_limit": "<Q", "mem_used": "<Q",
+               "rate_ppm": "<Q"}
         for k, v in kv.items():
             struct.pack_into(fmt[k], self.ctl_map, base + _off("struct vgpu_ctl_dev", k), v)
 
@@ -90,21 +92,15 @@ class Peer:
 
     def close(self) -> None:
         self._stop = True
-        try:
+        with contextlib.suppress(OSError):
             self.srv.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.srv.close()
         for c in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             c.sock.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def wait_conn(self, n: int = 1, timeout: float = 10.0) -> Conn:
         with self.cv:
@@ -195,7 +191,8 @@ class Peer:
         if t == "attach":
             dev = m["dev"]
             if dev in self.refuse:
-                self._send(c.sock, {"t": "error", "id": m["id"], "code": "device", "msg": "not allowed"})
+                self._send(c.sock, {"t": "error", "id": m["id"], "code": "device",
+                                    "msg": "not allowed"})
                 return
             if dev not in c.slots:
                 c.slots[dev] = len(c.slots)
@@ -206,8 +203,8 @@ class Peer:
             flags = lib.VGPU_DEV_ACTIVE | (lib.VGPU_DEV_UNLIMITED if self.unlimited else 0)
             c.set_dev(slot, tokens_ns=self.tokens, flags=flags, mem_limit=self.mem_limit,
                       mem_used=c.used.get(slot, 0))
-            self._send(c.sock, {"t": "attached", "id": m["id"], "slot": slot,
-                                "mem_limit": None if self.mem_limit == UNLIMITED else self.mem_limit})
+            limit = None if self.mem_limit == UNLIMITED else self.mem_limit
+            self._send(c.sock, {"t": "attached", "id": m["id"], "slot": slot, "mem_limit": limit})
         elif t == "reserve":
             slot, n = m["slot"], m["n"]
             cur = c.used.get(slot, 0)
