@@ -188,3 +188,28 @@ def find_process(tree: dict[str, Any], pid: int) -> tuple[dict[str, Any], dict[s
             if p.get("pid") == pid:
                 return node, p
     return None
+
+
+_simcuda: Any = None
+
+
+def sim_stats(shm: str, pid: int) -> tuple[int, int]:
+    """(busy_ns, mem_bytes) of pid as the simulated device itself counts them:
+    the ground truth the daemon's figures are checked against."""
+    global _simcuda
+    import ctypes
+
+    if _simcuda is None:
+        _simcuda = ctypes.CDLL(str(SIMDIR / "libcuda.so.1"))
+    busy, mem = ctypes.c_uint64(), ctypes.c_uint64()
+    old = os.environ.get("VGPU_SIM_SHM")
+    os.environ["VGPU_SIM_SHM"] = shm
+    try:
+        if _simcuda.vgpuSimProcessStats(pid, ctypes.byref(busy), ctypes.byref(mem)) != 0:
+            raise LookupError(f"pid {pid} unknown to the simulated device")
+    finally:
+        if old is None:
+            os.environ.pop("VGPU_SIM_SHM", None)
+        else:
+            os.environ["VGPU_SIM_SHM"] = old
+    return int(busy.value), int(mem.value)
