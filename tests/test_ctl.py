@@ -27,7 +27,10 @@ def test_set_show_with_unit_name(vgpud: RunningDaemon, capsys: pytest.CaptureFix
     assert data["slice"] == "tenants.slice/tenants-alice.slice"
     shown = ctl_json(capsys, vgpud, "show", "tenants-alice.slice")
     assert shown["knobs"]["gpu.memory.max"]["value"] == str(4 << 30)
-    assert shown["knobs"]["gpu.memory.max"]["source"] == "vgpuctl"
+    # Persistent, like systemctl set-property: the control layer's file set it.
+    src = shown["knobs"]["gpu.memory.max"]["source"]
+    assert src == os.path.join(vgpud.etc_dir + ".control", "tenants-alice.slice.conf")
+    assert os.path.exists(src)
     assert shown["knobs"]["gpu.cores.weight"]["source"] == "default"
     # Human output reads like cgroup files.
     assert _ctl.main(["--socket", vgpud.socket, "show", "tenants.slice/tenants-alice.slice"]) == 0
@@ -101,11 +104,12 @@ def test_run_in_transient_cgroup(vgpud: RunningDaemon, capfd: pytest.CaptureFixt
     assert sock == vgpud.socket
     assert libpath.split(":")[0].endswith("_lib/sim")  # the fixture daemon is simulated
     assert os.environ.get("LD_PRELOAD") == env_before
-    # The transient cgroup is gone; its knobs were set on that exact slice.
+    # The transient cgroup is gone, and so are its knobs (slice and file).
     assert not os.path.exists(os.path.join(mount, cg.lstrip("/")))
+    assert os.listdir(os.path.join(vgpud.runtime_dir, "slices")) == []
     with vgpud.client() as c:
-        shown = c.ctl("show", slice=cg.lstrip("/"))
-    assert shown["knobs"]["gpu.cores.max"]["value"] == "20"
+        assert cg.lstrip("/") not in vgpud.call(vgpud.daemon.tree.slices)
+        assert "run-" not in json.dumps(c.ctl("tree"))
 
 
 def test_run_bad_command(vgpud: RunningDaemon, capfd: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,13 +63,19 @@ class DaemonConfig:
     simulate: bool = False
     log_format: str = "auto"
     metrics_listen: str | None = None
+    metrics_listen_any: bool = False  # allow a non-loopback metrics address
     cgroup_root: str | None = None  # None: find the cgroup2 mount
     etc_slices_dir: str = DEFAULT_ETC_SLICES
     run_slices_dir: str = ""  # "": <runtime_dir>/slices
+    # `vgpuctl set` without --runtime: persistent, wins over etc_slices_dir
+    # (like systemd's /etc/systemd/system.control for set-property).
+    control_slices_dir: str = ""  # "": <etc_slices_dir>.control
 
     def __post_init__(self) -> None:
         if not self.run_slices_dir:
             self.run_slices_dir = os.path.join(self.runtime_dir, "slices")
+        if not self.control_slices_dir:
+            self.control_slices_dir = self.etc_slices_dir.rstrip("/") + ".control"
 
 
 @dataclass
@@ -258,6 +264,7 @@ def load_daemon_config(path: str | None) -> DaemonConfig:
         "cgroup_root": "cgroup_root",
         "slices_dir": "etc_slices_dir",
         "runtime_slices_dir": "run_slices_dir",
+        "control_slices_dir": "control_slices_dir",
         "metrics.listen": "metrics_listen",
     }
     for key, v in flat.items():
@@ -289,6 +296,9 @@ def load_daemon_config(path: str | None) -> DaemonConfig:
         elif key == "simulate":
             _want(path, text, key, v, bool)
             kw["simulate"] = v
+        elif key == "metrics.listen_any":
+            _want(path, text, key, v, bool)
+            kw["metrics_listen_any"] = v
         else:
             raise ConfigError(path, line, f"unknown setting {key!r}")
     return DaemonConfig(**kw)
@@ -371,15 +381,18 @@ def _conf_files(d: str) -> list[str]:
 
 
 def load_slice_layers(
-    etc_dir: str = DEFAULT_ETC_SLICES, run_dir: str = DEFAULT_RUN_SLICES
+    etc_dir: str = DEFAULT_ETC_SLICES, run_dir: str = DEFAULT_RUN_SLICES,
+    control_dir: str | None = None,
 ) -> list[SliceSetting]:
-    """All slice settings in priority order: ``/etc`` then ``/run`` (later wins).
+    """All slice settings in priority order (later wins): ``/etc/vgpu/slices``,
+    then ``control_dir`` (persistent ``vgpuctl set``), then ``/run``.
 
     Missing directories are empty layers. Raises ConfigError on the first bad
     file; nothing is returned in that case, so the caller keeps its old state.
     """
     out: list[SliceSetting] = []
-    for d in (etc_dir, run_dir):
+    dirs = (etc_dir, run_dir) if control_dir is None else (etc_dir, control_dir, run_dir)
+    for d in dirs:
         for path in _conf_files(d):
             text, _ = _load_toml(path)
             out.extend(parse_slice_file(path, text))
@@ -402,12 +415,18 @@ def _toml_value(v: object) -> str:
     raise ValueError(f"cannot write {type(v).__name__} to TOML")
 
 
-def write_runtime_setting(run_dir: str, slice: str, knobs: Mapping[str, str]) -> str:
-    """Merge knobs into the slice's runtime file atomically; return its path.
+RUNTIME_HEADER = "# written by vgpuctl set --runtime; lost on reboot"
+CONTROL_HEADER = "# written by vgpuctl set; persistent (vgpuctl reset SLICE removes it)"
 
-    Values are validated first (KnobError, nothing written). The merged file
-    is re-parsed before it replaces the old one (temp file + rename), so the
-    runtime layer is never left unreadable.
+
+def write_runtime_setting(run_dir: str, slice: str, knobs: Mapping[str, str],
+                          header: str = RUNTIME_HEADER) -> str:
+    """Merge knobs into the slice's file in ``run_dir`` atomically; return its path.
+
+    Used for the runtime layer and (with CONTROL_HEADER) for the persistent
+    control layer. Values are validated first (KnobError, nothing written).
+    The merged file is re-parsed before it replaces the old one (temp file +
+    rename), so the layer is never left unreadable.
     """
     slice = expand_slice_name(slice)
     for k, v in knobs.items():
@@ -419,12 +438,46 @@ def write_runtime_setting(run_dir: str, slice: str, knobs: Mapping[str, str]) ->
         merged = _flatten(doc)
         merged.pop("slice", None)
     merged.update(knobs)
-    lines = ["# written by vgpuctl set --runtime; lost on reboot", f"slice = {_toml_value(slice)}"]
+    _write_slice_file(run_dir, path, slice, merged, header)
+    return path
+
+
+def remove_slice_setting(dir: str, slice: str, knobs: Sequence[str] | None = None) -> str | None:
+    """Drop ``knobs`` (all when None) from the slice's file in ``dir``.
+
+    The file is removed when nothing is left. Returns its path when it
+    changed, None when there was nothing to remove.
+    """
+    slice = expand_slice_name(slice)
+    path = os.path.join(dir, slice_file_name(slice))
+    if not os.path.exists(path):
+        return None
+    if knobs is None:
+        os.unlink(path)
+        return path
+    text, doc = _load_toml(path)
+    merged = _flatten(doc)
+    merged.pop("slice", None)
+    if not any(k in merged for k in knobs):
+        return None
+    for k in knobs:
+        merged.pop(k, None)
+    if not merged:
+        os.unlink(path)
+        return path
+    header = text.splitlines()[0] if text.startswith("#") else RUNTIME_HEADER
+    _write_slice_file(dir, path, slice, merged, header)
+    return path
+
+
+def _write_slice_file(dir: str, path: str, slice: str, merged: Mapping[str, Any],
+                      header: str) -> None:
+    lines = [header, f"slice = {_toml_value(slice)}"]
     lines += [f"{k} = {_toml_value(merged[k])}" for k in sorted(merged)]
     text = "\n".join(lines) + "\n"
     parse_slice_file(path, text)
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=CONF_SUFFIX, dir=run_dir)
+    os.makedirs(dir, mode=0o755, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=CONF_SUFFIX, dir=dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -436,4 +489,3 @@ def write_runtime_setting(run_dir: str, slice: str, knobs: Mapping[str, str]) ->
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path

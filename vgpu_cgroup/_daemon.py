@@ -31,8 +31,16 @@ from structlog.typing import FilteringBoundLogger
 
 import vgpu_cgroup
 from vgpu_cgroup import _protocol as proto
+from vgpu_cgroup import _systemd
 from vgpu_cgroup._attrib import Attributor
-from vgpu_cgroup._config import ConfigError, DaemonConfig, load_slice_layers, write_runtime_setting
+from vgpu_cgroup._config import (
+    CONTROL_HEADER,
+    ConfigError,
+    DaemonConfig,
+    load_slice_layers,
+    remove_slice_setting,
+    write_runtime_setting,
+)
 from vgpu_cgroup._identity import cgroup_of_pid, peer_pid_uid
 from vgpu_cgroup._knobs import KnobError
 from vgpu_cgroup._log import get_logger
@@ -99,8 +107,6 @@ class Daemon:
         self.connections = 0
         self.log = get_logger()
         self._next_id = 1
-        # Non-runtime `set`s: re-applied after a reload so SIGHUP keeps them.
-        self._live: list[tuple[str, dict[str, str]]] = []
         # (tick time, {(slice, dev): charged ns}) over the last TOP_WINDOW_NS.
         self._window: collections.deque[tuple[int, dict[tuple[str, str], int]]] = (
             collections.deque()
@@ -108,35 +114,61 @@ class Daemon:
         self._tick_errors = 0
         self.listener: trio.socket.SocketType | None = None
         self._inherited = False
+        #: trio.current_time() of the last completed tick; the watchdog checks it.
+        self.last_tick = 0.0
+        #: the last configuration error (str), or None after a good load.
+        self.config_error: str | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def load_slices(self) -> None:
-        """Read the slice layers into the tree; ConfigError leaves it unchanged."""
-        settings = load_slice_layers(self.cfg.etc_slices_dir, self.cfg.run_slices_dir)
+        """Read the slice layers into the tree; ConfigError leaves it unchanged.
+
+        Layers, later wins: /etc/vgpu/slices, the persistent ``vgpuctl set``
+        layer (control dir), the runtime layer (``--runtime``, /run).
+        """
+        settings = load_slice_layers(self.cfg.etc_slices_dir, self.cfg.run_slices_dir,
+                                     self.cfg.control_slices_dir)
         self.tree.apply_settings(settings)
-        for slc, knobs in self._live:
-            self.tree.set_knobs(slc, knobs, "vgpuctl")
+        self.config_error = None
 
     def reload(self) -> bool:
-        """SIGHUP: re-read slice files, keeping the old state on any error."""
+        """SIGHUP: re-read slice files, keeping the old state on any error.
+
+        The error (with file and line) is logged and kept in ``config_error``
+        so ``vgpuctl status`` and a failed ``vgpuctl set`` can show it.
+        """
         try:
             self.load_slices()
         except ConfigError as exc:
+            self.config_error = str(exc)
             self.log.error("reload failed, keeping old configuration",
                            path=exc.path, line=exc.line, error=exc.msg)
             return False
         except (KnobError, ValueError) as exc:
+            self.config_error = str(exc)
             self.log.error("reload failed, keeping old configuration", error=str(exc))
             return False
         self.log.info("configuration reloaded", slices=len(self.tree.slices()))
         return True
 
     def bind(self) -> _stdsocket.socket:
-        """The listening socket: inherited (socket activation) or bound here."""
-        if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
+        """The listening socket: inherited (socket activation) or bound here.
+
+        An inherited socket belongs to vgpud.socket: it is never unlinked, so
+        clients find the same path across a restart of the service.
+        """
+        fds = _systemd.listen_fds()
+        if fds:
             self._inherited = True
-            return _stdsocket.socket(fileno=3)
+            sock = _stdsocket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                os.close(extra)
+            with contextlib.suppress(OSError):
+                name = sock.getsockname()
+                if isinstance(name, str) and name:
+                    self.cfg.socket = name
+            return sock
         path = self.cfg.socket
         parent = os.path.dirname(path) or "."
         os.makedirs(parent, mode=0o755, exist_ok=True)
@@ -176,12 +208,16 @@ class Daemon:
                              "development only, never in production")
         listener = trio.socket.from_stdlib_socket(sock if sock is not None else self.bind())
         self.listener = listener
+        self.last_tick = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._tick_loop)
                 nursery.start_soon(self._accept_loop, listener, nursery)
+                wd = _systemd.watchdog_interval()
+                if wd is not None:
+                    nursery.start_soon(self._watchdog, wd)
                 self.log.info("vgpud ready", socket=self.cfg.socket, simulated=self.simulated,
                               devices=len(self.devices), tick_ms=self.cfg.tick_ms)
                 task_status.started(self.cfg.socket)
@@ -192,6 +228,16 @@ class Daemon:
             if not self._inherited:
                 with contextlib.suppress(OSError):
                     os.unlink(self.cfg.socket)
+
+    async def _watchdog(self, period: float) -> None:
+        """WATCHDOG=1 every ``period`` from this loop, only while the control
+        tick keeps running: a wedged loop or a stuck tick stops the pings and
+        systemd restarts us (clients keep their grants and reconnect)."""
+        while True:
+            if trio.current_time() - self.last_tick < max(period, 10 * self.tick_ns / 1e9):
+                with contextlib.suppress(OSError):
+                    _systemd.notify("WATCHDOG=1")
+            await trio.sleep(period)
 
     async def _signals(self, scope: trio.CancelScope,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -427,37 +473,134 @@ class Daemon:
             if ev.op == "show":
                 return proto.Ok(id=ev.id, data=self.tree.show(ev.slice or ""))
             if ev.op == "tree":
-                return proto.Ok(id=ev.id, data=self.tree.snapshot())
+                return proto.Ok(id=ev.id, data=self.snapshot())
             if ev.op == "top":
                 return proto.Ok(id=ev.id, data=self.top())
+            if ev.op == "events":
+                return proto.Ok(id=ev.id, data=self.events())
             if ev.op == "set":
                 return self._set(client, ev)
+            if ev.op == "reset":
+                return self._reset(client, ev)
         except KeyError as exc:
-            return proto.Error(code="notfound", msg=f"no such slice: {exc.args[0]}", id=ev.id)
+            return proto.Error(code="notfound", id=ev.id,
+                               msg=f"no such slice: {exc.args[0]} (vgpuctl tree lists them)")
         except (KnobError, ConfigError) as exc:
             return proto.Error(code="invalid", msg=str(exc), id=ev.id)
         return proto.Error(code="invalid", msg=f"unknown op {ev.op}", id=ev.id)
 
     def _set(self, client: _Client, ev: proto.Ctl) -> proto.Reply:
+        """Like ``systemctl set-property``: persistent (control layer) or,
+        with ``runtime``, until reboot (runtime layer, which wins over the
+        others). A persistent set also drops those knobs from the runtime
+        file, so the value just set is the one that holds after a reload."""
         if client.uid != 0:
             return proto.Error(code="permission", id=ev.id,
                                msg="setting knobs needs root (peer uid is not 0)")
         assert ev.slice is not None
-        source = "vgpuctl"
-        if ev.runtime:
-            # Persist first: a failed write leaves the live tree untouched.
-            try:
-                source = write_runtime_setting(self.cfg.run_slices_dir, ev.slice, ev.knobs)
-            except OSError as exc:
-                return proto.Error(code="internal", id=ev.id,
-                                   msg=f"cannot write runtime setting: {exc}")
-        path = self.tree.set_knobs(ev.slice, ev.knobs, source)
-        if not ev.runtime:
-            self._live.append((path, dict(ev.knobs)))
+        path = self.tree.resolve(ev.slice)
+        # Persist first: a failed write leaves the live tree untouched.
+        try:
+            if ev.runtime:
+                source = write_runtime_setting(self.cfg.run_slices_dir, path, ev.knobs)
+            else:
+                source = write_runtime_setting(self.cfg.control_slices_dir, path, ev.knobs,
+                                               header=CONTROL_HEADER)
+                remove_slice_setting(self.cfg.run_slices_dir, path, list(ev.knobs))
+        except OSError as exc:
+            layer = "runtime" if ev.runtime else "persistent"
+            return proto.Error(code="internal", id=ev.id,
+                               msg=f"cannot write {layer} setting: {exc}")
+        path = self.tree.set_knobs(path, ev.knobs, source)
         self.log.info("knobs set", slice=path, knobs=ev.knobs, runtime=ev.runtime,
-                      uid=client.uid, pid=client.pid)
+                      source=source, uid=client.uid, pid=client.pid)
         return proto.Ok(id=ev.id, data={"slice": path, "knobs": dict(ev.knobs),
-                                        "source": source, "show": self.tree.show(path)})
+                                        "source": source, "show": self.tree.show(path),
+                                        "config_error": self.config_error})
+
+    def _reset(self, client: _Client, ev: proto.Ctl) -> proto.Reply:
+        """Remove what ``vgpuctl set`` put on a slice: its runtime file, and
+        with ``runtime=False`` its persistent control file too; then reload,
+        so values fall back to /etc (or defaults) and an emptied transient
+        slice disappears. ``vgpuctl run`` calls this when its command exits."""
+        if client.uid != 0:
+            return proto.Error(code="permission", id=ev.id,
+                               msg="resetting knobs needs root (peer uid is not 0)")
+        assert ev.slice is not None
+        path = self.tree.resolve(ev.slice)
+        dirs = [self.cfg.run_slices_dir]
+        if not ev.runtime:
+            dirs.append(self.cfg.control_slices_dir)
+        removed: list[str] = []
+        try:
+            for d in dirs:
+                f = remove_slice_setting(d, path)
+                if f is not None:
+                    removed.append(f)
+        except OSError as exc:
+            return proto.Error(code="internal", id=ev.id, msg=f"cannot remove setting: {exc}")
+        if removed and not self.reload():
+            # Another file is broken: drop just the removed layers' knobs in memory.
+            for f in removed:
+                self._forget_source_knobs(path, None, source=f)
+        self.log.info("knobs reset", slice=path, removed=removed, uid=client.uid,
+                      pid=client.pid)
+        return proto.Ok(id=ev.id, data={"slice": path, "removed": removed,
+                                        "config_error": self.config_error})
+
+    def _forget_source_knobs(self, path: str, knobs: list[str] | None, *,
+                             source: str) -> None:
+        """Drop in-memory knobs of ``path`` set by ``source``, without a reload."""
+        try:
+            node = self.tree.node(path)
+        except KeyError:
+            return
+        for k in list(node.knobs):
+            src = node.knobs[k][2]
+            if knobs is not None and k not in knobs:
+                continue
+            if src == source:
+                del node.knobs[k]
+        self.tree.generation += 1
+
+    def _proc_stats(self, cid: int) -> dict[str, int]:
+        """Per-process counters from the client's stat page (all devices)."""
+        c = self.clients.get(cid)
+        out = {"launches": 0, "allocs": 0, "frees": 0, "mem_bytes": 0,
+               "throttled_usec": 0, "nr_throttled": 0}
+        if c is None or c.shm is None:
+            return out
+        for slot in c.slots:
+            cnt = c.shm.counters(slot)
+            out["launches"] += cnt.launches
+            out["allocs"] += cnt.allocs
+            out["frees"] += cnt.frees
+            out["throttled_usec"] += cnt.throttled_ns // 1000
+            out["nr_throttled"] += cnt.nr_throttled
+        with contextlib.suppress(KeyError):
+            out["mem_bytes"] = sum(self.tree.held(cid).values())
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """The tree for ``vgpuctl tree``/metrics: each process entry carries
+        ``pid``, ``comm``, ``launches``, ``allocs``, ``frees``, ``mem_bytes``."""
+        snap = self.tree.snapshot()
+        stack = [snap]
+        while stack:
+            node = stack.pop()
+            for p in node.get("processes", []):
+                p.update(self._proc_stats(int(p["client"])))
+            stack.extend(node.get("children", []))
+        return snap
+
+    def events(self) -> dict[str, Any]:
+        """Per slice: ``gpu.memory.events`` and ``gpu.cores.stat`` counters."""
+        out: dict[str, Any] = {}
+        for path in self.tree.slices():
+            show = self.tree.show(path)
+            out[path] = {"gpu.memory.events": show["gpu.memory.events"],
+                         "gpu.cores.stat": show["gpu.cores.stat"]}
+        return {"slices": out}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -466,6 +609,11 @@ class Daemon:
             "simulated": self.simulated,
             "identity": self.cfg.identity,
             "socket": self.cfg.socket,
+            "socket_activated": self._inherited,
+            "config_error": self.config_error,
+            "layers": {"etc": self.cfg.etc_slices_dir,
+                       "persistent": self.cfg.control_slices_dir,
+                       "runtime": self.cfg.run_slices_dir},
             "tick_ns": self.tick_ns,
             "epoch": self.epoch,
             "devices": [{"index": d.index, "uuid": d.uuid, "name": d.name,
@@ -510,6 +658,7 @@ class Daemon:
             if deadline < now - period:  # fell behind (suspended?): don't catch up in a burst
                 deadline = now + period
             await trio.sleep_until(deadline)
+            self.last_tick = trio.current_time()
             try:
                 self.tick()
             except Exception:

@@ -16,17 +16,32 @@ from collections.abc import Sequence
 
 import trio
 
-from vgpu_cgroup import __version__
+from vgpu_cgroup import __version__, _systemd
 from vgpu_cgroup._config import ConfigError, DaemonConfig, load_daemon_config
 from vgpu_cgroup._daemon import Daemon
 from vgpu_cgroup._knobs import KnobError
 from vgpu_cgroup._log import configure, get_logger
+from vgpu_cgroup._metrics import MetricsError, parse_listen, registry_for, serve_metrics
 from vgpu_cgroup._nvml import NvmlError, discover
+
+EPILOG = """\
+examples:
+  vgpud --simulate --runtime-dir /tmp/vgpu     try it without an NVIDIA driver
+  vgpud --metrics-listen 127.0.0.1:9400        also serve Prometheus /metrics
+  systemctl enable --now vgpud.socket vgpud    production (contrib/systemd)
+
+slice files: /etc/vgpu/slices/*.conf (admin), /etc/vgpu/slices.control/
+(vgpuctl set), /run/vgpu/slices/ (vgpuctl set --runtime); later wins.
+SIGHUP re-reads them; a bad file is logged with its path and line and the
+running configuration is kept.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vgpud", description="vgpu node daemon: GPU time "
-                                "shares and GPU memory caps per cgroup slice")
+                                "shares and GPU memory caps per cgroup slice",
+                                epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE",
                    help="daemon configuration (default /etc/vgpu/vgpud.toml if present)")
     p.add_argument("--socket", metavar="PATH", help="Unix socket to listen on")
@@ -37,7 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--etc-dir", metavar="DIR", help="persistent slice files directory")
     p.add_argument("--runtime-dir", metavar="DIR",
                    help="runtime state directory (runtime slice files, default socket)")
-    p.add_argument("--log-format", choices=["auto", "json", "console"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"],
+                   help="auto: console on a terminal, JSON lines otherwise")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (off by default; loopback only)")
+    p.add_argument("--metrics-listen-any", action="store_true", default=None,
+                   help="allow a non-loopback --metrics-listen address")
     p.add_argument("--version", action="version", version=f"vgpud {__version__}")
     return p
 
@@ -59,46 +79,42 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     if args.identity:
         cfg.identity = args.identity
     if args.etc_dir:
+        if cfg.control_slices_dir == cfg.etc_slices_dir.rstrip("/") + ".control":
+            cfg.control_slices_dir = args.etc_dir.rstrip("/") + ".control"
         cfg.etc_slices_dir = args.etc_dir
+    if args.metrics_listen:
+        cfg.metrics_listen = args.metrics_listen
+    if args.metrics_listen_any:
+        cfg.metrics_listen_any = True
     if args.log_format:
         cfg.log_format = args.log_format
     return cfg
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-    except OSError:
-        pass
+def _notify(state: str) -> None:
+    """sd_notify, never fatal: a vanished notify socket must not stop us."""
+    with contextlib.suppress(OSError):
+        _systemd.notify(state)
 
 
-async def _run(daemon: Daemon, listener: socket.socket) -> None:
+async def _run(daemon: Daemon, listener: socket.socket,
+               metrics: tuple[str, int] | None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def serve(task_status: trio.TaskStatus[str]) -> None:
             await daemon.serve(listener, handle_signals=True, task_status=task_status)
-            nursery.cancel_scope.cancel()  # SIGTERM ended serve(): stop the watchdog too
+            nursery.cancel_scope.cancel()  # SIGTERM ended serve(): stop the metrics too
 
         path = await nursery.start(serve)
-        print(f"vgpud: listening on {path}", flush=True)
-        sd_notify("READY=1")
-        usec = os.environ.get("WATCHDOG_USEC")
-        if usec and usec.isdigit() and int(usec) > 0:
-            nursery.start_soon(_watchdog, int(usec) / 2e6)
-
-
-async def _watchdog(period: float) -> None:
-    while True:
-        sd_notify("WATCHDOG=1")
-        await trio.sleep(period)
+        where = f"listening on {path}" + (" (socket-activated)" if daemon._inherited else "")
+        if metrics is not None:
+            host, port = await nursery.start(serve_metrics, daemon, *metrics)
+            where += f", metrics on http://{host}:{port}/metrics"
+        print(f"vgpud: {where}", flush=True)
+        # READY only now: the listener (inherited or bound) and metrics are up.
+        _notify(f"READY=1\nSTATUS={where}, {len(daemon.devices)} GPU(s)"
+                + (" simulated" if daemon.simulated else ""))
+    _notify("STOPPING=1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NvmlError as exc:
         print(f"vgpud: {exc}", file=sys.stderr)
         return 1
+    metrics: tuple[str, int] | None = None
+    if cfg.metrics_listen:
+        try:
+            metrics = parse_listen(cfg.metrics_listen, allow_any=cfg.metrics_listen_any)
+            registry_for(lambda: {})  # fail now if prometheus-client is missing
+        except MetricsError as exc:
+            print(f"vgpud: {exc}", file=sys.stderr)
+            return 1
     daemon = Daemon(cfg, devices, simulated=cfg.simulate)
     try:
         daemon.load_slices()
@@ -133,8 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"vgpud: cannot listen on {cfg.socket}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    failed: list[str] = []
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(_run, daemon, listener)
+        try:
+            trio.run(_run, daemon, listener, metrics)
+        except* OSError as group:  # e.g. the metrics port is taken
+            failed += [str(e) for e in group.exceptions]
+    if failed:
+        print(f"vgpud: {failed[0]}", file=sys.stderr)
+        return 1
     log.info("vgpud stopped")
     return 0
 

@@ -42,7 +42,8 @@ ERROR_CODES: Final[frozenset[str]] = frozenset(
     {"frame", "decode", "order", "type", "version", "device", "permission",
      "notfound", "invalid", "internal"}
 )
-CTL_OPS: Final[frozenset[str]] = frozenset({"status", "show", "tree", "top", "set"})
+CTL_OPS: Final[frozenset[str]] = frozenset(
+    {"status", "show", "tree", "top", "events", "set", "reset"})
 
 _HEADER = struct.Struct(">I")
 
@@ -283,10 +284,11 @@ def _str(m: dict[str, Any], key: str, *, rid: int | None = None, empty: bool = F
     return val
 
 
-def _opt_str(m: dict[str, Any], key: str, *, rid: int | None = None) -> str | None:
+def _opt_str(m: dict[str, Any], key: str, *, rid: int | None = None,
+             empty: bool = False) -> str | None:
     if m.get(key) is None:
         return None
-    return _str(m, key, rid=rid)
+    return _str(m, key, rid=rid, empty=empty)
 
 
 def _id(m: dict[str, Any]) -> int:
@@ -328,7 +330,14 @@ def _parse_ctl(m: dict[str, Any]) -> Ctl:
     op = _str(m, "op", rid=rid)
     if op not in CTL_OPS:
         raise ProtocolError("type", f"unknown ctl op {op!r}", id=rid)
-    slc = _opt_str(m, "slice", rid=rid)
+    slc = _opt_str(m, "slice", rid=rid, empty=True)  # "" is the root slice
+    if op == "reset":
+        if slc is None:
+            raise ProtocolError("type", "reset needs a 'slice'", id=rid)
+        reset_rt = m.get("runtime", True)
+        if type(reset_rt) is not bool:
+            raise ProtocolError("type", "field 'runtime' must be a boolean", id=rid)
+        return Ctl(id=rid, op=op, slice=slc, runtime=reset_rt)
     if op != "set":
         return Ctl(id=rid, op=op, slice=slc)
     if slc is None:
