@@ -216,6 +216,8 @@ def _load_toml(path: str) -> tuple[str, dict[str, Any]]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         line, msg = _toml_error(e)
+        if line is None:  # "at end of document": the last line is where it broke
+            line = max(1, len(text.rstrip().splitlines()))
         raise ConfigError(path, line, f"TOML syntax error: {msg}") from e
     return text, doc
 
@@ -337,6 +339,8 @@ def parse_slice_file(path: str, text: str) -> list[SliceSetting]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         line, msg = _toml_error(e)
+        if line is None:  # "at end of document": the last line is where it broke
+            line = max(1, len(text.rstrip().splitlines()))
         raise ConfigError(path, line, f"TOML syntax error: {msg}") from e
     flat = _flatten(doc)
     if "slice" in flat:

@@ -201,6 +201,11 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _knob_text(knob: str, value: str) -> str:
+    """Memory knobs in K/M/G when exact, for people; --json keeps bytes."""
+    return _bytes(int(value)) if knob.startswith("gpu.memory.") and value.isdigit() else value
+
+
 def _name(path: str) -> str:
     return path or "-.slice"
 
@@ -237,7 +242,7 @@ def _proc_line(p: dict[str, Any]) -> str:
 def print_tree(node: dict[str, Any], out: TextIO, prefix: str = "", last: bool = True,
                top: bool = True) -> None:
     label = _name(node["slice"]) if top else node["name"]
-    knobs = " ".join(f"{k}={v}" for k, v in node.get("knobs", {}).items())
+    knobs = " ".join(f"{k}={_knob_text(k, v)}" for k, v in node.get("knobs", {}).items())
     mem = node.get("memory", {}).get("total", 0)
     info = " ".join(x for x in (knobs, f"mem={_bytes(mem)}" if mem else "") if x)
     branch = "" if top else ("└─" if last else "├─")

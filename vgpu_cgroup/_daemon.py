@@ -234,10 +234,10 @@ class Daemon:
         tick keeps running: a wedged loop or a stuck tick stops the pings and
         systemd restarts us (clients keep their grants and reconnect)."""
         while True:
+            await trio.sleep(period)  # first ping after READY=1, not before
             if trio.current_time() - self.last_tick < max(period, 10 * self.tick_ns / 1e9):
                 with contextlib.suppress(OSError):
                     _systemd.notify("WATCHDOG=1")
-            await trio.sleep(period)
 
     async def _signals(self, scope: trio.CancelScope,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
