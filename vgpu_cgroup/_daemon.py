@@ -44,12 +44,14 @@ from vgpu_cgroup._config import (
 from vgpu_cgroup._identity import cgroup_of_pid, peer_pid_uid
 from vgpu_cgroup._knobs import KnobError
 from vgpu_cgroup._log import get_logger
-from vgpu_cgroup._nvml import Device
+from vgpu_cgroup._nvml import Device, NvmlError, process_memory
+from vgpu_cgroup._overhead import AUDIT_BYTES, QUIET_NS, overhead_target
 from vgpu_cgroup._share import ClientDemand, ShareScheduler
 from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
 from vgpu_cgroup._tree import Denial, SliceTree
 
 MAX_CONNECTIONS = 4096
+OVERHEAD_EVERY_TICKS = 20  # NVML per-process memory is reconciled every 20 ticks (200 ms)
 HANDSHAKE_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 TOP_WINDOW_NS = 1_000_000_000
@@ -72,6 +74,10 @@ class _Client:
     dev_slot: dict[str, int] = field(default_factory=dict)
     last_counters: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (nr, ns)
     in_tree: bool = False
+    overhead: dict[str, int] = field(default_factory=dict)  # dev -> booked overhead bytes
+    overhead_checked: dict[str, int] = field(default_factory=dict)  # dev -> clock ns
+    last_grant_ns: int = 0
+    audited: bool = False
 
 
 class _Close(Exception):
@@ -112,6 +118,8 @@ class Daemon:
             collections.deque()
         )
         self._tick_errors = 0
+        self._ticks = 0
+        self._nvml_warned = False
         self.listener: trio.socket.SocketType | None = None
         self._inherited = False
         #: trio.current_time() of the last completed tick; the watchdog checks it.
@@ -389,8 +397,8 @@ class Daemon:
             if h.n == 0:
                 continue
             self.tree.attach_device(client.id, h.dev)
-            res = self.tree.reserve(client.id, h.dev, h.n)
-            if isinstance(res, Denial):
+            res = self.tree.adopt(client.id, h.dev, h.n)
+            if res is not None:
                 client.log.warning("re-declared memory exceeds the slice's limit",
                                    dev=h.dev, n=h.n, limit_slice=res.slice, limit=res.limit,
                                    current=res.current)
@@ -415,10 +423,17 @@ class Daemon:
             uuid = self._slot_dev(client, ev.slot, ev.id)
             if ev.n == 0:
                 return proto.Granted(id=ev.id)
+            now = self.clock()
+            if uuid not in client.overhead_checked:  # context not yet seen: look now
+                self._reconcile(client, uuid, now, self._nvml_used(uuid))
             res = self.tree.reserve(client.id, uuid, ev.n)
             if isinstance(res, Denial):
+                client.log.info("allocation refused", dev=uuid, n=ev.n, limit_slice=res.slice,
+                                limit=res.limit, current=res.current)
                 return proto.Denied(id=ev.id, slice=res.slice, limit=res.limit,
                                     current=res.current)
+            client.last_grant_ns = now
+            self._publish_mem_view(client, ev.slot, uuid)
             return proto.Granted(id=ev.id)
         if isinstance(ev, proto.Release):
             uuid = self._slot_dev(client, ev.slot, None)
@@ -427,6 +442,7 @@ class Daemon:
                     self.tree.release(client.id, uuid, ev.n)
                 except ValueError as exc:
                     raise proto.ProtocolError("invalid", str(exc)) from None
+                self._publish_mem_view(client, ev.slot, uuid)
             return None
         if isinstance(ev, proto.Attach):
             return self._attach(client, ev)
@@ -460,9 +476,57 @@ class Daemon:
             client.shm.activate(slot)
             c = client.shm.counters(slot)
             client.last_counters[slot] = (c.nr_throttled, c.throttled_ns)
+        now = self.clock()
+        self._reconcile(client, dev.uuid, now, self._nvml_used(dev.uuid))
         limit, used = self.tree.mem_view(client.id, dev.uuid)
         client.shm.write_mem_view(slot, limit, used)
         return proto.Attached(id=ev.id, slot=slot, mem_limit=limit)
+
+    def _publish_mem_view(self, client: _Client, slot: int, uuid: str) -> None:
+        """The client's cuMemGetInfo view, right after its own usage changed
+        (neighbours' changes reach it at the next tick)."""
+        if client.shm is not None:
+            limit, used = self.tree.mem_view(client.id, uuid)
+            client.shm.write_mem_view(slot, limit, used)
+
+    # ------------------------------------------------------------ overhead
+
+    def _nvml_used(self, uuid: str) -> dict[int, int] | None:
+        """Per-pid memory on a device as the driver reports it now.
+
+        Never cached: compared with reservations that move between two
+        queries, a stale figure would book memory that was already freed.
+        """
+        try:
+            used = process_memory(self.devices[uuid].index)
+        except NvmlError as exc:
+            if not self._nvml_warned:
+                self._nvml_warned = True
+                self.log.warning("cannot read per-process GPU memory; context overhead "
+                                 "is not counted", error=str(exc))
+            return None
+        return used
+
+    def _reconcile(self, client: _Client, uuid: str, now: int,
+                   used: dict[int, int] | None) -> None:
+        """Book the memory the client's process holds beyond its reservations
+        (context, modules, pools) into its slice: see _overhead."""
+        if used is None or not client.in_tree or client.pid not in used:
+            return
+        booked = client.overhead.get(uuid, 0)
+        reserved = self.tree.held(client.id).get(uuid, 0) - booked
+        quiet = now - client.last_grant_ns >= QUIET_NS
+        target = overhead_target(used[client.pid], reserved, booked, quiet)
+        client.overhead_checked[uuid] = now
+        if target > booked:
+            self.tree.adopt(client.id, uuid, target - booked)
+        elif target < booked:
+            self.tree.release(client.id, uuid, booked - target)
+        client.overhead[uuid] = target
+        if target > AUDIT_BYTES and not client.audited:
+            client.audited = True
+            client.log.warning("process uses GPU memory it never reserved: is the hook "
+                               "bypassed?", dev=uuid, unreserved=target)
 
     # ------------------------------------------------------------ control ops
 
@@ -687,10 +751,11 @@ class Daemon:
                 counters.append((c, slot, uuid, d_nr > 0, d_ns, d_nr))
         watermark = now - self.lag_ns
         charged = {uuid: att.advance(watermark) for uuid, att in self.attrib.items()}
+        busy = {uuid: att.last_busy() for uuid, att in self.attrib.items()}
         window: dict[tuple[str, str], int] = collections.defaultdict(int)
         for c, _slot, uuid, throttled, d_ns, d_nr in counters:
             ns = charged[uuid].get(c.id, 0)
-            demands.append(ClientDemand(c.id, uuid, ns, throttled))
+            demands.append(ClientDemand(c.id, uuid, ns, throttled, busy[uuid].get(c.id, 0)))
             if ns or d_ns or d_nr:
                 self.tree.add_core_usage(c.id, uuid, ns, d_ns, d_nr)
             if ns:
@@ -700,6 +765,13 @@ class Daemon:
         while self._window and self._window[0][0] <= now - TOP_WINDOW_NS:
             self._window.popleft()
         budgets = self.sched.tick(demands)
+        self._ticks += 1
+        if self._ticks % OVERHEAD_EVERY_TICKS == 0:
+            for uuid in self.devices:
+                per_pid = self._nvml_used(uuid)
+                for c in self.clients.values():
+                    if uuid in c.dev_slot:
+                        self._reconcile(c, uuid, now, per_pid)
         for c in self.clients.values():
             if c.shm is None:
                 continue
