@@ -15,7 +15,7 @@ class BuildWithLibhook(build_py):
     def run(self) -> None:
         subprocess.check_call(
             ["make", "-C", os.path.join(HERE, "libhook"),
-             "OUT=" + os.path.join(HERE, "vgpu_cgroup", "_lib")]
+             "LIBOUT=" + os.path.join(HERE, "vgpu_cgroup", "_lib")]
         )
         super().run()
 

@@ -11,6 +11,7 @@ live, restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,16 +26,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 WORKLOAD = [PY, os.path.join(ROOT, "bench", "workload.py")]
-VGPUD = [
-    PY,
-    "-c",
-    "import sys; from vgpu_cgroup._daemon_main import main; sys.exit(main(sys.argv[1:]))",
-]
-VGPUCTL_BASE = [
-    PY,
-    "-c",
-    "import sys; from vgpu_cgroup._ctl import main; sys.exit(main(sys.argv[1:]))",
-]
+VGPUD = [PY, "-m", "vgpu_cgroup._daemon_main"]
+VGPUCTL_BASE = [PY, "-m", "vgpu_cgroup._ctl"]
 GiB = 1 << 30
 
 
@@ -49,6 +42,7 @@ class Bench:
         self.env["PYTHONPATH"] = ROOT + os.pathsep + self.env.get("PYTHONPATH", "")
         self.env["PYTHONUNBUFFERED"] = "1"
         self.daemon: subprocess.Popen[bytes] | None = None
+        self.procs: list[subprocess.Popen[str]] = []
         self.log = open(os.path.join(workdir, "vgpud.log"), "wb")  # noqa: SIM115
 
     # -- daemon ---------------------------------------------------------
@@ -120,7 +114,20 @@ class Bench:
             for k, v in (knobs or {}).items():
                 cmd += ["-p", f"{k}={v}"]
             cmd += ["--", *WORKLOAD, *wl_args]
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        self.procs.append(p)
+        return p
+
+    def reap(self) -> None:
+        """Kill whatever a failed scenario left running (it may hold the GPU)."""
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
 
     @staticmethod
     def collect(p: subprocess.Popen[str], timeout: float = 300) -> dict[str, Any]:
@@ -441,6 +448,8 @@ def main(argv: list[str]) -> int:
                     results[n] = SCENARIOS[n](b)
                 except Exception as e:
                     results[n] = {"error": repr(e)}
+                finally:
+                    b.reap()
                 results[n + "_seconds"] = round(time.time() - t0, 1)
                 print(f"== {n}: {json.dumps(results[n])[:3000]}", flush=True)
         finally:
