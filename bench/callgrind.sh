@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Instructions per hooked launch minus unhooked, uncapped, on the simulated
-# GPU: valgrind --tool=callgrind counting only inside cuLaunchKernel
-# (inclusive), so the simulated device's worker threads and start-up are
-# not counted. Prints one JSON line. Needs valgrind and a built tree.
+# GPU: valgrind --tool=callgrind counting only inside bench_launch() of
+# bench/launch_loop.c (inclusive: the hook and the driver's cuLaunchKernel),
+# so the simulated device's worker threads, start-up and the warm-up
+# launches are not counted. Prints one JSON line. Needs valgrind and a built
+# tree (make -C libhook). The hooked run must register with the daemon: the
+# script fails if the hook printed a warning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-20000}
@@ -17,8 +20,13 @@ dpid=$!
 for _ in $(seq 100); do [ -S "$tmp/s" ] && break; sleep 0.1; done
 count() {  # $1: extra env; prints collected Ir
     env $1 LD_LIBRARY_PATH=$lib/sim VGPU_SOCKET="$tmp/s" valgrind --tool=callgrind \
-        --toggle-collect='cuLaunchKernel' --callgrind-out-file="$tmp/cg.out" \
+        --toggle-collect='bench_launch' --callgrind-out-file="$tmp/cg.out" \
         "$tmp/loop" "$N" >/dev/null 2>"$tmp/vg.log"
+    if grep -q '^vgpu:' "$tmp/vg.log"; then
+        echo "callgrind.sh: hook warning:" >&2
+        grep '^vgpu:' "$tmp/vg.log" >&2
+        exit 1
+    fi
     awk '/^summary:/ {print $2}' "$tmp/cg.out"
 }
 plain=$(count "")

@@ -3,8 +3,16 @@
  * CLOCK_MONOTONIC busy intervals in the stat ring.
  *
  * Every ~500 us it walks every thread's batches: an open batch idle for 1 ms
- * is closed here (CAS OPEN -> CLOSING, so the launching thread never waits),
- * and a pending batch whose end event has completed is timed. GPU event times
+ * (its launch count unchanged over two looks 1 ms apart, so the launch path
+ * reads no clock) or open for more than 1 ms is closed here (CAS OPEN ->
+ * CLOSING, so the launching thread never waits), and a pending batch whose
+ * end event has completed is timed (CAS PENDING -> CLOSING while it looks, so
+ * a launching thread that found its pool empty can take the batch back and
+ * extend it instead).
+ *
+ * Each completed (or dropped) batch of n launches gives n back to its
+ * device's in-flight count, and its GPU time per launch feeds the device's
+ * moving average, from which inflight_max and batch_max are published. GPU event times
  * are converted to host time through a per-context anchor: an event recorded
  * on a private stream and polled to completion, bracketed by host clock reads;
  * the tightest of a few tries is kept and refreshed every few seconds.
@@ -17,6 +25,7 @@
 
 #define POLL_NS 500000
 #define IDLE_CLOSE_NS 1000000ull
+#define AGE_CLOSE_NS 1000000ull
 #define ANCHOR_REFRESH_NS 2000000000ull
 
 static pthread_mutex_t amu = PTHREAD_MUTEX_INITIALIZER;
@@ -121,22 +130,72 @@ static void publish(int hidx, uint64_t s, uint64_t e)
     __atomic_fetch_add(&d->busy_ns, e - s, __ATOMIC_RELAXED);
 }
 
+bool vgpu_account_running(void)
+{
+    return atomic_load_explicit(&started, memory_order_relaxed);
+}
+
+/* The batch's launches are no longer in flight. */
+static void retire(struct vgpu_batch *b)
+{
+    unsigned n = atomic_load_explicit(&b->n, memory_order_relaxed);
+    if (b->ci && n) {
+        _Atomic uint32_t *inf = &vgpu_hdevs[b->ci->hidx].inflight;
+        uint32_t cur = atomic_load_explicit(inf, memory_order_relaxed);
+        /* never below zero, even after a fork reset raced a late batch */
+        while (!atomic_compare_exchange_weak_explicit(inf, &cur, cur > n ? cur - n : 0, memory_order_relaxed,
+                                                      memory_order_relaxed))
+            ;
+    }
+    atomic_store_explicit(&b->n, 0, memory_order_relaxed);
+}
+
+/* A completed batch of n launches took busy ns: update the device's cost per
+ * launch and the limits derived from it. */
+static void learn_cost(struct vgpu_hdev *hd, uint64_t busy, unsigned n)
+{
+    if (!n)
+        return;
+    uint64_t sample = busy / n;
+    hd->cost_ns = hd->cost_ns ? (hd->cost_ns * 7 + sample) / 8 : sample;
+    uint64_t c = hd->cost_ns ? hd->cost_ns : 1;
+    uint64_t m = VGPU_INFLIGHT_NS / c;
+    if (m < VGPU_INFLIGHT_MIN)
+        m = VGPU_INFLIGHT_MIN;
+    if (m > 65536)
+        m = 65536;
+    uint64_t bm = m / 2;
+    if (bm < 1)
+        bm = 1;
+    if (bm > VGPU_BATCH_MAX)
+        bm = VGPU_BATCH_MAX;
+    atomic_store_explicit(&hd->inflight_max, (uint32_t)m, memory_order_relaxed);
+    atomic_store_explicit(&hd->batch_max, (uint32_t)bm, memory_order_relaxed);
+}
+
 static void drop(struct vgpu_batch *b)
 {
     atomic_fetch_add(&vgpu_lost_batches, 1);
+    retire(b);
     atomic_store_explicit(&b->state, VGPU_B_FREE, memory_order_release);
 }
 
 static void finish(struct vgpu_batch *b)
 {
+    int pending = VGPU_B_PENDING;
+    if (!atomic_compare_exchange_strong_explicit(&b->state, &pending, VGPU_B_CLOSING, memory_order_acquire,
+                                                 memory_order_relaxed))
+        return; /* its thread took it back to extend it */
     struct vgpu_ctxinfo *ci = b->ci;
-    if (!ci || atomic_load(&ci->ctx) != b->ctx || !set_ctx(b->ctx)) {
+    if (!ci || !b->ev_end || atomic_load(&ci->ctx) != b->ctx || !set_ctx(b->ctx)) {
         drop(b);
         return;
     }
     CUresult q = real_cuEventQuery(b->ev_end);
-    if (q == CUDA_ERROR_NOT_READY)
+    if (q == CUDA_ERROR_NOT_READY) {
+        atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
         return;
+    }
     if (q != CUDA_SUCCESS || !ensure_anchor(ci)) {
         drop(b);
         return;
@@ -149,13 +208,22 @@ static void finish(struct vgpu_batch *b)
     /* A batch that began on the previous connection's slot numbering still
      * belongs to this device: publish it into the current page. */
     publish(ci->hidx, s, e);
+    learn_cost(&vgpu_hdevs[ci->hidx], e > s ? e - s : 0, atomic_load_explicit(&b->n, memory_order_relaxed));
+    retire(b);
     atomic_store_explicit(&b->state, VGPU_B_FREE, memory_order_release);
 }
 
 static void close_idle(struct vgpu_batch *b, uint64_t now)
 {
-    uint64_t last = atomic_load_explicit(&b->last_ns, memory_order_relaxed);
-    if (now < last || now - last < IDLE_CLOSE_NS)
+    /* Fields the owner wrote before publishing OPEN (release). */
+    unsigned n = atomic_load_explicit(&b->n, memory_order_relaxed);
+    if (n != b->seen_n) {
+        b->seen_n = n;
+        b->seen_ns = now;
+    }
+    bool idle = now >= b->seen_ns && now - b->seen_ns >= IDLE_CLOSE_NS;
+    bool old = now >= b->first_ns && now - b->first_ns >= AGE_CLOSE_NS;
+    if (!idle && !old)
         return;
     int open = VGPU_B_OPEN;
     if (!atomic_compare_exchange_strong_explicit(&b->state, &open, VGPU_B_CLOSING, memory_order_acquire,
@@ -288,8 +356,11 @@ void vgpu_account_forget_ctx(CUcontext ctx)
                     b->ev_start = b->ev_end = NULL;
                     b->ev_ctx = NULL;
                 }
-                if (b->ctx == ctx && st != VGPU_B_FREE)
-                    drop(b);
+                if (b->ctx == ctx && st != VGPU_B_FREE) {
+                    int want = st;
+                    if (atomic_compare_exchange_strong(&b->state, &want, VGPU_B_CLOSING))
+                        drop(b);
+                }
             }
         }
     }

@@ -51,6 +51,7 @@ int vgpu_hdev_of_uuid(const char *uuid, uint64_t total)
         atomic_store(&d->slot, -1);
         atomic_store(&d->refused, 0);
         atomic_store(&d->held, 0);
+        vgpu_hdev_inflight_init(d);
         atomic_store_explicit(&vgpu_nr_hdev, n + 1, memory_order_release);
         found = n;
     }
@@ -198,6 +199,7 @@ void vgpu_dev_atfork_child(void)
         atomic_store(&vgpu_hdevs[i].slot, -1);
         atomic_store(&vgpu_hdevs[i].refused, 0);
         atomic_store(&vgpu_hdevs[i].held, 0);
+        vgpu_hdev_inflight_init(&vgpu_hdevs[i]); /* the parent's batches are not ours */
     }
     for (int i = 0; i < VGPU_MAX_CTX; i++)
         atomic_store(&vgpu_ctxs[i].ctx, NULL);
@@ -272,6 +274,7 @@ VGPU_EXPORT CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevic
     if (a != CUDA_SUCCESS)
         return a;
     CUresult r = real_cuCtxCreate_v2(pctx, flags, dev);
+    vgpu_launch_ctx_changed(); /* the new context is current now */
     if (r == CUDA_SUCCESS && pctx)
         note_ctx(*pctx, hidx);
     return r;
@@ -285,6 +288,7 @@ VGPU_EXPORT CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *params, 
     if (a != CUDA_SUCCESS)
         return a;
     CUresult r = real_cuCtxCreate_v4(pctx, params, flags, dev);
+    vgpu_launch_ctx_changed(); /* the new context is current now */
     if (r == CUDA_SUCCESS && pctx)
         note_ctx(*pctx, hidx);
     return r;
@@ -299,6 +303,7 @@ VGPU_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx)
         vgpu_account_forget_ctx(ctx);
         atomic_store(&ci->ctx, NULL);
     }
+    vgpu_launch_ctx_changed();
     return real_cuCtxDestroy_v2(ctx);
 }
 

@@ -44,6 +44,9 @@
     X(cuCtxCreate_v2)                                                          \
     X(cuCtxCreate_v4)                                                          \
     X(cuCtxDestroy_v2)                                                         \
+    X(cuCtxSetCurrent)                                                         \
+    X(cuCtxPushCurrent_v2)                                                     \
+    X(cuCtxPopCurrent_v2)                                                      \
     X(cuMemGetInfo_v2)                                                         \
     X(cuDeviceTotalMem_v2)                                                     \
     X(cuMemAlloc_v2)                                                           \
@@ -82,7 +85,6 @@
     X(cuDeviceGetUuid_v2)                                                      \
     X(cuDeviceGet)                                                             \
     X(cuCtxGetCurrent)                                                         \
-    X(cuCtxSetCurrent)                                                         \
     X(cuCtxGetDevice)                                                          \
     X(cuStreamCreate)                                                          \
     X(cuStreamDestroy_v2)                                                      \
@@ -134,6 +136,14 @@ extern _Atomic int vgpu_mode;
  * not yet done in this process image. Returns the mode. Cheap after the first
  * call: one atomic load. */
 int vgpu_ensure(void);
+/* vgpu_ensure with its common case inline (the launch path). */
+static inline __attribute__((always_inline)) int vgpu_ensure_fast(void)
+{
+    int m = atomic_load_explicit(&vgpu_mode, memory_order_acquire);
+    if (__builtin_expect(m != VGPU_MODE_UNINIT, 1))
+        return m;
+    return vgpu_ensure();
+}
 /* Resolve the real NVML symbols (NVML may be used without CUDA). */
 bool vgpu_resolve_nvml(void);
 /* The error code every hooked call returns in VGPU_MODE_FAIL/BROKEN. */
@@ -199,7 +209,28 @@ struct vgpu_hdev {
     _Atomic int slot;           /* -1 not attached */
     _Atomic int refused;        /* daemon said no */
     _Atomic uint64_t held;      /* bytes this process holds here */
+    /* The in-flight limit (hook_launch.c, hook_account.c). inflight counts
+     * launches put into a batch and not yet completed: +1 on the launch fast
+     * path, -n by the accountant when a batch of n completes or is dropped.
+     * inflight_max and batch_max are published by the accountant from the
+     * measured GPU time per launch (cost_ns, accountant-only). */
+    _Atomic uint32_t inflight;
+    _Atomic uint32_t inflight_max;  /* a gated slot launches only below this */
+    _Atomic uint32_t batch_max;     /* launches per batch before it is closed */
+    uint32_t _pad;
+    uint64_t cost_ns;               /* moving average GPU ns per launch, 0 = none yet */
 };
+/* How much launched-but-unfinished GPU work a gated process may have: the
+ * daemon only learns of work when it completes, so this bounds how far a
+ * process can run past its budget. At least VGPU_INFLIGHT_MIN launches so
+ * long kernels still pipeline; VGPU_COST_INIT_NS is assumed per launch until
+ * a batch was measured (conservative: most kernels are shorter). */
+#define VGPU_INFLIGHT_NS 5000000ull
+#define VGPU_INFLIGHT_MIN 2u
+#define VGPU_COST_INIT_NS 1000000ull
+#define VGPU_BATCH_MAX 64u
+/* Reset the in-flight state of one device to "nothing measured". */
+void vgpu_hdev_inflight_init(struct vgpu_hdev *d);
 #define VGPU_MAX_HDEV 16
 extern struct vgpu_hdev vgpu_hdevs[VGPU_MAX_HDEV];
 extern _Atomic int vgpu_nr_hdev;
@@ -243,7 +274,8 @@ enum vgpu_batch_state {
     VGPU_B_OPEN,        /* owned by its thread between launches; accountant may close */
     VGPU_B_INUSE,       /* its thread is launching into it right now */
     VGPU_B_CLOSING,     /* accountant is recording the end event */
-    VGPU_B_PENDING,     /* end recorded; accountant waits for completion */
+    VGPU_B_PENDING,     /* end recorded; accountant waits for completion (it
+                           takes PENDING -> CLOSING while it queries) */
 };
 
 struct vgpu_batch {
@@ -254,9 +286,11 @@ struct vgpu_batch {
     int ptsz;
     CUevent ev_start, ev_end;   /* created lazily in ctx, reused */
     CUcontext ev_ctx;           /* context the events belong to */
-    unsigned n;
-    uint64_t first_ns;
-    _Atomic uint64_t last_ns;
+    _Atomic unsigned n;         /* launches in the batch (owner writes) */
+    uint64_t first_ns;          /* when it was opened (coarse clock) */
+    /* accountant-only: idle detection without a clock read per launch */
+    unsigned seen_n;
+    uint64_t seen_ns;
     uint64_t conn_gen;
 };
 
@@ -286,6 +320,11 @@ void vgpu_account_atfork_child(void);
 /* Drop every batch of ctx (called before the context is destroyed). */
 void vgpu_account_forget_ctx(CUcontext ctx);
 void vgpu_launch_atfork_child(void);
+/* The calling thread's current context may have changed (create, destroy,
+ * set, push, pop): the launch path asks the driver again on its next launch. */
+void vgpu_launch_ctx_changed(void);
+/* The accountant thread is running (batches will complete). */
+bool vgpu_account_running(void);
 
 /* Stat page helpers. */
 static inline struct vgpu_stat_dev *vgpu_stat_dev(int slot)

@@ -1,16 +1,38 @@
 /*
  * hook_launch.c - the launch gate and the per-thread batches.
  *
- * Fast path, per launch: one acquire load of the ctl page pointer, relaxed
- * loads of the slot's flags and tokens, a relaxed add to the stat page, and
- * thread-local batch bookkeeping whose only shared step is one CAS on the
- * batch's state (the hand-off with the accountant). No syscall, no lock, no
- * allocation. A timing event is recorded before the first and after the last
- * launch of a batch (up to 64 launches or about 1 ms).
+ * Fast path, per launch: one acquire load of the ctl page pointer, loads of
+ * the slot's flags and tokens (and, for a gated slot, of the device's
+ * in-flight count and limit), relaxed adds to the stat page and the in-flight
+ * count, and thread-local batch bookkeeping whose only shared step is one CAS
+ * on the batch's state (the hand-off with the accountant). No syscall, no
+ * lock, no allocation, no clock read, and no driver call: the current context
+ * is cached per thread and re-read only after this thread created, destroyed,
+ * set, pushed or popped a context (all hooked). A timing event is recorded
+ * before the first and after the last launch of a batch.
  *
- * When the budget is spent the calling thread (not the process) polls the
- * ctl page with nanosleep until the daemon refills it.
+ * A gated (not UNLIMITED) slot launches only while its budget is positive
+ * AND fewer than inflight_max of its launches are still running on the
+ * device. Without the second condition a process with a little budget left
+ * could queue the driver's whole queue depth (a second of work), which the
+ * daemon would only see long after, when its debt is past forgiving. The
+ * accountant publishes inflight_max = max(2, VGPU_INFLIGHT_NS / ns per
+ * launch), so a gated process keeps about 5 ms of work queued: enough to
+ * keep the device busy, little enough to stay within a tick of its budget.
+ * UNLIMITED slots skip both checks.
+ *
+ * Otherwise the calling thread (not the process) closes its open batch (so
+ * the accountant can finish it) and polls with nanosleep. throttled_ns and
+ * nr_throttled count waits during which the budget was spent, not waits for
+ * in-flight room only: the daemon reads "throttled" as "wants more GPU", and
+ * an in-flight wait says nothing about that.
+ *
+ * Batches are never skipped: when a stream's pool is all in flight, a gated
+ * thread waits for the accountant to free one, and an UNLIMITED one takes
+ * its newest batch back from the accountant and extends it (its end event is
+ * recorded again after the new launch).
  */
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -21,15 +43,35 @@ _Atomic(struct vgpu_thread *) vgpu_threads;
 _Atomic int vgpu_active_captures;
 _Atomic uint64_t vgpu_lost_batches;
 
-#define BATCH_MAX_LAUNCHES 64
-#define BATCH_MAX_NS 1000000ull
 #define GATE_POLL_NS 200000
+#define ROOM_POLL_NS 50000
+#define POOL_WAIT_NS 2000000000ull /* give up measuring after this (accountant stuck) */
 
-static _Thread_local struct vgpu_thread *tls_thr;
-static _Thread_local CUcontext tls_ctx;
-static _Thread_local struct vgpu_ctxinfo *tls_ci;
+/* Initial-exec: the hook is loaded by LD_PRELOAD, so its TLS is static and
+ * a thread-local read is one instruction instead of a __tls_get_addr call. */
+#define TLS static _Thread_local __attribute__((tls_model("initial-exec")))
+TLS struct vgpu_thread *tls_thr;
+TLS CUcontext tls_ctx;                 /* current context as last read */
+TLS struct vgpu_ctxinfo *tls_ci;       /* NULL: ask the driver */
+TLS struct vgpu_tstream *tls_ts;       /* last stream launched on */
 static pthread_key_t thr_key;
 static pthread_once_t key_once = PTHREAD_ONCE_INIT;
+
+void vgpu_hdev_inflight_init(struct vgpu_hdev *d)
+{
+    uint32_t m = (uint32_t)(VGPU_INFLIGHT_NS / VGPU_COST_INIT_NS);
+    if (m < VGPU_INFLIGHT_MIN)
+        m = VGPU_INFLIGHT_MIN;
+    atomic_store(&d->inflight, 0);
+    atomic_store(&d->inflight_max, m);
+    atomic_store(&d->batch_max, m / 2 ? m / 2 : 1);
+    d->cost_ns = 0;
+}
+
+void vgpu_launch_ctx_changed(void)
+{
+    tls_ci = NULL;
+}
 
 static void thr_exit(void *p)
 {
@@ -87,6 +129,7 @@ static struct vgpu_thread *thread_state(void)
     }
     pthread_setspecific(thr_key, t);
     tls_thr = t;
+    tls_ts = NULL;
     return t;
 }
 
@@ -95,37 +138,46 @@ void vgpu_launch_atfork_child(void)
     tls_thr = NULL;
     tls_ctx = NULL;
     tls_ci = NULL;
+    tls_ts = NULL;
     atomic_store(&vgpu_threads, NULL);
     atomic_store(&vgpu_active_captures, 0);
 }
 
-/* ---- the gate ---- */
+/* ---- context tracking: the driver's current context only changes through
+ * these (and cuCtxCreate/cuCtxDestroy in hook_dev.c). ---- */
 
-static bool budget_ok(struct vgpu_ctl_page *ctl, int slot)
+VGPU_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx)
 {
-    uint32_t flags = __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
-    if (!(flags & VGPU_DEV_ACTIVE) || (flags & VGPU_DEV_UNLIMITED))
-        return true;
-    return __atomic_load_n(&ctl->dev[slot].tokens_ns, __ATOMIC_RELAXED) > 0;
+    int m = vgpu_ensure();
+    if (__builtin_expect(m == VGPU_MODE_BROKEN, 0) || !real_cuCtxSetCurrent)
+        return VGPU_REFUSED_ERROR;
+    tls_ci = NULL;
+    return real_cuCtxSetCurrent(ctx);
 }
 
-__attribute__((noinline)) static void gate_wait(int hidx)
+VGPU_EXPORT CUresult cuCtxPushCurrent_v2(CUcontext ctx)
 {
-    uint64_t t0 = vgpu_now_ns();
-    int slot = -1;
-    for (;;) {
-        struct timespec ts = {0, GATE_POLL_NS};
-        nanosleep(&ts, NULL);
-        struct vgpu_ctl_page *ctl = atomic_load_explicit(&vgpu_ctl, memory_order_acquire);
-        slot = atomic_load_explicit(&vgpu_hdevs[hidx].slot, memory_order_relaxed);
-        /* No daemon to refill the budget: run rather than hang. */
-        if (!ctl || slot < 0 || !atomic_load_explicit(&vgpu_connected, memory_order_relaxed))
-            break;
-        if (budget_ok(ctl, slot))
-            break;
-    }
-    VGPU_STAT_ADD(slot, throttled_ns, vgpu_now_ns() - t0);
-    VGPU_STAT_ADD(slot, nr_throttled, 1);
+    int m = vgpu_ensure();
+    if (__builtin_expect(m == VGPU_MODE_BROKEN, 0) || !real_cuCtxPushCurrent_v2)
+        return VGPU_REFUSED_ERROR;
+    tls_ci = NULL;
+    return real_cuCtxPushCurrent_v2(ctx);
+}
+
+VGPU_EXPORT CUresult cuCtxPopCurrent_v2(CUcontext *pctx)
+{
+    int m = vgpu_ensure();
+    if (__builtin_expect(m == VGPU_MODE_BROKEN, 0) || !real_cuCtxPopCurrent_v2)
+        return VGPU_REFUSED_ERROR;
+    tls_ci = NULL;
+    return real_cuCtxPopCurrent_v2(pctx);
+}
+
+/* ---- the gate ---- */
+
+static inline bool gated(uint32_t flags)
+{
+    return (flags & (VGPU_DEV_ACTIVE | VGPU_DEV_UNLIMITED)) == VGPU_DEV_ACTIVE;
 }
 
 static bool stream_capturing(CUstream s, int ptsz)
@@ -139,29 +191,71 @@ static bool stream_capturing(CUstream s, int ptsz)
 
 struct launch {
     struct vgpu_batch *b;   /* batch to account into, NULL if unmeasured */
-    int slot;
+    unsigned bmax;          /* close the batch at this many launches */
 };
 
-static struct vgpu_tstream *find_tstream(struct vgpu_thread *t, CUcontext ctx, CUstream s)
+/* Owner side: end the open batch b now (record its end event) so the
+ * accountant can time it. Used before waiting and before reusing a stream
+ * record for another stream. */
+static void close_own(struct vgpu_batch *b)
 {
-    for (int i = 0; i < VGPU_THREAD_STREAMS; i++)
-        if (t->ts[i].ctx == ctx && t->ts[i].stream == s)
-            return &t->ts[i];
-    /* Take over a slot whose batches are all done (or were never used). */
-    for (int k = 0; k < VGPU_THREAD_STREAMS; k++) {
-        struct vgpu_tstream *ts = &t->ts[(t->rr + (unsigned)k) % VGPU_THREAD_STREAMS];
-        bool free_all = true;
-        for (int j = 0; j < VGPU_BATCH_RING && free_all; j++)
-            free_all = atomic_load(&ts->b[j].state) == VGPU_B_FREE;
-        if (free_all) {
-            t->rr++;
-            ts->ctx = ctx;
-            ts->stream = s;
-            ts->cur = -1;
-            return ts;
-        }
+    int open = VGPU_B_OPEN;
+    if (!atomic_compare_exchange_strong_explicit(&b->state, &open, VGPU_B_CLOSING, memory_order_acquire,
+                                                 memory_order_relaxed))
+        return;
+    if (real_cuEventRecord(b->ev_end, b->stream) == CUDA_SUCCESS) {
+        atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
+        return;
     }
-    return NULL;
+    /* Not measurable: give it to the accountant to drop (it owns the
+     * in-flight bookkeeping of dropped batches). */
+    b->ev_end = NULL;
+    atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
+}
+
+static void close_current(CUcontext ctx, CUstream s)
+{
+    struct vgpu_tstream *ts = tls_ts;
+    if (ts && ts->ctx == ctx && ts->stream == s && ts->cur >= 0)
+        close_own(&ts->b[ts->cur]);
+}
+
+/* The slow path of the gate: wait until the slot has budget and in-flight
+ * room (or is no longer gated, or the daemon is gone). Returns the slot. */
+__attribute__((noinline, cold)) static int gate_wait(struct vgpu_hdev *hd, CUcontext ctx, CUstream s)
+{
+    close_current(ctx, s);
+    uint64_t t0 = vgpu_now_ns();
+    bool budget_wait = false;
+    int slot;
+    for (;;) {
+        struct vgpu_ctl_page *ctl = atomic_load_explicit(&vgpu_ctl, memory_order_acquire);
+        slot = atomic_load_explicit(&hd->slot, memory_order_relaxed);
+        /* No daemon to refill the budget: run rather than hang. */
+        if (!ctl || slot < 0 || slot >= (int)VGPU_MAX_DEVICES ||
+            !atomic_load_explicit(&vgpu_connected, memory_order_relaxed))
+            break;
+        uint32_t flags = __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
+        if (!gated(flags))
+            break;
+        bool tokens = __atomic_load_n(&ctl->dev[slot].tokens_ns, __ATOMIC_RELAXED) > 0;
+        bool room = atomic_load_explicit(&hd->inflight, memory_order_relaxed) <
+                    atomic_load_explicit(&hd->inflight_max, memory_order_relaxed);
+        budget_wait |= !tokens;
+        if (tokens && room)
+            break;
+        /* In-flight room comes back within a kernel's time; budget within a
+         * daemon tick. An accountant that is not running frees nothing. */
+        if (tokens && !vgpu_account_running())
+            break;
+        struct timespec ts = {0, tokens ? ROOM_POLL_NS : GATE_POLL_NS};
+        nanosleep(&ts, NULL);
+    }
+    if (budget_wait) {
+        VGPU_STAT_ADD(slot, throttled_ns, vgpu_now_ns() - t0);
+        VGPU_STAT_ADD(slot, nr_throttled, 1);
+    }
+    return slot;
 }
 
 static bool ensure_events(struct vgpu_batch *b, CUcontext ctx)
@@ -176,127 +270,253 @@ static bool ensure_events(struct vgpu_batch *b, CUcontext ctx)
     }
     b->ev_start = b->ev_end = NULL;
     b->ev_ctx = NULL;
-    if (real_cuEventCreate(&b->ev_start, CU_EVENT_DEFAULT) != CUDA_SUCCESS)
+    if (real_cuEventCreate(&b->ev_start, CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+        b->ev_start = NULL;
         return false;
+    }
     if (real_cuEventCreate(&b->ev_end, CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
         real_cuEventDestroy_v2(b->ev_start);
-        b->ev_start = NULL;
+        b->ev_start = b->ev_end = NULL;
         return false;
     }
     b->ev_ctx = ctx;
     return true;
 }
 
-/* Find or open the batch this launch belongs to (before the launch). */
-static struct vgpu_batch *batch_enter(CUcontext ctx, struct vgpu_ctxinfo *ci, CUstream s)
+/* The stream record of (ctx, s) in this thread, taking over another one if
+ * needed: one whose batches are all free, else one with a free batch whose
+ * open batch (if any) we close first. NULL if every record is busy. */
+static struct vgpu_tstream *find_tstream(struct vgpu_thread *t, CUcontext ctx, CUstream s)
+{
+    for (int i = 0; i < VGPU_THREAD_STREAMS; i++)
+        if (t->ts[i].ctx == ctx && t->ts[i].stream == s)
+            return &t->ts[i];
+    for (int pass = 0; pass < 2; pass++) {
+        for (int k = 0; k < VGPU_THREAD_STREAMS; k++) {
+            struct vgpu_tstream *ts = &t->ts[(t->rr + (unsigned)k) % VGPU_THREAD_STREAMS];
+            int nfree = 0;
+            for (int j = 0; j < VGPU_BATCH_RING; j++)
+                nfree += atomic_load(&ts->b[j].state) == VGPU_B_FREE;
+            if (pass == 0 ? nfree < VGPU_BATCH_RING : nfree == 0)
+                continue;
+            /* Batches carry their own context and stream, so the record can
+             * change hands once the old stream's open batch is ended. */
+            if (ts->cur >= 0)
+                close_own(&ts->b[ts->cur]);
+            t->rr++;
+            ts->ctx = ctx;
+            ts->stream = s;
+            ts->cur = -1;
+            return ts;
+        }
+    }
+    return NULL;
+}
+
+/* Open the batch at ts->b[idx] (FREE, owned by us) for a launch on s. */
+static struct vgpu_batch *batch_open(struct vgpu_tstream *ts, int idx, CUcontext ctx,
+                                     struct vgpu_ctxinfo *ci, CUstream s)
+{
+    struct vgpu_batch *b = &ts->b[idx];
+    if (!ensure_events(b, ctx) || real_cuEventRecord(b->ev_start, s) != CUDA_SUCCESS) {
+        atomic_fetch_add_explicit(&vgpu_lost_batches, 1, memory_order_relaxed);
+        vgpu_warn_once(VGPU_W_BATCH, "vgpu: cannot record timing events; some launches are not measured");
+        return NULL;
+    }
+    b->ctx = ctx;
+    b->ci = ci;
+    b->stream = s;
+    atomic_store_explicit(&b->n, 0, memory_order_relaxed);
+    b->first_ns = vgpu_coarse_ns();
+    b->seen_n = 0;
+    b->seen_ns = b->first_ns;
+    b->conn_gen = atomic_load_explicit(&vgpu_conn_gen, memory_order_relaxed);
+    atomic_store_explicit(&b->state, VGPU_B_INUSE, memory_order_relaxed);
+    ts->cur = idx;
+    return b;
+}
+
+/* Take the newest batch back from the accountant to extend it (UNLIMITED,
+ * pool exhausted). Only the newest: an older one's extended interval would
+ * overlap the newer ones. */
+static struct vgpu_batch *batch_reclaim(struct vgpu_tstream *ts)
+{
+    if (ts->cur < 0)
+        return NULL;
+    struct vgpu_batch *b = &ts->b[ts->cur];
+    if (!b->ev_end)
+        return NULL;
+    int st = VGPU_B_PENDING;
+    if (atomic_compare_exchange_strong_explicit(&b->state, &st, VGPU_B_INUSE, memory_order_acquire,
+                                                memory_order_relaxed))
+        return b;
+    st = VGPU_B_OPEN;
+    if (atomic_compare_exchange_strong_explicit(&b->state, &st, VGPU_B_INUSE, memory_order_acquire,
+                                                memory_order_relaxed))
+        return b;
+    return NULL; /* the accountant is looking at it right now */
+}
+
+/* Find or open the batch this launch belongs to: the slow half of
+ * batch_enter (new stream, batch closed by the accountant, pool empty). */
+__attribute__((noinline)) static struct vgpu_batch *batch_enter_slow(CUcontext ctx, struct vgpu_ctxinfo *ci,
+                                                                      CUstream s, bool gate)
 {
     struct vgpu_thread *t = thread_state();
     if (!t)
         return NULL;
-    struct vgpu_tstream *ts = find_tstream(t, ctx, s);
-    if (!ts)
-        goto lost;
-    if (ts->cur >= 0) {
-        struct vgpu_batch *b = &ts->b[ts->cur];
-        int open = VGPU_B_OPEN;
-        if (atomic_compare_exchange_strong_explicit(&b->state, &open, VGPU_B_INUSE, memory_order_acquire,
-                                                    memory_order_relaxed))
-            return b;
-        /* the accountant closed it while we were away: start another */
+    uint64_t t0 = 0;
+    for (;;) {
+        struct vgpu_tstream *ts = find_tstream(t, ctx, s);
+        if (ts) {
+            tls_ts = ts;
+            if (ts->cur >= 0) {
+                struct vgpu_batch *b = &ts->b[ts->cur];
+                int open = VGPU_B_OPEN;
+                if (atomic_compare_exchange_strong_explicit(&b->state, &open, VGPU_B_INUSE,
+                                                            memory_order_acquire, memory_order_relaxed))
+                    return b;
+            }
+            for (int k = 1; k <= VGPU_BATCH_RING; k++) {
+                int idx = (ts->cur + k + VGPU_BATCH_RING) % VGPU_BATCH_RING;
+                if (atomic_load_explicit(&ts->b[idx].state, memory_order_acquire) == VGPU_B_FREE)
+                    return batch_open(ts, idx, ctx, ci, s);
+            }
+            /* Every batch of this stream is in flight. */
+            if (!gate) {
+                struct vgpu_batch *b = batch_reclaim(ts);
+                if (b)
+                    return b;
+            }
+        }
+        /* Wait for the accountant to free a batch. */
+        uint64_t now = vgpu_now_ns();
+        if (!t0)
+            t0 = now;
+        if (!vgpu_account_running() || now - t0 > POOL_WAIT_NS) {
+            atomic_fetch_add_explicit(&vgpu_lost_batches, 1, memory_order_relaxed);
+            vgpu_warn_once(VGPU_W_BATCH, "vgpu: no batch freed in time; some launches are not measured");
+            return NULL;
+        }
+        if (gate) {
+            struct timespec sl = {0, ROOM_POLL_NS};
+            nanosleep(&sl, NULL);
+        } else {
+            sched_yield(); /* the accountant holds the newest batch for a moment */
+        }
     }
-    for (int k = 1; k <= VGPU_BATCH_RING; k++) {
-        int idx = (ts->cur + k + VGPU_BATCH_RING) % VGPU_BATCH_RING;
-        struct vgpu_batch *b = &ts->b[idx];
-        if (atomic_load_explicit(&b->state, memory_order_acquire) != VGPU_B_FREE)
-            continue;
-        if (!ensure_events(b, ctx))
-            goto lost;
-        if (real_cuEventRecord(b->ev_start, s) != CUDA_SUCCESS)
-            goto lost;
-        b->ctx = ctx;
-        b->ci = ci;
-        b->stream = s;
-        b->n = 0;
-        b->first_ns = vgpu_coarse_ns();
-        atomic_store_explicit(&b->last_ns, b->first_ns, memory_order_relaxed);
-        b->conn_gen = atomic_load_explicit(&vgpu_conn_gen, memory_order_relaxed);
-        atomic_store_explicit(&b->state, VGPU_B_INUSE, memory_order_relaxed);
-        ts->cur = idx;
-        return b;
-    }
-lost:
-    /* Every batch is still in flight: this launch goes unmeasured. */
-    atomic_fetch_add_explicit(&vgpu_lost_batches, 1, memory_order_relaxed);
-    vgpu_warn_once(VGPU_W_BATCH, "vgpu: launch not measured (batch pool exhausted or event failure)");
-    return NULL;
 }
 
-/* After the launch: count it, close the batch if it is full or old. */
-static void batch_leave(struct vgpu_batch *b)
+static inline __attribute__((always_inline)) struct vgpu_batch *batch_enter(CUcontext ctx, struct vgpu_ctxinfo *ci, CUstream s, bool gate)
 {
-    uint64_t now = vgpu_coarse_ns();
-    b->n++;
-    atomic_store_explicit(&b->last_ns, now, memory_order_relaxed);
-    if (b->n >= BATCH_MAX_LAUNCHES || now - b->first_ns >= BATCH_MAX_NS) {
-        if (real_cuEventRecord(b->ev_end, b->stream) == CUDA_SUCCESS) {
-            atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
-        } else {
-            atomic_fetch_add_explicit(&vgpu_lost_batches, 1, memory_order_relaxed);
-            atomic_store_explicit(&b->state, VGPU_B_FREE, memory_order_release);
-        }
+    struct vgpu_tstream *ts = tls_ts;
+    if (__builtin_expect(ts && ts->ctx == ctx && ts->stream == s && ts->cur >= 0, 1)) {
+        struct vgpu_batch *b = &ts->b[ts->cur];
+        int open = VGPU_B_OPEN;
+        if (__builtin_expect(atomic_compare_exchange_strong_explicit(&b->state, &open, VGPU_B_INUSE,
+                                                                     memory_order_acquire,
+                                                                     memory_order_relaxed),
+                             1))
+            return b;
+    }
+    return batch_enter_slow(ctx, ci, s, gate);
+}
+
+__attribute__((noinline)) static void batch_close(struct vgpu_batch *b)
+{
+    if (real_cuEventRecord(b->ev_end, b->stream) != CUDA_SUCCESS)
+        b->ev_end = NULL; /* the accountant drops it */
+    atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
+}
+
+/* After the launch: count it, close the batch when it reaches bmax. The
+ * accountant closes batches that are idle or older than about 1 ms. `==`,
+ * not `>=`: a batch taken back and extended past bmax (pool exhausted) is
+ * left to the accountant's age rule rather than closed after every launch. */
+static inline __attribute__((always_inline)) void batch_leave(struct launch *l)
+{
+    struct vgpu_batch *b = l->b;
+    unsigned n = atomic_load_explicit(&b->n, memory_order_relaxed) + 1;
+    atomic_store_explicit(&b->n, n, memory_order_relaxed);
+    if (__builtin_expect(n == l->bmax, 0)) {
+        batch_close(b);
         return;
     }
     atomic_store_explicit(&b->state, VGPU_B_OPEN, memory_order_release);
 }
 
+/* The calling thread's current context's record, asking the driver. */
+__attribute__((noinline)) static struct vgpu_ctxinfo *current_ci(void)
+{
+    CUcontext ctx = NULL;
+    if (real_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx)
+        return NULL;
+    struct vgpu_ctxinfo *ci = vgpu_ctxinfo_get(ctx, true);
+    if (!ci)
+        return NULL;
+    tls_ctx = ctx;
+    tls_ci = ci;
+    return ci;
+}
+
 /* Everything before the real launch. s is the stream as the driver will see
  * it (CU_STREAM_PER_THREAD for a _ptsz launch on stream 0). */
-static inline void gate_enter(struct launch *l, CUstream s, CUstream orig, int ptsz, int graph)
+static inline __attribute__((always_inline)) void gate_enter(struct launch *l, CUstream s, CUstream orig, int ptsz, int graph)
 {
     l->b = NULL;
-    l->slot = -1;
     struct vgpu_ctl_page *ctl = atomic_load_explicit(&vgpu_ctl, memory_order_acquire);
     if (!ctl)
         return;
     if (__builtin_expect(atomic_load_explicit(&vgpu_active_captures, memory_order_relaxed) > 0, 0) &&
         stream_capturing(orig, ptsz))
         return; /* recorded into a graph, not run: neither gated nor measured */
-    CUcontext ctx = NULL;
-    if (real_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx)
-        return;
     struct vgpu_ctxinfo *ci = tls_ci;
-    if (__builtin_expect(ctx != tls_ctx || !ci, 0)) {
-        ci = vgpu_ctxinfo_get(ctx, true);
+    /* A record freed (context destroyed, maybe by another thread) no longer
+     * names our context: look again. */
+    if (__builtin_expect(!ci || atomic_load_explicit(&ci->ctx, memory_order_relaxed) != tls_ctx, 0)) {
+        ci = current_ci();
         if (!ci)
             return;
-        tls_ctx = ctx;
-        tls_ci = ci;
     }
-    int hidx = ci->hidx;
-    int slot = atomic_load_explicit(&vgpu_hdevs[hidx].slot, memory_order_relaxed);
+    CUcontext ctx = tls_ctx;
+    struct vgpu_hdev *hd = &vgpu_hdevs[ci->hidx];
+    int slot = atomic_load_explicit(&hd->slot, memory_order_relaxed);
     if (__builtin_expect(slot < 0, 0)) {
-        slot = vgpu_hdev_attach(hidx);
+        slot = vgpu_hdev_attach(ci->hidx);
         if (slot < 0)
             return;
     }
-    if (!budget_ok(ctl, slot))
-        gate_wait(hidx);
-    slot = atomic_load_explicit(&vgpu_hdevs[hidx].slot, memory_order_relaxed);
-    l->slot = slot;
-    VGPU_STAT_ADD(slot, launches, 1);
-    if (graph)
-        VGPU_STAT_ADD(slot, graph_launches, 1);
-    l->b = batch_enter(ctx, ci, s);
+    uint32_t flags = __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
+    bool gate = gated(flags);
+    if (gate && __builtin_expect(__atomic_load_n(&ctl->dev[slot].tokens_ns, __ATOMIC_RELAXED) <= 0 ||
+                                     atomic_load_explicit(&hd->inflight, memory_order_relaxed) >=
+                                         atomic_load_explicit(&hd->inflight_max, memory_order_relaxed),
+                                 0))
+        slot = gate_wait(hd, ctx, s);
+    struct vgpu_stat_dev *sd = vgpu_stat_dev(slot);
+    if (__builtin_expect(sd != NULL, 1)) {
+        __atomic_fetch_add(&sd->launches, 1, __ATOMIC_RELAXED);
+        if (graph)
+            __atomic_fetch_add(&sd->graph_launches, 1, __ATOMIC_RELAXED);
+    }
+    struct vgpu_batch *b = batch_enter(ctx, ci, s, gate);
+    if (__builtin_expect(b != NULL, 1)) {
+        atomic_fetch_add_explicit(&hd->inflight, 1, memory_order_relaxed);
+        l->b = b;
+        /* Small batches only where the in-flight limit needs them: each one
+         * costs two event records. */
+        l->bmax = gate ? atomic_load_explicit(&hd->batch_max, memory_order_relaxed) : VGPU_BATCH_MAX;
+    }
 }
 
-static inline void gate_leave(struct launch *l)
+static inline __attribute__((always_inline)) void gate_leave(struct launch *l)
 {
     if (l->b)
-        batch_leave(l->b);
+        batch_leave(l);
 }
 
 #define ENTER(name)                                                                        \
-    int mode_ = vgpu_ensure();                                                             \
+    int mode_ = vgpu_ensure_fast();                                                             \
     if (__builtin_expect(mode_ >= VGPU_MODE_FAIL, 0) || !real_##name)                      \
         return VGPU_REFUSED_ERROR;
 

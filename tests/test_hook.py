@@ -324,3 +324,100 @@ def test_refused_device_fails_context_creation(bins: dict[str, Path], sock: str,
         assert "refused device" in err
     finally:
         p.close()
+
+
+# ---- the in-flight limit and the batch pool (issue 4) ----
+
+# Launches N kernels of K ns, one by one, and after each one asks the
+# simulated device how much of this process's work it has run: launched work
+# minus run work is what the process has in flight. Prints the largest value.
+_INFLIGHT_PROBE = r"""
+import ctypes, json, sys
+n, k, watch = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+cuda = ctypes.CDLL("libcuda.so.1")
+assert cuda.cuInit(0) == 0
+dev = ctypes.c_int(0); ctx = ctypes.c_void_p()
+cuda.cuDeviceGet(ctypes.byref(dev), 0)
+assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+cuda.cuCtxSetCurrent(ctx)
+mod = ctypes.c_void_p(); fn = ctypes.c_void_p()
+assert cuda.cuModuleLoadData(ctypes.byref(mod), b"vgpu-sim") == 0
+assert cuda.cuModuleGetFunction(ctypes.byref(fn), mod, b"sim_sleep_ns") == 0
+ns = ctypes.c_uint64(k)
+params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(ns), ctypes.c_void_p))
+busy, mem = ctypes.c_uint64(), ctypes.c_uint64()
+cuda.vgpuSimProcessStats(0, ctypes.byref(busy), ctypes.byref(mem))
+b0 = busy.value
+worst = 0
+for i in range(n):
+    assert cuda.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, None, params, None) == 0
+    if watch:
+        cuda.vgpuSimProcessStats(0, ctypes.byref(busy), ctypes.byref(mem))
+        worst = max(worst, (i + 1) * k - (busy.value - b0))
+assert cuda.cuCtxSynchronize() == 0
+cuda.vgpuSimProcessStats(0, ctypes.byref(busy), ctypes.byref(mem))
+print(json.dumps({"launched": n, "max_inflight_ns": worst, "sim_busy_ns": busy.value - b0}))
+"""
+
+INFLIGHT_NS = 5_000_000  # VGPU_INFLIGHT_NS in hook_internal.h
+
+
+def _probe(sock: str, tmp_path: Path, n: int, k: int, *,
+           watch: bool = True) -> tuple[dict[str, Any], str]:
+    # watch=False: launch back to back (asking the device after each launch
+    # is slower than a short kernel, and leaves it idle between launches).
+    return run([sys.executable, "-c", _INFLIGHT_PROBE, str(n), str(k), "1" if watch else "0"],
+               env(sock, tmp_path), timeout=60)
+
+
+def test_inflight_limit_holds_for_a_gated_client(sock: str, tmp_path: Path) -> None:
+    # Budget held constant and positive: only the in-flight limit stops the
+    # client from queueing all 60 x 2 ms at once.
+    p = Peer(sock, unlimited=False, tokens=10**12)
+    try:
+        k, n = 2_000_000, 60
+        out, err = _probe(sock, tmp_path, n, k)
+        assert "vgpu:" not in err, err
+        # At most max(2, 5 ms / cost) launches, 5 while the cost is
+        # unmeasured (1 ms assumed), plus the one racing the check: without
+        # the limit it would be all 120 ms.
+        first = INFLIGHT_NS // 1_000_000
+        bound = (max(first, 2, INFLIGHT_NS // k) + 1) * k
+        assert out["max_inflight_ns"] <= bound, out
+        c = p.wait_conn()
+        p.wait_for(lambda: c.closed)
+        assert c.stat(0, "launches") == n
+        # waiting for in-flight room is not waiting for budget
+        assert c.stat(0, "nr_throttled") == 0
+        assert c.stat(0, "throttled_ns") == 0
+        # every launch measured: the hook's busy time covers the device's
+        busy = c.stat(0, "busy_ns")
+        assert out["sim_busy_ns"] * 0.97 <= busy <= out["sim_busy_ns"] * 1.3, (busy, out)
+    finally:
+        p.close()
+
+
+def test_unlimited_client_is_not_inflight_limited(peer: Peer, sock: str, tmp_path: Path) -> None:
+    k, n = 2_000_000, 60
+    out, err = _probe(sock, tmp_path, n, k)
+    assert "vgpu:" not in err, err
+    # nothing holds it back: most of the 120 ms is queued at once
+    assert out["max_inflight_ns"] >= 60_000_000, out
+
+
+@pytest.mark.parametrize("unlimited", [True, False])
+def test_burst_is_fully_measured(sock: str, tmp_path: Path, unlimited: bool) -> None:
+    # 2000 launches back to back: far more than 16 batches of 64 can hold
+    # while the device works through them. No launch may go unmeasured.
+    p = Peer(sock, unlimited=unlimited, tokens=10**12)
+    try:
+        k, n = 50_000, 2000
+        out, err = _probe(sock, tmp_path, n, k, watch=False)
+        assert "vgpu:" not in err, err
+        c = p.wait_conn()
+        p.wait_for(lambda: c.closed)
+        assert c.stat(0, "launches") == n
+        busy = c.stat(0, "busy_ns")
+        assert out["sim_busy_ns"] * 0.97 <= busy <= out["sim_busy_ns"] * 1.3, (busy, out)
+    finally:
+        p.close()
