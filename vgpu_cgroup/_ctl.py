@@ -259,10 +259,13 @@ def print_tree(node: dict[str, Any], out: TextIO, prefix: str = "", last: bool =
 
 
 def print_top(d: dict[str, Any], out: TextIO) -> None:
-    print(f"{'SLICE':<48} {'PROCS':>5} {'GPU%':>7} {'MEMORY':>10}", file=out)
+    """systemd-cgtop's columns: PROCS counts descendants, GPU% is percent of
+    one GPU over the last second (summed over devices)."""
+    w = max([len("SLICE"), *(len(_name(p)) for p in d["slices"])])
+    print(f"{'SLICE':<{w}} {'PROCS':>5} {'GPU%':>7} {'MEMORY':>10}", file=out)
     for path, s in sorted(d["slices"].items()):
         gpu = sum(s["gpu_percent"].values())
-        print(f"{_name(path):<48} {s['processes']:>5} {gpu:>7.1f} "
+        print(f"{_name(path):<{w}} {s['processes']:>5} {gpu:>7.1f} "
               f"{_bytes(s['memory_current']):>10}", file=out)
 
 
