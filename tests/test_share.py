@@ -233,14 +233,16 @@ def test_budget_bounds_and_detach() -> None:
     b = sched.tick([ClientDemand(1, DEV, 10**12, True)])
     assert b[(1, DEV)].tokens_ns == -sched.debt_ticks * T
     assert b[(1, DEV)].rate_ppm == 300_000
-    # an idle client pays its debt back at its ceiling rate, then holds one tick
+    # an idle client pays its debt back at its ceiling rate (it counts as
+    # held back while in debt), then banks no more than its burst
     for _ in range(170):
         b = sched.tick([ClientDemand(1, DEV, 0, False)])
-    assert b[(1, DEV)].tokens_ns == pytest.approx(0.3 * T, abs=2)
-    # a light one banks at most one tick at its ceiling (its burst is smaller)
+    assert 0 < b[(1, DEV)].tokens_ns <= sched.burst_ticks * T * 0.3
+    # a light one banks at most its burst at its ceiling: whatever its rate
+    # this tick, credit up to the burst is never thrown away
     for _ in range(20):
         b = sched.tick([ClientDemand(1, DEV, 1, False)])
-    assert b[(1, DEV)].tokens_ns == pytest.approx(0.3 * T, abs=2)
+    assert 0.3 * T < b[(1, DEV)].tokens_ns <= sched.burst_ticks * T * 0.3
     # a busy one at most its burst
     for _ in range(20):
         b = sched.tick([ClientDemand(1, DEV, T // 4, False)])

