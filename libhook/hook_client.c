@@ -548,6 +548,12 @@ static int attach_locked(const char *uuid, uint64_t total, int *slot)
         *slot = (int)rep.slot;
         return VGPU_R_OK;
     }
+    if (!strcmp(rep.t, "error") && !strcmp(rep.code, "oom")) {
+        /* No room in the slice for a context: out of memory, and worth
+         * trying again once the slice has room (not a refused device). */
+        vgpu_warn_once(VGPU_W_CTXMEM, "vgpu: no GPU memory for a context on %s: %s", uuid, rep.msg);
+        return VGPU_R_DENIED;
+    }
     vgpu_warn_once(VGPU_W_DEVICE, "vgpu: vgpud refused device %s: %s %s", uuid, rep.code, rep.msg);
     return VGPU_R_REFUSED;
 }

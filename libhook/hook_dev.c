@@ -110,6 +110,8 @@ int vgpu_hdev_attach(int hidx)
         } else if (r == VGPU_R_REFUSED) {
             atomic_store(&d->refused, 1);
             slot = -1;
+        } else if (r == VGPU_R_DENIED) {
+            slot = -3; /* no memory for a context now; may succeed later */
         } else {
             slot = -2;
         }
@@ -223,8 +225,11 @@ static CUresult admit_device(CUdevice dev, int *hidx)
     *hidx = vgpu_hdev_of_cudev(dev);
     if (*hidx < 0)
         return CUDA_SUCCESS; /* let the driver report the bad device */
-    if (vgpu_hdev_attach(*hidx) == -1)
+    int slot = vgpu_hdev_attach(*hidx);
+    if (slot == -1)
         return CUDA_ERROR_INVALID_DEVICE;
+    if (slot == -3)
+        return CUDA_ERROR_OUT_OF_MEMORY;
     return CUDA_SUCCESS;
 }
 

@@ -118,6 +118,18 @@ static void *swap_for_hook(void *p)
     return p;
 }
 
+/* Does `name` (an entry of our table) belong to the base name `base`, i.e.
+ * is it base itself or base plus a version / stream suffix? */
+static bool variant_of(const char *name, const char *base)
+{
+    size_t n = strlen(base);
+    if (strncmp(name, base, n))
+        return false;
+    const char *rest = name + n;
+    return !*rest || !strcmp(rest, "_v2") || !strcmp(rest, "_v3") || !strcmp(rest, "_v4") ||
+           !strcmp(rest, "_ptsz") || !strcmp(rest, "_ptds") || !strcmp(rest, "_v2_ptsz");
+}
+
 static void fixup(const char *symbol, void **pfn, int cudaVersion)
 {
     if (!pfn)
@@ -125,6 +137,19 @@ static void fixup(const char *symbol, void **pfn, int cudaVersion)
     void *s = swap_for_hook(*pfn);
     if (s == *pfn && symbol && !strcmp(symbol, "cuGetProcAddress"))
         s = cudaVersion >= 12000 ? (void *)&cuGetProcAddress_v2 : (void *)&cuGetProcAddress;
+    if (s == *pfn && *pfn && symbol) {
+        /* The driver handed out an entry point for a function we intercept
+         * that is none of its exported symbols: calls through it would not
+         * be counted. Say so once (it is a driver the hook does not know). */
+        for (size_t i = 0; i < NENTRIES; i++)
+            if (variant_of(table[i].name, symbol)) {
+                vgpu_warn_once(VGPU_W_GETPROC,
+                               "vgpu: cuGetProcAddress(%s, %d) returned an entry point the hook "
+                               "does not know; calls through it are not intercepted",
+                               symbol, cudaVersion);
+                break;
+            }
+    }
     *pfn = s;
 }
 

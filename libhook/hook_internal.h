@@ -155,7 +155,7 @@ void vgpu_warn_once(int kind, const char *fmt, ...)
 enum {
     VGPU_W_CONNECT = 0, VGPU_W_LIBCUDA, VGPU_W_NVML, VGPU_W_PROTO, VGPU_W_LOST,
     VGPU_W_REGIONS, VGPU_W_TABLE, VGPU_W_ACCOUNT, VGPU_W_DEVICE, VGPU_W_THREAD,
-    VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH,
+    VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH, VGPU_W_CTXMEM, VGPU_W_GETPROC,
 };
 
 uint64_t vgpu_now_ns(void);         /* CLOCK_MONOTONIC */
@@ -241,7 +241,7 @@ int vgpu_hdev_of_cudev(CUdevice dev);
 /* hdev index for a uuid string with the given total (NVML path). */
 int vgpu_hdev_of_uuid(const char *uuid, uint64_t total);
 /* Ensure attached: returns slot >= 0, -1 if refused, -2 if not registered
- * or daemon down. */
+ * or daemon down, -3 if the slice has no memory left for a context. */
 int vgpu_hdev_attach(int hidx);
 /* hdev index of the calling thread's current context, -1 if none. */
 int vgpu_current_hdev(void);

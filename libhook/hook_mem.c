@@ -95,6 +95,8 @@ static CUresult reserve(int hidx, uint64_t n, struct resv *rv)
     int slot = vgpu_hdev_attach(hidx);
     if (slot == -1)
         return CUDA_ERROR_INVALID_DEVICE;
+    if (slot == -3)
+        return CUDA_ERROR_OUT_OF_MEMORY;
     rv->hidx = hidx;
     if (n == 0)
         return CUDA_SUCCESS;

@@ -78,6 +78,13 @@ def test_racing_allocations_never_pass_the_caps(vgpud: VgpudProc, cgroups: Cgrou
                    stdout=subprocess.PIPE, stdin=subprocess.PIPE) for i in range(8)]
     sib = [spawn([exe, "4", "3", "160", str(100 + i)], env, sibling, cgroups,
                  stdout=subprocess.PIPE, stdin=subprocess.PIPE) for i in range(2)]
+    for p in procs + sib:
+        assert p.stdout is not None
+        assert json.loads(p.stdout.readline())["phase"] == "ready"
+    for p in procs + sib:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
     peaks = {"capped": 0, "parent": 0}
     samples = 0
     stop = threading.Event()
@@ -161,3 +168,25 @@ def test_over_cap_is_out_of_memory_and_info_shows_the_limit(vgpud: VgpudProc, cg
     assert r["dev_total"] == 256 * MiB
     assert r["mem_free"] <= 256 * MiB - 200 * MiB
     assert p.returncode == 0
+
+
+def test_a_second_process_cannot_push_a_full_slice_over_with_its_context(
+        vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
+    """The context a process creates takes memory no allocation reports. Once
+    the daemon has seen what contexts cost on the device, a process joining a
+    full slice gets out-of-memory at context creation and the slice stays
+    within its cap on the device itself."""
+    slc = cgroups.make("shared")
+    vgpud.ctl("set", slc, "gpu.memory.max=512M")
+    env = vgpud.client_env(CLIENT_HOLD_MS="3000")
+    first = spawn([str(built / "client_basic"), "1", "1000", str(480 * MiB)], env, slc,
+                  cgroups, stdout=subprocess.PIPE)
+    _wait(lambda: vgpud.ctl("show", slc)["gpu.memory.current"]["total"] >= 480 * MiB)
+    second = spawn([str(built / "client_basic"), "1", "1000", str(MiB)], env, slc, cgroups,
+                   stdout=subprocess.PIPE)
+    out, _ = second.communicate(timeout=30)
+    r = json.loads(out.splitlines()[-1])
+    assert r["ctx_rc"] == 2  # CUDA_ERROR_OUT_OF_MEMORY
+    assert _mem(vgpud.shm, first.pid) + _mem(vgpud.shm, second.pid) <= 512 * MiB
+    out, _ = first.communicate(timeout=30)
+    assert json.loads(out.splitlines()[-1])["alloc_rc"] == [0]

@@ -51,6 +51,7 @@ from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
 from vgpu_cgroup._tree import Denial, SliceTree
 
 MAX_CONNECTIONS = 4096
+MAX_CTX_ESTIMATE = 2 << 30  # larger unreserved use is not a context: not learned
 OVERHEAD_EVERY_TICKS = 20  # NVML per-process memory is reconciled every 20 ticks (200 ms)
 HANDSHAKE_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
@@ -78,6 +79,7 @@ class _Client:
     overhead_checked: dict[str, int] = field(default_factory=dict)  # dev -> clock ns
     last_grant_ns: int = 0
     audited: bool = False
+    readmitted: bool = False  # re-declared held memory after a daemon restart
 
 
 class _Close(Exception):
@@ -120,6 +122,8 @@ class Daemon:
         self._tick_errors = 0
         self._ticks = 0
         self._nvml_warned = False
+        #: per device, the largest context+module overhead seen (bytes)
+        self._ctx_estimate: dict[str, int] = {}
         self.listener: trio.socket.SocketType | None = None
         self._inherited = False
         #: trio.current_time() of the last completed tick; the watchdog checks it.
@@ -411,9 +415,10 @@ class Daemon:
         """After a daemon restart: book what the client still holds.
 
         The memory is already allocated on the GPU, so refusing would only make
-        accounting wrong; the tree has no forced booking, so an entry over the
-        cap is logged and left out (see the report of this module).
+        accounting wrong: it is booked even over a cap (``SliceTree.adopt``),
+        logged, and later reservations are refused until enough is freed.
         """
+        client.readmitted = bool(held)
         for h in held:
             if h.dev not in self.devices:
                 client.log.warning("held memory on unknown device ignored", dev=h.dev, n=h.n)
@@ -448,8 +453,10 @@ class Daemon:
             if ev.n == 0:
                 return proto.Granted(id=ev.id)
             now = self.clock()
-            if uuid not in client.overhead_checked:  # context not yet seen: look now
-                self._reconcile(client, uuid, now, self._nvml_used(uuid))
+            # Admission must see the process's context and modules as they
+            # are now (modules load lazily), so NVML is read on every
+            # reservation: allocations are rare next to launches.
+            self._reconcile(client, uuid, now, self._nvml_used(uuid))
             res = self.tree.reserve(client.id, uuid, ev.n)
             if isinstance(res, Denial):
                 client.log.info("allocation refused", dev=uuid, n=ev.n, limit_slice=res.slice,
@@ -488,11 +495,29 @@ class Daemon:
             return proto.Error(code="device", id=ev.id,
                                msg=f"device {dev.index} ({dev.uuid}) not allowed by gpu.devices")
         assert client.shm is not None
+        now = self.clock()
         slot = client.dev_slot.get(dev.uuid)
         if slot is None:
             free = [s for s in range(MAX_DEVICES) if s not in client.slots]
             if not free:
                 return proto.Error(code="device", msg="all device slots in use", id=ev.id)
+            # The context the hook is about to create takes memory no
+            # allocation call reports: admit an estimate of it first (what
+            # contexts on this device have measured), so a process that
+            # joins a full slice fails with out-of-memory instead of pushing
+            # the slice past its cap. Reconciliation replaces the estimate.
+            est = self._ctx_estimate.get(dev.uuid, 0)
+            if est and not client.readmitted and dev.uuid not in client.overhead:
+                self.tree.attach_device(client.id, dev.uuid)
+                res = self.tree.reserve(client.id, dev.uuid, est)
+                if isinstance(res, Denial):
+                    client.log.info("no memory left for a context", dev=dev.uuid, need=est,
+                                    limit_slice=res.slice, limit=res.limit, current=res.current)
+                    return proto.Error(code="oom", id=ev.id, msg=(
+                        f"slice {res.slice or '-.slice'} has {max(0, res.limit - res.current)} "
+                        f"bytes left of gpu.memory.max={res.limit}; a context needs about {est}"))
+                client.overhead[dev.uuid] = est
+                client.last_grant_ns = now
             slot = free[0]
             client.slots[slot] = dev.uuid
             client.dev_slot[dev.uuid] = slot
@@ -500,7 +525,6 @@ class Daemon:
             client.shm.activate(slot)
             c = client.shm.counters(slot)
             client.last_counters[slot] = (c.nr_throttled, c.throttled_ns)
-        now = self.clock()
         self._reconcile(client, dev.uuid, now, self._nvml_used(dev.uuid))
         limit, used = self.tree.mem_view(client.id, dev.uuid)
         client.shm.write_mem_view(slot, limit, used)
@@ -547,6 +571,9 @@ class Daemon:
         elif target < booked:
             self.tree.release(client.id, uuid, booked - target)
         client.overhead[uuid] = target
+        measured = used[client.pid] - reserved
+        if 0 < measured <= MAX_CTX_ESTIMATE and measured > self._ctx_estimate.get(uuid, 0):
+            self._ctx_estimate[uuid] = measured
         if target > AUDIT_BYTES and not client.audited:
             client.audited = True
             client.log.warning("process uses GPU memory it never reserved: is the hook "

@@ -6,7 +6,8 @@
  *
  * Each thread loops for SECONDS: with probability 1/2 (or always, when it
  * holds nothing) it allocates 1..MAX_MIB MiB, else frees one of its
- * buffers. Before exiting it frees everything, then waits for a line on
+ * buffers. It starts racing when a line arrives on stdin (after printing
+ * a "ready" line once its context exists). Before exiting it frees everything, then waits for a line on
  * stdin (so a test can compare the daemon's books with the device's while
  * the process still lives), and prints one JSON line of counts.
  */
@@ -88,6 +89,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "mem_race: CUDA setup failed\n");
         return 1;
     }
+    /* Every process makes its context before any races: a context is
+     * admitted against the slice like an allocation. */
+    printf("{\"pid\": %d, \"phase\": \"ready\"}\n", (int)getpid());
+    fflush(stdout);
+    char go[16];
+    if (!fgets(go, sizeof go, stdin))
+        return 1;
     pthread_t tid[64];
     struct result res[64] = {{0}};
     for (int i = 0; i < threads; i++) {
