@@ -1,0 +1,141 @@
+"""Compute isolation end to end on the simulated GPU: GPU-time shares held
+by launch tokens, measured by the simulated device's own busy time per
+process (not by anything vgpu reports about itself)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests._e2e import Cgroups, VgpudProc, build, build_c, spawn
+
+pytestmark = pytest.mark.e2e
+TOL = 0.02
+KERNEL_NS = 500_000
+SECONDS = 4.0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    build()
+    out = tmp_path_factory.mktemp("bin")
+    build_c("spin_client", out)
+    return out
+
+
+@pytest.fixture
+def cgroups() -> Iterator[Cgroups]:
+    cg = Cgroups()
+    try:
+        yield cg
+    finally:
+        cg.cleanup()
+
+
+@pytest.fixture
+def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
+    d = VgpudProc(tmp_path)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+def run_together(vgpud: VgpudProc, cgroups: Cgroups, built: Path,
+                 slices: Sequence[str]) -> list[float]:
+    """One spin_client per slice, measuring the same window; their shares."""
+    start_at = time.time() + 1.5
+    procs = [
+        spawn([str(built / "spin_client"), str(KERNEL_NS), str(SECONDS), f"{start_at:.3f}"],
+              vgpud.client_env(), s, cgroups, stdout=subprocess.PIPE)
+        for s in slices
+    ]
+    shares = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0, out
+        shares.append(json.loads(out.splitlines()[-1])["share"])
+    return shares
+
+
+def configure(vgpud: VgpudProc, cgroups: Cgroups, name: str, *knobs: str) -> str:
+    rel = cgroups.make(name)
+    if knobs:
+        vgpud.ctl("set", rel, *knobs)
+    return rel
+
+
+@pytest.mark.parametrize("cap", [30, 60])
+def test_solo_cap(vgpud: VgpudProc, cgroups: Cgroups, built: Path, cap: int) -> None:
+    s = configure(vgpud, cgroups, "solo", f"gpu.cores.max={cap}")
+    (share,) = run_together(vgpud, cgroups, built, [s])
+    assert share == pytest.approx(cap / 100, abs=TOL)
+
+
+def test_hard_pair_30_70(vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
+    a = configure(vgpud, cgroups, "a", "gpu.cores.min=30", "gpu.cores.max=30")
+    b = configure(vgpud, cgroups, "b", "gpu.cores.min=70", "gpu.cores.max=70")
+    sa, sb = run_together(vgpud, cgroups, built, [a, b])
+    assert sa == pytest.approx(0.30, abs=TOL)
+    assert sb == pytest.approx(0.70, abs=TOL)
+
+
+def test_soft_pair_and_soft_alone(vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
+    n1 = configure(vgpud, cgroups, "n1")
+    n2 = configure(vgpud, cgroups, "n2")
+    native = sum(run_together(vgpud, cgroups, built, [n1, n2]))
+    a = configure(vgpud, cgroups, "a", "gpu.cores.min=30", "gpu.cores.max=100")
+    b = configure(vgpud, cgroups, "b", "gpu.cores.min=70", "gpu.cores.max=100")
+    sa, sb = run_together(vgpud, cgroups, built, [a, b])
+    assert (sa + sb) / native >= 0.95
+    assert sa / (sa + sb) == pytest.approx(0.30, abs=TOL)
+    (alone,) = run_together(vgpud, cgroups, built, [a])
+    assert alone >= 0.95
+
+
+def test_nested_parent_max_children_weighted(vgpud: VgpudProc, cgroups: Cgroups,
+                                             built: Path) -> None:
+    configure(vgpud, cgroups, "parent", "gpu.cores.max=50")
+    a = configure(vgpud, cgroups, "parent/a", "gpu.cores.weight=100")
+    b = configure(vgpud, cgroups, "parent/b", "gpu.cores.weight=300")
+    sa, sb = run_together(vgpud, cgroups, built, [a, b])
+    assert sa == pytest.approx(0.125, abs=TOL)
+    assert sb == pytest.approx(0.375, abs=TOL)
+
+
+def test_live_change_reaches_new_share_within_a_second(vgpud: VgpudProc, cgroups: Cgroups,
+                                                       built: Path) -> None:
+    s = configure(vgpud, cgroups, "live", "gpu.cores.max=30")
+    p = spawn([str(built / "spin_client"), str(KERNEL_NS), "-1"], vgpud.client_env(), s,
+              cgroups, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdin is not None
+    samples: list[tuple[float, float]] = []
+    try:
+        t_end = time.time() + 3
+        while time.time() < t_end:
+            r = json.loads(p.stdout.readline())
+            samples.append((r["t"], r["share"]))
+        t_set = time.time()
+        vgpud.ctl("set", s, "gpu.cores.max=60")
+        t_end = time.time() + 3
+        while time.time() < t_end:
+            r = json.loads(p.stdout.readline())
+            samples.append((r["t"], r["share"]))
+    finally:
+        p.stdin.close()
+        p.wait(10)
+    before = [v for t, v in samples if t_set - 2 < t < t_set]
+    assert sum(before) / len(before) == pytest.approx(0.30, abs=TOL)
+    # Reached: from the first 100 ms window that ends more than 1 s after the
+    # set, every window holds the new share (0.60, within 0.05 per window).
+    after = [v for t, v in samples if t > t_set + 1.0]
+    assert after
+    assert all(abs(v - 0.60) <= 0.05 for v in after), after
+    assert sum(after) / len(after) == pytest.approx(0.60, abs=TOL)
