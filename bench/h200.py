@@ -415,7 +415,39 @@ def sc_restart(b: Bench) -> dict[str, Any]:
     return {"train_after_restart": r, "kill_before": before, "seconds_to_release": back}
 
 
+def sc_probe(b: Bench) -> dict[str, Any]:
+    """The hook's assumptions about this driver: headers match NVIDIA's, and
+    cuGetProcAddress hands out exported entry points for what we intercept."""
+    exe = os.path.join(b.workdir, "getproc_probe")
+    subprocess.check_call(
+        [
+            "gcc",
+            "-O1",
+            "-std=gnu11",
+            "-I",
+            os.path.join(ROOT, "libhook", "include"),
+            os.path.join(ROOT, "tests", "c", "getproc_probe.c"),
+            "-o",
+            exe,
+            "-ldl",
+        ]
+    )
+    probe = subprocess.run([exe], capture_output=True, text=True, env=b.env)
+    layout = subprocess.run(
+        ["bash", os.path.join(ROOT, "tests", "check_cuda_layout.sh")],
+        capture_output=True,
+        text=True,
+    )
+    return {
+        "getproc_rc": probe.returncode,
+        "getproc": probe.stdout.splitlines(),
+        "layout_rc": layout.returncode,
+        "layout": (layout.stdout + layout.stderr)[-2000:],
+    }
+
+
 SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "probe": sc_probe,
     "train": sc_train,
     "mem": sc_mem,
     "compute": sc_compute,

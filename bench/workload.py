@@ -154,6 +154,18 @@ def mode_train(args: argparse.Namespace) -> dict[str, Any]:
                 "cudaGraphLaunch",
             )
         )
+        from collections import Counter
+
+        api = Counter(
+            e.name
+            for e in events
+            if e.device_type != torch.autograd.DeviceType.CUDA
+            and ("aunch" in e.name or e.name.startswith("cu"))
+        )
+        dev = Counter(
+            e.name[:60] for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+        )
+        breakdown = {"api": dict(api.most_common(25)), "device": dict(dev.most_common(40))}
     else:
         for _ in range(args.steps):
             opt.zero_grad(set_to_none=True)
@@ -163,6 +175,7 @@ def mode_train(args: argparse.Namespace) -> dict[str, Any]:
             losses.append(loss)
         torch.cuda.synchronize()
         runtime_launches = None
+        breakdown = None
     after = _daemon_counts(args)
     stats = torch.cuda.memory_stats()
     return {
@@ -170,6 +183,7 @@ def mode_train(args: argparse.Namespace) -> dict[str, Any]:
         "final_loss": float(loss),
         "profiler_kernels": prof_kernels,
         "profiler_launch_calls": runtime_launches,
+        "profiler_breakdown": breakdown,
         "daemon_before": before,
         "daemon_after": after,
         "torch_segments_allocated": stats.get("segment.all.allocated"),
