@@ -102,6 +102,7 @@ class Bench:
         knobs: dict[str, str] | None = None,
         native: bool = False,
         extra_env: dict[str, str] | None = None,
+        capture_err: bool = False,
     ) -> subprocess.Popen[str]:
         env = dict(self.env)
         env.update(extra_env or {})
@@ -115,7 +116,12 @@ class Bench:
                 cmd += ["-p", f"{k}={v}"]
             cmd += ["--", *WORKLOAD, *wl_args]
         p = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if capture_err else None,
+            text=True,
+            start_new_session=True,
         )
         self.procs.append(p)
         return p
@@ -130,12 +136,18 @@ class Bench:
         self.procs.clear()
 
     @staticmethod
-    def collect(p: subprocess.Popen[str], timeout: float = 300) -> dict[str, Any]:
-        out, _ = p.communicate(timeout=timeout)
+    def collect(
+        p: subprocess.Popen[str], timeout: float = 300, expect_ok: bool = True
+    ) -> dict[str, Any]:
+        out, err = p.communicate(timeout=timeout)
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if p.returncode != 0 or not lines:
+        if expect_ok and (p.returncode != 0 or not lines):
             raise RuntimeError(f"workload failed rc={p.returncode}: {out[-2000:]}")
-        return dict(json.loads(lines[-1]))
+        res = dict(json.loads(lines[-1])) if lines else {}
+        res["rc"] = p.returncode
+        if err:
+            res["stderr"] = [ln for ln in err.splitlines() if "vgpu" in ln.lower()][-80:]
+        return res
 
     def run(self, wl_args: list[str], **kw: Any) -> dict[str, Any]:
         return self.collect(self.spawn(wl_args, **kw))
@@ -154,7 +166,16 @@ def sc_train(b: Bench) -> dict[str, Any]:
     """Issue 2: a small training loop runs unchanged under vgpuctl run, and the
     daemon's launch/allocation counts match what the CUDA runtime issued."""
     vg = " ".join(b.vgpuctl())
-    r = b.run(["train", "--steps", "200", "--profile", "--vgpuctl", vg], slice_="bench-train.slice")
+    r = b.collect(
+        b.spawn(
+            ["train", "--steps", "200", "--profile", "--vgpuctl", vg],
+            slice_="bench-train.slice",
+            extra_env={"VGPU_DEBUG": "getproc"},
+            capture_err=True,
+        )
+    )
+    # Only the entry points that were not hooked matter here.
+    r["stderr"] = sorted({ln for ln in r.get("stderr", []) if "(hooked)" not in ln})
     before, after = r.get("daemon_before") or {}, r.get("daemon_after") or {}
     r["daemon_launches_in_region"] = after.get("launches", 0) - before.get("launches", 0)
     r["daemon_allocs_total"] = after.get("allocs")
@@ -205,20 +226,28 @@ def sc_mem(b: Bench) -> dict[str, Any]:
             t.join()
         r["nvml_peak_bytes"] = peak.get("max", 0)
         res[name] = r
-    # Two processes in one slice share the 4 GiB.
+    # Two processes in one slice share the 4 GiB: the first fills it and
+    # holds; the second must not push the slice over (its context is
+    # admitted against the slice, so it may get CUDA out-of-memory at once).
     b.ctl("set", "--runtime", "bench-shared.slice", "gpu.memory.max=4G")
-    pa = b.spawn(["memfill", "--chunk-mib", "64", "--hold", "8"], slice_="bench-shared.slice")
-    assert pa.stdout is not None
-    first = json.loads(pa.stdout.readline())
-    pb = b.spawn(["memfill", "--chunk-mib", "64"], slice_="bench-shared.slice")
+    procs: list[subprocess.Popen[str]] = []
     peak = {}
     stop = threading.Event()
     t = threading.Thread(
-        target=_nvml_poll, args=(lambda: _tree_pids(pa.pid) + _tree_pids(pb.pid), stop, peak)
+        target=_nvml_poll,
+        args=(lambda: [q for p in procs for q in _tree_pids(p.pid)], stop, peak),
     )
     t.start()
     try:
-        second = b.collect(pb)
+        pa = b.spawn(["memfill", "--chunk-mib", "64", "--hold", "8"], slice_="bench-shared.slice")
+        procs.append(pa)
+        assert pa.stdout is not None
+        first = json.loads(pa.stdout.readline())
+        pb = b.spawn(
+            ["memfill", "--chunk-mib", "64"], slice_="bench-shared.slice", capture_err=True
+        )
+        procs.append(pb)
+        second = b.collect(pb, expect_ok=False)
         rest = b.collect(pa)
     finally:
         stop.set()
@@ -349,10 +378,12 @@ def sc_overhead(b: Bench) -> dict[str, Any]:
 def sc_live(b: Bench) -> dict[str, Any]:
     """A live `vgpuctl set` from 30 to 60: time until the new share holds."""
     native = b.run(["matmul", "--seconds", "4", "--sync-every", "5"], native=True)["rate"]
+    # The cap is the slice's (a -p knob would sit on the run's own scope,
+    # below the slice, and keep holding 30 after the slice is raised).
+    b.ctl("set", "--runtime", "bench-live.slice", "gpu.cores.max=30")
     p = b.spawn(
         ["matmul", "--seconds", "10", "--sync-every", "5", "--timeline"],
         slice_="bench-live.slice",
-        knobs={"gpu.cores.max": "30"},
     )
     time.sleep(15)  # torch start + warm-up, then ~5 s of measurement at 30
     t_set = time.time()

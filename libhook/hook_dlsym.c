@@ -12,9 +12,13 @@
  */
 #include <dlfcn.h>
 #include <link.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "hook_internal.h"
+
+static int debug_getproc(void);
 
 struct hook_entry {
     const char *name;
@@ -101,6 +105,8 @@ VGPU_EXPORT void *dlsym(void *handle, const char *name)
         r = vgpu_real_dlsym(handle, name);
     if (r) {
         void *h = vgpu_hook_for_name(name);
+        if (debug_getproc() && name[0] == 'c' && name[1] == 'u')
+            fprintf(stderr, "vgpu-debug: dlsym(%s) -> %p%s\n", name, h ? h : r, h ? " (hooked)" : "");
         if (h)
             return h;
     }
@@ -130,11 +136,26 @@ static bool variant_of(const char *name, const char *base)
            !strcmp(rest, "_ptsz") || !strcmp(rest, "_ptds") || !strcmp(rest, "_v2_ptsz");
 }
 
-static void fixup(const char *symbol, void **pfn, int cudaVersion)
+/* VGPU_DEBUG=getproc: log every entry point handed out, for finding a
+ * library that reaches the driver some way the hook does not cover. */
+static int debug_getproc(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("VGPU_DEBUG");
+        v = e && strstr(e, "getproc") ? 1 : 0;
+    }
+    return v;
+}
+
+static void fixup(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags)
 {
     if (!pfn)
         return;
     void *s = swap_for_hook(*pfn);
+    if (debug_getproc())
+        fprintf(stderr, "vgpu-debug: cuGetProcAddress(%s, %d, %llu) -> %p%s\n", symbol ? symbol : "?",
+                cudaVersion, (unsigned long long)flags, *pfn, s != *pfn ? " (hooked)" : "");
     if (s == *pfn && symbol && !strcmp(symbol, "cuGetProcAddress"))
         s = cudaVersion >= 12000 ? (void *)&cuGetProcAddress_v2 : (void *)&cuGetProcAddress;
     if (s == *pfn && *pfn && symbol) {
@@ -160,7 +181,7 @@ VGPU_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int cudaVe
         return VGPU_REFUSED_ERROR;
     CUresult r = real_cuGetProcAddress(symbol, pfn, cudaVersion, flags);
     if (r == CUDA_SUCCESS)
-        fixup(symbol, pfn, cudaVersion);
+        fixup(symbol, pfn, cudaVersion, flags);
     return r;
 }
 
@@ -172,6 +193,6 @@ VGPU_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cud
         return VGPU_REFUSED_ERROR;
     CUresult r = real_cuGetProcAddress_v2(symbol, pfn, cudaVersion, flags, symbolStatus);
     if (r == CUDA_SUCCESS)
-        fixup(symbol, pfn, cudaVersion);
+        fixup(symbol, pfn, cudaVersion, flags);
     return r;
 }

@@ -33,6 +33,14 @@
 #define VGPU_EXPORT __attribute__((visibility("default")))
 #define VGPU_HIDDEN __attribute__((visibility("hidden")))
 
+/* CUDA 10.0's stream-capture entry points, still exported by the driver and
+ * what cuGetProcAddress gives a runtime that asks at version 10000 (seen
+ * with PyTorch on CUDA 13). Not in vgpu_cuda.h: NVIDIA's header maps the
+ * name to _v2. Declared with the _v2 arguments: the hook forwards both, which
+ * is harmless if the driver's function reads only the stream. */
+CUresult cuStreamBeginCapture(CUstream hStream, CUstreamCaptureMode mode);
+CUresult cuStreamBeginCapture_ptsz(CUstream hStream, CUstreamCaptureMode mode);
+
 /* ---------------------------------------------------------------------- */
 /* The hooked CUDA entry points: exported under the driver's names, handed */
 /* out by dlsym and cuGetProcAddress. X(name).                              */
@@ -74,6 +82,8 @@
     X(cuLaunchCooperativeKernel_ptsz)                                          \
     X(cuGraphLaunch)                                                           \
     X(cuGraphLaunch_ptsz)                                                      \
+    X(cuStreamBeginCapture)                                                    \
+    X(cuStreamBeginCapture_ptsz)                                               \
     X(cuStreamBeginCapture_v2)                                                 \
     X(cuStreamBeginCapture_v2_ptsz)                                            \
     X(cuStreamEndCapture)                                                      \

@@ -577,6 +577,24 @@ VGPU_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream hStream)
 /* ---- stream capture tracking: only while a capture is active anywhere do
  * launches pay for cuStreamIsCapturing. ---- */
 
+VGPU_EXPORT CUresult cuStreamBeginCapture(CUstream s, CUstreamCaptureMode mode)
+{
+    ENTER(cuStreamBeginCapture);
+    CUresult r = real_cuStreamBeginCapture(s, mode);
+    if (r == CUDA_SUCCESS)
+        atomic_fetch_add(&vgpu_active_captures, 1);
+    return r;
+}
+
+VGPU_EXPORT CUresult cuStreamBeginCapture_ptsz(CUstream s, CUstreamCaptureMode mode)
+{
+    ENTER(cuStreamBeginCapture_ptsz);
+    CUresult r = real_cuStreamBeginCapture_ptsz(s, mode);
+    if (r == CUDA_SUCCESS)
+        atomic_fetch_add(&vgpu_active_captures, 1);
+    return r;
+}
+
 VGPU_EXPORT CUresult cuStreamBeginCapture_v2(CUstream s, CUstreamCaptureMode mode)
 {
     ENTER(cuStreamBeginCapture_v2);
