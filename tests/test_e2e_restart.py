@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -324,3 +325,17 @@ def test_fork_after_init_and_exec_under_the_hook(vgpud: VgpudProc, cgroups: Cgro
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_load_smoke(tmp_path: Path, built: Path) -> None:
+    """bench/load.py in small: 12 hooked clients in 3 capped slices for 3 s;
+    nothing lost (launch counts equal, slices back to 0, all exit 0)."""
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench"
+                                            / "load.py"), "--clients", "12", "--slices", "3",
+                        "--seconds", "3", "--json", str(tmp_path / "load.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    r = json.loads((tmp_path / "load.json").read_text())
+    assert r["problems"] == []
+    assert r["launches"] > 0
+    assert r["allocs_ok"] > 0

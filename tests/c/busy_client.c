@@ -3,7 +3,7 @@
  * tests: it holds memory, launches kernels continuously and keeps making
  * short-lived allocations, while the test kills and restarts vgpud.
  *
- *   busy_client busy HOLD_MIB NHOLD EXTRA_MIB KERNEL_NS
+ *   busy_client busy HOLD_MIB NHOLD EXTRA_MIB KERNEL_NS [THINK_MS]
  *       Allocate NHOLD buffers of HOLD_MIB, and a small one with a pattern
  *       that is checked at the end.
  *       Then loop: launch sim_sleep_ns(KERNEL_NS) in bursts of 8 (then
@@ -13,6 +13,8 @@
  *       stdin, one per line:
  *         g  go: start the short-lived allocations, print {"phase":"go"}
  *         q  quiet: stop the short-lived allocations, print {"phase":"quiet"}
+ *         p  pause: stop launching and allocating, print {"phase":"paused",
+ *            "launched":N} (so the daemon's count can be compared), wait for e
  *         e  end: check the pattern, free, print the result line, exit 0
  *       A closed stdin is "e".
  *
@@ -96,6 +98,7 @@ static int busy(int argc, char **argv)
     int nhold = atoi(argv[3]);
     size_t extra = (size_t)strtoull(argv[4], NULL, 10) * MiB;
     uint64_t kns = strtoull(argv[5], NULL, 10);
+    int think_ms = argc > 6 ? atoi(argv[6]) : 0;
     if (nhold < 0 || nhold > MAX_HOLD || hold < PATTERN_BYTES)
         return 2;
     if (setup()) {
@@ -127,7 +130,7 @@ static int busy(int argc, char **argv)
     long nspan = 0;
     int quiet = 1;
     for (;;) {
-        char c = poll_cmd(0);
+        char c = poll_cmd(think_ms);
         if (c == 'e')
             break;
         if (c == 'g' && extra) {
@@ -139,6 +142,13 @@ static int busy(int argc, char **argv)
             quiet = 1;
             printf("{\"pid\": %d, \"phase\": \"quiet\"}\n", (int)getpid());
             fflush(stdout);
+        }
+        if (c == 'p') {
+            printf("{\"pid\": %d, \"phase\": \"paused\", \"launched\": %ld}\n", (int)getpid(), launched);
+            fflush(stdout);
+            while ((c = poll_cmd(100)) != 'e')
+                ;
+            break;
         }
         CUdeviceptr p = 0;
         if (!quiet) {
