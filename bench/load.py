@@ -80,7 +80,8 @@ def _tell_all(procs: Sequence[subprocess.Popen[str]], cmd: str) -> None:
 
 
 def run(clients: int, seconds: float, nslices: int, tmp: Path,
-        kernel_ns: int = 20000, wave: int = 25, think_ms: int = 10) -> dict[str, Any]:
+        kernel_ns: int = 20000, wave: int = 25, think_ms: int = 50,
+        connect_ms: int = 30000) -> dict[str, Any]:
     build()
     exe = str(build_c("busy_client", tmp))
     d = VgpudProc(tmp, sim_mem="64G")
@@ -103,7 +104,11 @@ def run(clients: int, seconds: float, nslices: int, tmp: Path,
             knobs = [f"gpu.memory.max={cap}"] + (["gpu.cores.max=50"] if i == 0 else [])
             d.ctl("set", path, *knobs)
             slices.append(path)
-        env = d.client_env()
+        # A loaded 2-core node answers hellos slowly: the default 2 s connect
+        # timeout fails clients started while hundreds already run (reported).
+        conf = tmp / "hook.conf"
+        conf.write_text(f"connect_timeout_ms = {connect_ms}\n")
+        env = d.client_env(VGPU_HOOK_CONF=str(conf))
         t_start = time.monotonic()
         for first in range(0, clients, wave):
             batch = []
@@ -222,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--wave", type=int, default=25,
                     help="clients started at once (the next wave once these hold memory); "
                          "--wave 200 starts 200 together")
-    ap.add_argument("--think-ms", type=int, default=10,
+    ap.add_argument("--connect-timeout-ms", type=int, default=30000,
+                    help="the hook's connect_timeout_ms for the clients (hook.conf)")
+    ap.add_argument("--think-ms", type=int, default=50,
                     help="each client's idle pause after a burst (0: flat out; with 200 "
                          "clients on 2 cores that starves everything, the daemon included)")
     ap.add_argument("--json", metavar="FILE")
@@ -231,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--clients >= 1, --seconds > 0, 1 <= --slices <= --clients")
     with tempfile.TemporaryDirectory(prefix="vgpu-load-") as td:
         r = run(args.clients, args.seconds, args.slices, Path(td), args.kernel_ns,
-                max(1, args.wave), max(0, args.think_ms))
+                max(1, args.wave), max(0, args.think_ms), args.connect_timeout_ms)
     lat = r["alloc_latency_us"]
     rss = r["daemon_rss_kib"]
     print(f"{r['clients']} clients x {r['seconds']} s in {r['slices']} slices "
