@@ -59,7 +59,10 @@ class Bench:
                 "--log-format",
                 "json",
             ],
-            env=self.env,
+            env=dict(
+                self.env,
+                VGPU_DEBUG_TICK=os.path.join(os.environ.get("OUT", self.workdir), "ticks.log"),
+            ),
             stdout=self.log,
             stderr=self.log,
             start_new_session=True,
@@ -269,69 +272,63 @@ def _tree_pids(pid: int) -> list[int]:
 
 
 def sc_compute(b: Bench) -> dict[str, Any]:
-    """Issue 4: shares against native, each ratio from this run."""
+    """Issue 4: shares against native, each ratio from this run. Knobs sit on
+    the slices (so a later run in the same slice sees them); each figure is
+    stored as soon as it is measured, so one failure loses only itself."""
     secs = ["--seconds", "8"]
     res: dict[str, Any] = {}
-    native = b.run(["matmul", *secs], native=True)
-    base = native["rate"]
-    res["native_rate"] = base
-    for cap in (30, 60):
-        r = b.run(
-            ["matmul", *secs], slice_=f"bench-solo{cap}.slice", knobs={"gpu.cores.max": str(cap)}
-        )
-        res[f"solo{cap}"] = r["rate"] / base
-    np_ = b.together([(["matmul", *secs], {"native": True}), (["matmul", *secs], {"native": True})])
-    native_pair = np_[0]["rate"] + np_[1]["rate"]
-    res["native_pair"] = [np_[0]["rate"] / base, np_[1]["rate"] / base]
-    hp = b.together(
-        [
-            (
-                ["matmul", *secs],
-                {
-                    "slice_": "bench-hard-a.slice",
-                    "knobs": {"gpu.cores.max": "30", "gpu.cores.min": "30"},
-                },
-            ),
-            (
-                ["matmul", *secs],
-                {
-                    "slice_": "bench-hard-b.slice",
-                    "knobs": {"gpu.cores.max": "70", "gpu.cores.min": "70"},
-                },
-            ),
-        ]
-    )
-    res["pair_hard"] = [hp[0]["rate"] / base, hp[1]["rate"] / base]
-    sp = b.together(
-        [
-            (
-                ["matmul", *secs],
-                {
-                    "slice_": "bench-soft-a.slice",
-                    "knobs": {"gpu.cores.min": "30", "gpu.cores.max": "100"},
-                },
-            ),
-            (
-                ["matmul", *secs],
-                {
-                    "slice_": "bench-soft-b.slice",
-                    "knobs": {"gpu.cores.min": "70", "gpu.cores.max": "100"},
-                },
-            ),
-        ]
-    )
-    tot = sp[0]["rate"] + sp[1]["rate"]
-    res["pair_soft"] = [sp[0]["rate"] / base, sp[1]["rate"] / base]
-    res["pair_soft_total_vs_native_pair"] = tot / native_pair
-    res["pair_soft_split"] = [sp[0]["rate"] / tot, sp[1]["rate"] / tot]
-    r = b.run(["matmul", *secs], slice_="bench-soft-a.slice")
-    res["soft_alone"] = r["rate"] / base
-    nb = b.run(["big", *secs], native=True)
-    cb = b.run(["big", *secs], slice_="bench-big.slice", knobs={"gpu.cores.max": "30"})
-    res["big30"] = cb["rate"] / nb["rate"]
-    ng = b.run(["graph", *secs], native=True)
-    cg = b.run(["graph", *secs], slice_="bench-graph.slice", knobs={"gpu.cores.max": "30"})
-    res["graph30"] = cg["rate"] / ng["rate"]
+    slices = {
+        "solo30": {"gpu.cores.max": "30"},
+        "solo60": {"gpu.cores.max": "60"},
+        "hard-a": {"gpu.cores.min": "30", "gpu.cores.max": "30"},
+        "hard-b": {"gpu.cores.min": "70", "gpu.cores.max": "70"},
+        "soft-a": {"gpu.cores.min": "30", "gpu.cores.max": "100"},
+        "soft-b": {"gpu.cores.min": "70", "gpu.cores.max": "100"},
+        "big30": {"gpu.cores.max": "30"},
+        "graph30": {"gpu.cores.max": "30"},
+    }
+    for name, knobs in slices.items():
+        b.ctl("set", "--runtime", f"bench-{name}.slice", *(f"{k}={v}" for k, v in knobs.items()))
+
+    def step(key: str, fn: Callable[[], Any]) -> None:
+        try:
+            res[key] = fn()
+        except Exception as e:
+            res[key] = {"error": repr(e)[:500]}
+        finally:
+            b.reap()
+        print(f"   compute {key}: {json.dumps(res[key])[:300]}", flush=True)
+
+    def solo(slice_: str, mode: str = "matmul") -> float:
+        return float(b.run([mode, *secs], slice_=slice_)["rate"])
+
+    def native(mode: str = "matmul") -> float:
+        return float(b.run([mode, *secs], native=True)["rate"])
+
+    def pair(a: str | None, c: str | None) -> list[float]:
+        kw_a = {"native": True} if a is None else {"slice_": a}
+        kw_c = {"native": True} if c is None else {"slice_": c}
+        got = b.together([(["matmul", *secs], kw_a), (["matmul", *secs], kw_c)])
+        return [float(got[0]["rate"]), float(got[1]["rate"])]
+
+    step("native_rate", native)
+    base = res.get("native_rate")
+    if not isinstance(base, float):
+        return res
+    step("solo30", lambda: solo("bench-solo30.slice") / base)
+    step("solo60", lambda: solo("bench-solo60.slice") / base)
+    step("native_pair", lambda: [x / base for x in pair(None, None)])
+    step("pair_hard", lambda: [x / base for x in pair("bench-hard-a.slice", "bench-hard-b.slice")])
+    step("pair_soft", lambda: [x / base for x in pair("bench-soft-a.slice", "bench-soft-b.slice")])
+    if isinstance(res.get("pair_soft"), list) and isinstance(res.get("native_pair"), list):
+        tot = sum(res["pair_soft"])
+        res["pair_soft_total_vs_native_pair"] = tot / sum(res["native_pair"])
+        res["pair_soft_split"] = [x / tot for x in res["pair_soft"]]
+    step("soft_alone", lambda: solo("bench-soft-a.slice") / base)
+    step("big_native_rate", lambda: native("big"))
+    step("big30", lambda: solo("bench-big30.slice", "big") / res["big_native_rate"])
+    step("graph_native_rate", lambda: native("graph"))
+    step("graph30", lambda: solo("bench-graph30.slice", "graph") / res["graph_native_rate"])
     return res
 
 
@@ -416,34 +413,33 @@ def sc_live(b: Bench) -> dict[str, Any]:
 def sc_restart(b: Bench) -> dict[str, Any]:
     """Issue 6: a training job survives a daemon restart; a SIGKILLed job's
     memory returns to its slice."""
-    p = b.spawn(
-        ["train", "--steps", "3000"], slice_="bench-restart.slice", knobs={"gpu.memory.max": "8G"}
-    )
+    res: dict[str, Any] = {}
+    b.ctl("set", "--runtime", "bench-restart.slice", "gpu.memory.max=8G", "gpu.cores.max=50")
+    b.ctl("set", "--runtime", "bench-kill.slice", "gpu.memory.max=6G")
+    p = b.spawn(["train", "--steps", "3000"], slice_="bench-restart.slice", capture_err=True)
     time.sleep(12)
+    res["before_restart"] = b.ctl("show", "bench-restart.slice")
     b.kill_daemon(signal.SIGKILL)
     time.sleep(1)
     b.start_daemon()
-    r = b.collect(p)
-    q = b.spawn(
-        ["memfill", "--chunk-mib", "256", "--hold", "60"],
-        slice_="bench-kill.slice",
-        knobs={"gpu.memory.max": "6G"},
-    )
+    time.sleep(2)
+    res["after_restart"] = b.ctl("show", "bench-restart.slice")
+    res["train_after_restart"] = b.collect(p)
+    q = b.spawn(["memfill", "--chunk-mib", "256", "--hold", "60"], slice_="bench-kill.slice")
     assert q.stdout is not None
     json.loads(q.stdout.readline())
-    before = b.ctl("show", "bench-kill.slice")
+    res["kill_before"] = b.ctl("show", "bench-kill.slice")["gpu.memory.current"]
     for pid in _tree_pids(q.pid)[1:]:
         os.kill(pid, signal.SIGKILL)
     t0 = time.time()
     q.wait(30)
-    back = None
     while time.time() - t0 < 5:
         cur = b.ctl("show", "bench-kill.slice")
-        if int(cur.get("gpu.memory.current", {}).get("total", 1)) == 0:
-            back = time.time() - t0
+        if int(cur["gpu.memory.current"]["total"]) == 0:
+            res["seconds_to_release"] = time.time() - t0
             break
         time.sleep(0.02)
-    return {"train_after_restart": r, "kill_before": before, "seconds_to_release": back}
+    return res
 
 
 def sc_probe(b: Bench) -> dict[str, Any]:

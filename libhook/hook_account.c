@@ -303,14 +303,32 @@ static void account_flush(void)
     pthread_mutex_unlock(&amu);
 }
 
+#define CAPTURE_PAUSE_MAX_NS 5000000000ull
+
 static void *account_main(void *arg)
 {
     (void)arg;
     vgpu_in_hook = 1;
     for (;;) {
-        pthread_mutex_lock(&amu);
-        pass();
-        pthread_mutex_unlock(&amu);
+        /* While any stream is being captured in global mode, CUDA forbids
+         * other threads the calls this pass makes (cuEventQuery, event
+         * records, the anchor's wait): one of them invalidates the capture
+         * (seen with PyTorch's CUDA graphs on the H200). Captures are short;
+         * measurement resumes, late but complete, when they end. */
+        static uint64_t capture_since;
+        bool capturing = atomic_load_explicit(&vgpu_active_captures, memory_order_acquire) > 0;
+        uint64_t now = vgpu_coarse_ns();
+        if (!capturing)
+            capture_since = 0;
+        else if (!capture_since)
+            capture_since = now;
+        /* A capture that never ends as far as we can see (ended through a
+         * path we do not intercept) must not stop measurement for good. */
+        if (!capturing || now - capture_since > CAPTURE_PAUSE_MAX_NS) {
+            pthread_mutex_lock(&amu);
+            pass();
+            pthread_mutex_unlock(&amu);
+        }
         struct timespec ts = {0, POLL_NS};
         nanosleep(&ts, NULL);
     }

@@ -122,6 +122,8 @@ class Daemon:
         self._tick_errors = 0
         self._ticks = 0
         self._nvml_warned = False
+        trace = os.environ.get("VGPU_DEBUG_TICK")
+        self._tick_trace = open(trace, "a", buffering=1 << 16) if trace else None  # noqa: SIM115
         #: per device, the largest context+module overhead seen (bytes)
         self._ctx_estimate: dict[str, int] = {}
         self.listener: trio.socket.SocketType | None = None
@@ -530,6 +532,18 @@ class Daemon:
         client.shm.write_mem_view(slot, limit, used)
         return proto.Attached(id=ev.id, slot=slot, mem_limit=limit)
 
+    def _trace_tick(self, now: int, demands: list[ClientDemand],
+                    budgets: dict[tuple[int, str], Any]) -> None:
+        """VGPU_DEBUG_TICK=FILE: one line per client and tick (what it was
+        charged, whether it waited, the rate and budget it got), for tuning
+        the share algorithm against a real GPU. Off unless asked for."""
+        assert self._tick_trace is not None
+        for d in demands:
+            b = budgets.get((d.client, d.dev))
+            if b is not None:
+                self._tick_trace.write(f"{now} {d.client} {d.charged_ns} {d.busy_ns} "
+                                       f"{int(d.throttled)} {b.rate_ppm} {b.tokens_ns}\n")
+
     def _publish_mem_view(self, client: _Client, slot: int, uuid: str) -> None:
         """The client's cuMemGetInfo view, right after its own usage changed
         (neighbours' changes reach it at the next tick)."""
@@ -817,6 +831,8 @@ class Daemon:
         while self._window and self._window[0][0] <= now - TOP_WINDOW_NS:
             self._window.popleft()
         budgets = self.sched.tick(demands)
+        if self._tick_trace is not None:
+            self._trace_tick(now, demands, budgets)
         self._ticks += 1
         if self._ticks % OVERHEAD_EVERY_TICKS == 0:
             for uuid in self.devices:
