@@ -213,3 +213,27 @@ def sim_stats(shm: str, pid: int) -> tuple[int, int]:
         else:
             os.environ["VGPU_SIM_SHM"] = old
     return int(busy.value), int(mem.value)
+
+
+def sim_mem_sum(shm: str, pids: Sequence[int]) -> int:
+    """Memory the simulated device says `pids` hold together, read as one
+    consistent snapshot (a sum of separate reads can count memory twice
+    when one process frees it and another gets it in between)."""
+    global _simcuda
+    import ctypes
+
+    if _simcuda is None:
+        _simcuda = ctypes.CDLL(str(SIMDIR / "libcuda.so.1"))
+    arr = (ctypes.c_int * len(pids))(*pids)
+    out = ctypes.c_uint64()
+    old = os.environ.get("VGPU_SIM_SHM")
+    os.environ["VGPU_SIM_SHM"] = shm
+    try:
+        if _simcuda.vgpuSimMemorySum(arr, len(pids), ctypes.byref(out)) != 0:
+            raise LookupError("simulated device not found")
+    finally:
+        if old is None:
+            os.environ.pop("VGPU_SIM_SHM", None)
+        else:
+            os.environ["VGPU_SIM_SHM"] = old
+    return int(out.value)

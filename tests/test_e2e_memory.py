@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests._e2e import Cgroups, VgpudProc, build, build_c, find_process, sim_stats, spawn
+from tests._e2e import (
+    Cgroups,
+    VgpudProc,
+    build,
+    build_c,
+    find_process,
+    sim_mem_sum,
+    sim_stats,
+    spawn,
+)
 
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
@@ -92,8 +101,8 @@ def test_racing_allocations_never_pass_the_caps(vgpud: VgpudProc, cgroups: Cgrou
     def sample() -> None:
         nonlocal samples
         while not stop.is_set():
-            a = sum(_mem(vgpud.shm, p.pid) for p in procs)
-            b = sum(_mem(vgpud.shm, p.pid) for p in sib)
+            a = sim_mem_sum(vgpud.shm, [p.pid for p in procs])
+            b = sim_mem_sum(vgpud.shm, [p.pid for p in sib])
             peaks["capped"] = max(peaks["capped"], a)
             peaks["parent"] = max(peaks["parent"], a + b)
             samples += 1

@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from tests._e2e import Cgroups, VgpudProc, build, build_c, find_process, sim_stats, spawn
+from tests._e2e import (
+    Cgroups,
+    VgpudProc,
+    build,
+    build_c,
+    find_process,
+    sim_mem_sum,
+    sim_stats,
+    spawn,
+)
 
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
@@ -134,7 +143,7 @@ def test_sigkill_restart_under_load(vgpud: VgpudProc, cgroups: Cgroups, built: P
             nonlocal samples
             while not stop.is_set():
                 for leaf, ps in procs.items():
-                    peaks[leaf] = max(peaks[leaf], sum(_mem(vgpud.shm, p.pid) for p in ps))
+                    peaks[leaf] = max(peaks[leaf], sim_mem_sum(vgpud.shm, [p.pid for p in ps]))
                 samples += 1
 
         sampler = threading.Thread(target=sample)

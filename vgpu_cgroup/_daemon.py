@@ -33,6 +33,7 @@ import vgpu_cgroup
 from vgpu_cgroup import _protocol as proto
 from vgpu_cgroup import _systemd
 from vgpu_cgroup._attrib import Attributor
+from vgpu_cgroup._clock import ClockScale
 from vgpu_cgroup._config import (
     CONTROL_HEADER,
     ConfigError,
@@ -44,7 +45,7 @@ from vgpu_cgroup._config import (
 from vgpu_cgroup._identity import cgroup_of_pid, peer_pid_uid
 from vgpu_cgroup._knobs import KnobError
 from vgpu_cgroup._log import get_logger
-from vgpu_cgroup._nvml import Device, NvmlError, process_memory
+from vgpu_cgroup._nvml import Device, NvmlError, clocks, max_sm_clock, process_memory
 from vgpu_cgroup._overhead import AUDIT_BYTES, QUIET_NS, overhead_target
 from vgpu_cgroup._share import ClientDemand, ShareScheduler
 from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
@@ -52,6 +53,7 @@ from vgpu_cgroup._tree import Denial, SliceTree
 
 MAX_CONNECTIONS = 4096
 MAX_CTX_ESTIMATE = 2 << 30  # larger unreserved use is not a context: not learned
+CLOCK_EVERY_TICKS = 5  # SM clock and utilization sampled every 50 ms
 OVERHEAD_EVERY_TICKS = 20  # NVML per-process memory is reconciled every 20 ticks (200 ms)
 HANDSHAKE_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
@@ -122,6 +124,12 @@ class Daemon:
         self._tick_errors = 0
         self._ticks = 0
         self._nvml_warned = False
+        self._ghosts: dict[int, int] = {}  # pid -> placeholder client id (-pid)
+        # Charges are scaled to the full-load clock where the driver reports
+        # clocks (see _clock); the simulated GPU does not, so it is plain time.
+        self._clock = {uuid: ClockScale() for uuid in self.devices}
+        self._max_mhz = {uuid: None if simulated else max_sm_clock(d.index)
+                         for uuid, d in self.devices.items()}
         trace = os.environ.get("VGPU_DEBUG_TICK")
         self._tick_trace = open(trace, "a", buffering=1 << 16) if trace else None  # noqa: SIM115
         #: per device, the largest context+module overhead seen (bytes)
@@ -223,6 +231,7 @@ class Daemon:
         listener = trio.socket.from_stdlib_socket(sock if sock is not None else self.bind())
         self.listener = listener
         self.last_tick = trio.current_time()
+        self.book_running_processes()
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
@@ -242,6 +251,51 @@ class Daemon:
             if not self._inherited:
                 with contextlib.suppress(OSError):
                     os.unlink(self.cfg.socket)
+
+    def book_running_processes(self) -> None:
+        """Book the GPU memory of every process already on the devices into
+        its slice, before the first client is admitted.
+
+        After a daemon restart the clients reconnect one by one; until a
+        client has re-declared what it holds, its memory would be missing
+        from the books and a neighbour could be admitted past a cap. So each
+        process NVML shows is booked as a placeholder ("ghost") in its
+        cgroup's slice, replaced by the real client when it reconnects and
+        dropped when the process is gone.
+        """
+        for uuid in self.devices:
+            for pid, n in (self._nvml_used(uuid) or {}).items():
+                if n <= 0 or pid == os.getpid():
+                    continue
+                try:
+                    slc = cgroup_of_pid(pid)
+                except (OSError, LookupError):
+                    continue
+                ghost = -pid
+                if pid not in self._ghosts:
+                    try:
+                        self.tree.attach(ghost, slc, pid, "(not connected)")
+                    except ValueError:
+                        continue
+                    self._ghosts[pid] = ghost
+                self.tree.attach_device(ghost, uuid)
+                self.tree.adopt(ghost, uuid, n)
+        if self._ghosts:
+            self.log.info("booked memory of running GPU processes until they reconnect",
+                          processes=len(self._ghosts))
+
+    def _drop_ghost(self, pid: int) -> None:
+        if self._ghosts.pop(pid, None) is not None:
+            self.tree.detach(-pid)
+
+    def _expire_ghosts(self) -> None:
+        for pid in list(self._ghosts):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self._drop_ghost(pid)
+            except PermissionError:
+                pass
 
     async def _watchdog(self, period: float) -> None:
         """WATCHDOG=1 every ``period`` from this loop, only while the control
@@ -384,6 +438,8 @@ class Daemon:
         client = _Client(id=cid, role=hello.role, pid=pid, uid=uid, comm=hello.comm,
                          slice=slc, log=log)
         if hello.role == "hook":
+            was_ghost = pid in self._ghosts
+            self._drop_ghost(pid)  # its placeholder, booked at start: it re-declares now
             try:
                 client.slice = self.tree.attach(cid, slc, pid, hello.comm)
             except (ValueError, ConfigError) as exc:
@@ -392,6 +448,13 @@ class Daemon:
             self.clients[cid] = client
             client.shm = ClientShm(tick_ns=self.tick_ns, epoch=self.epoch, name=f"vgpu-{cid}")
             self._readmit(client, hello.held)
+            if hello.held or was_ghost:
+                # A reconnecting process: book its context and module memory
+                # now, not at its next attach, or neighbours reconnecting
+                # meanwhile could be admitted into that room.
+                now = self.clock()
+                for uuid in self.devices:
+                    self._reconcile(client, uuid, now, self._nvml_used(uuid))
             log.info("client attached", comm=hello.comm)
         else:
             self.clients[cid] = client
@@ -541,8 +604,10 @@ class Daemon:
         for d in demands:
             b = budgets.get((d.client, d.dev))
             if b is not None:
+                clk = self._clock[d.dev]
                 self._tick_trace.write(f"{now} {d.client} {d.charged_ns} {d.busy_ns} "
-                                       f"{int(d.throttled)} {b.rate_ppm} {b.tokens_ns}\n")
+                                       f"{int(d.throttled)} {b.rate_ppm} {b.tokens_ns} "
+                                       f"{clk.now_mhz or 0:.0f} {clk.full_mhz or 0:.0f}\n")
 
     def _publish_mem_view(self, client: _Client, slot: int, uuid: str) -> None:
         """The client's cuMemGetInfo view, right after its own usage changed
@@ -819,9 +884,15 @@ class Daemon:
         charged = {uuid: att.advance(watermark) for uuid, att in self.attrib.items()}
         busy = {uuid: att.last_busy() for uuid, att in self.attrib.items()}
         window: dict[tuple[str, str], int] = collections.defaultdict(int)
+        if not self.simulated and self._ticks % CLOCK_EVERY_TICKS == 0:
+            for uuid, dev in self.devices.items():
+                got = clocks(dev.index)
+                if got is not None:
+                    self._clock[uuid].sample(got[0], got[1], self._max_mhz[uuid])
         for c, _slot, uuid, throttled, d_ns, d_nr in counters:
             ns = charged[uuid].get(c.id, 0)
-            demands.append(ClientDemand(c.id, uuid, ns, throttled, busy[uuid].get(c.id, 0)))
+            demands.append(ClientDemand(c.id, uuid, self._clock[uuid].charge(ns), throttled,
+                                        busy[uuid].get(c.id, 0)))
             if ns or d_ns or d_nr:
                 self.tree.add_core_usage(c.id, uuid, ns, d_ns, d_nr)
             if ns:
@@ -835,6 +906,7 @@ class Daemon:
             self._trace_tick(now, demands, budgets)
         self._ticks += 1
         if self._ticks % OVERHEAD_EVERY_TICKS == 0:
+            self._expire_ghosts()
             for uuid in self.devices:
                 per_pid = self._nvml_used(uuid)
                 for c in self.clients.values():

@@ -86,3 +86,23 @@ def process_memory(index: int) -> dict[int, int]:
 def shutdown() -> None:
     with contextlib.suppress(pynvml.NVMLError):
         pynvml.nvmlShutdown()
+
+
+def clocks(index: int) -> tuple[int, int] | None:
+    """(current SM clock MHz, GPU utilization %) of a device, or None where
+    the driver does not report them (the simulated GPU, some vGPUs)."""
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        sm = int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
+        util = int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+    except (pynvml.NVMLError, AttributeError):
+        return None
+    return sm, util
+
+
+def max_sm_clock(index: int) -> int | None:
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM))
+    except (pynvml.NVMLError, AttributeError):
+        return None

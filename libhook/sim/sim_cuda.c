@@ -2668,6 +2668,26 @@ static struct sim_shm *ctl_map(void)
     return sim_shm_map_existing(name && *name ? name : "vgpu-sim");
 }
 
+int vgpuSimMemorySum(const int *pids, int n, uint64_t *mem_bytes)
+{
+    struct sim_shm *s = ctl_map();
+    if (s == NULL || n < 0 || (n > 0 && !pids) || !mem_bytes)
+        return -1;
+    uint64_t total = 0;
+    sim_lock(&s->table_mu);
+    sim_reap_locked(s);
+    for (int k = 0; k < n; k++) {
+        int slot = sim_proc_slot_locked(s, pids[k], false);
+        if (slot >= 0)
+            for (int d = 0; d < SIM_MAX_DEVS; d++)
+                total += s->proc[slot].mem[d];
+    }
+    sim_unlock(&s->table_mu);
+    sim_shm_detach(s);
+    *mem_bytes = total;
+    return 0;
+}
+
 int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes)
 {
     struct sim_shm *s = ctl_map();

@@ -21,6 +21,11 @@ extern "C" {
  * until its table slot is recycled. */
 int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes);
 
+/* Memory held by all of `pids` together, read in one critical section: a
+ * consistent snapshot, so a sum over several processes never counts memory
+ * one freed and another then got. Unknown or dead pids count 0. */
+int vgpuSimMemorySum(const int *pids, int n, uint64_t *mem_bytes);
+
 /* Total busy time of a device and its memory in use (dead processes reaped) and total. */
 int vgpuSimDeviceStats(int dev, uint64_t *busy_ns, uint64_t *used_bytes, uint64_t *total_bytes);
 

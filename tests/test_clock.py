@@ -1,0 +1,36 @@
+"""Clock-scaled charging: plain time until clocks are known, then busy time
+times clock/full-load clock, learned only from fully busy samples."""
+
+from __future__ import annotations
+
+import pytest
+
+from vgpu_cgroup._clock import ClockScale
+
+
+def test_no_clock_is_plain_time() -> None:
+    assert ClockScale().charge(1000) == 1000
+
+
+def test_boosted_work_costs_more_than_its_time() -> None:
+    c = ClockScale()
+    for _ in range(200):  # an uncapped job held the GPU flat out at 1700 MHz
+        c.sample(1700, 100, max_mhz=1980)
+    assert c.full_mhz == pytest.approx(1700, abs=5)
+    c.sample(1980, 30)  # a capped tenant runs its share at boost clocks
+    assert c.charge(1_000_000) == pytest.approx(1_000_000 * 1980 / 1700, rel=0.01)
+
+
+def test_light_load_does_not_teach_the_full_load_clock() -> None:
+    c = ClockScale()
+    c.sample(1980, 40, max_mhz=1980)
+    for _ in range(100):
+        c.sample(1200, 10)
+    assert c.full_mhz == 1980
+    assert c.scale == pytest.approx(1200 / 1980)
+
+
+def test_scale_is_bounded() -> None:
+    c = ClockScale(full_mhz=1000.0)
+    c.sample(5000, 0)
+    assert c.scale == 1.5

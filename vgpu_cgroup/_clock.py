@@ -1,0 +1,53 @@
+"""GPU time in the clock the uncapped workload would see.
+
+A GPU boosts its clocks when it is lightly loaded and drops them when it runs
+flat out against its power limit (an H200 doing bf16 matrix work: about
+15 % apart). A tenant capped at 30 % of the GPU's *time* runs its share at
+boost clocks and so does more than 30 % of the *work* it would do uncapped
+(measured on the H200: 0.35 of native throughput at exactly 0.300 of the
+time). Caps are promised as a fraction of what the tenant would get alone,
+so the daemon charges GPU time scaled by the SM clock it ran at, relative to
+the clock of a fully busy GPU:
+
+    charge = busy_ns * clock_now / clock_full
+
+``clock_full`` is learned from NVML whenever the device is (nearly) fully
+busy, and starts at the maximum SM clock (so before it is learned, caps err
+towards the tenant). Devices that report no clock are charged plain time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: utilization (percent) above which a clock sample counts as "fully busy"
+FULL_UTIL = 95
+#: weight of a new fully-busy sample in the running estimate
+ALPHA = 0.05
+MIN_SCALE, MAX_SCALE = 0.5, 1.5
+
+
+@dataclass
+class ClockScale:
+    """Per-device charge scale, fed with (clock MHz, utilization %) samples."""
+
+    full_mhz: float | None = None
+    now_mhz: float | None = None
+
+    def sample(self, mhz: int, util: int, max_mhz: int | None = None) -> None:
+        if mhz <= 0:
+            return
+        self.now_mhz = float(mhz)
+        if self.full_mhz is None:
+            self.full_mhz = float(max_mhz or mhz)
+        if util >= FULL_UTIL:
+            self.full_mhz += ALPHA * (mhz - self.full_mhz)
+
+    @property
+    def scale(self) -> float:
+        if not self.full_mhz or not self.now_mhz:
+            return 1.0
+        return min(MAX_SCALE, max(MIN_SCALE, self.now_mhz / self.full_mhz))
+
+    def charge(self, busy_ns: int) -> int:
+        return int(busy_ns * self.scale)
