@@ -265,31 +265,42 @@ class Daemon:
         """
         for uuid in self.devices:
             for pid, n in (self._nvml_used(uuid) or {}).items():
-                if n <= 0 or pid == os.getpid():
-                    continue
-                try:
-                    slc = cgroup_of_pid(pid)
-                except (OSError, LookupError):
-                    continue
-                ghost = -pid
-                if pid not in self._ghosts:
-                    try:
-                        self.tree.attach(ghost, slc, pid, "(not connected)")
-                    except ValueError:
-                        continue
-                    self._ghosts[pid] = ghost
-                self.tree.attach_device(ghost, uuid)
-                self.tree.adopt(ghost, uuid, n)
+                if pid != os.getpid():
+                    self._book_ghost(pid, uuid, n)
         if self._ghosts:
             self.log.info("booked memory of running GPU processes until they reconnect",
                           processes=len(self._ghosts))
+
+    def _book_ghost(self, pid: int, uuid: str, n: int, slc: str | None = None) -> None:
+        """Book n bytes that process pid holds on a device, with no client."""
+        if n <= 0:
+            return
+        if slc is None:
+            try:
+                slc = cgroup_of_pid(pid)
+            except (OSError, LookupError):
+                return
+        ghost = -pid
+        if pid not in self._ghosts:
+            try:
+                self.tree.attach(ghost, slc, pid, "(not connected)")
+            except ValueError:
+                return
+            self._ghosts[pid] = ghost
+        self.tree.attach_device(ghost, uuid)
+        self.tree.adopt(ghost, uuid, n)
 
     def _drop_ghost(self, pid: int) -> None:
         if self._ghosts.pop(pid, None) is not None:
             self.tree.detach(-pid)
 
-    def _expire_ghosts(self) -> None:
+    def _expire_ghosts(self, per_dev: dict[str, dict[int, int] | None]) -> None:
+        """Drop placeholders of processes that no longer hold GPU memory."""
         for pid in list(self._ghosts):
+            known = [used for used in per_dev.values() if used is not None]
+            if known and all(used.get(pid, 0) == 0 for used in known):
+                self._drop_ghost(pid)
+                continue
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
@@ -504,8 +515,17 @@ class Daemon:
         for uuid in client.slots.values():
             self.attrib[uuid].forget(client.id)
         if client.in_tree:
+            held = self.tree.held(client.id)
+            slc = self.tree.client_slice(client.id)
             self.tree.detach(client.id)
             client.log.info("client detached")
+            # A connection can end while its process lives on and still holds
+            # GPU memory (a hook that gave up waiting for the daemon and will
+            # reconnect): keep that memory booked until NVML shows it gone.
+            for uuid, n in held.items():
+                used = self._nvml_used(uuid) if n else None
+                if used is not None and used.get(client.pid, 0) > 0:
+                    self._book_ghost(client.pid, uuid, min(n, used[client.pid]), slc)
         if client.shm is not None:
             client.shm.close()
             client.shm = None
@@ -906,9 +926,9 @@ class Daemon:
             self._trace_tick(now, demands, budgets)
         self._ticks += 1
         if self._ticks % OVERHEAD_EVERY_TICKS == 0:
-            self._expire_ghosts()
-            for uuid in self.devices:
-                per_pid = self._nvml_used(uuid)
+            per_dev = {uuid: self._nvml_used(uuid) for uuid in self.devices}
+            self._expire_ghosts(per_dev)
+            for uuid, per_pid in per_dev.items():
                 for c in self.clients.values():
                     if uuid in c.dev_slot:
                         self._reconcile(c, uuid, now, per_pid)
