@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-from tests._e2e import Cgroups, VgpudProc, build, build_c, find_process, spawn  # noqa: E402
+from _e2e import Cgroups, VgpudProc, build, build_c, find_process, spawn  # noqa: E402
 
 MiB = 1 << 20
 

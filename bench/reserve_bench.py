@@ -43,10 +43,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-from tests._e2e import VgpudProc  # noqa: E402
+from _e2e import VgpudProc  # noqa: E402
+
 from vgpu_cgroup._client import Client  # noqa: E402
 from vgpu_cgroup._protocol import encode_frame  # noqa: E402
 

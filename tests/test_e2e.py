@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests._e2e import ROOT, Cgroups, VgpudProc, build, build_c, find_process, sim_stats, spawn
+from _e2e import ROOT, Cgroups, VgpudProc, build, build_c, find_process, sim_stats, spawn
 
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
@@ -85,14 +84,17 @@ def test_two_processes_two_slices_exact_counts(vgpud: VgpudProc, cgroups: Cgroup
     # Memory: what each process reserved plus the context and module memory
     # the driver took on its own, reconciled from NVML: exactly what the
     # device itself says the process holds.
+    def books_equal_device(pid: int) -> bool:
+        found = find_process(vgpud.ctl("tree"), pid)
+        return found is not None and found[1]["mem_bytes"] == sim_stats(vgpud.shm, pid)[1]
+
     for proc in (proc_a, proc_b):
-        _wait_for(lambda p=proc: find_process(vgpud.ctl("tree"), p["pid"])[1]["mem_bytes"]
-                  == sim_stats(vgpud.shm, p["pid"])[1])
+        _wait_for(lambda p=proc: books_equal_device(p["pid"]))
     assert sim_stats(vgpud.shm, pa.pid)[1] > 9 * MiB
     show_a = vgpud.ctl("show", a)
     assert show_a["gpu.memory.current"]["total"] >= 9 * MiB
-    out_a, _ = pa.communicate(30)
-    out_b, _ = pb.communicate(30)
+    out_a, _ = pa.communicate(timeout=30)
+    out_b, _ = pb.communicate(timeout=30)
     ra, rb = json.loads(out_a.splitlines()[-1]), json.loads(out_b.splitlines()[-1])
     assert (ra["launched"], rb["launched"]) == (37, 23)
     # Everything given back when the processes are gone; their slices,

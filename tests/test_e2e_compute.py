@@ -11,8 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-
-from tests._e2e import Cgroups, VgpudProc, build, build_c, spawn
+from _e2e import Cgroups, VgpudProc, build, build_c, spawn
 
 pytestmark = pytest.mark.e2e
 TOL = 0.02

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests._e2e import (
+from _e2e import (
     Cgroups,
     VgpudProc,
     build,

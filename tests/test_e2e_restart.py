@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests._e2e import (
+from _e2e import (
     Cgroups,
     VgpudProc,
     build,

@@ -24,11 +24,11 @@ from typing import Any
 
 import msgpack
 import pytest
+from _e2e import VgpudProc
 from conftest import FAKE_DEVICES, FakeHook, RunningDaemon, requires_sim, start_daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests._e2e import VgpudProc
 from vgpu_cgroup import _protocol as proto
 from vgpu_cgroup._config import DaemonConfig
 from vgpu_cgroup._daemon import Daemon, _Client
