@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from _e2e import Cgroups
 from vgpu_cgroup._abi import ffi
 
 from vgpu_cgroup._client import Client
@@ -140,3 +141,13 @@ def wait_for(pred: Callable[[], bool], timeout: float = 2.0) -> float:
             raise AssertionError("condition not reached in time")
         time.sleep(0.005)
     return time.monotonic() - t0
+
+
+@pytest.fixture
+def cgroups() -> Iterator[Cgroups]:
+    """A private cgroup2 subtree for an end-to-end test, removed after it."""
+    cg = Cgroups()
+    try:
+        yield cg
+    finally:
+        cg.cleanup()

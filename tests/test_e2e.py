@@ -37,14 +37,6 @@ def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
         d.cleanup()
 
 
-@pytest.fixture
-def cgroups() -> Iterator[Cgroups]:
-    cg = Cgroups()
-    try:
-        yield cg
-    finally:
-        cg.cleanup()
-
 
 def _wait_for(pred: Any, timeout: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout

@@ -40,14 +40,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def cgroups() -> Iterator[Cgroups]:
-    cg = Cgroups()
-    try:
-        yield cg
-    finally:
-        cg.cleanup()
-
 
 @pytest.fixture
 def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
