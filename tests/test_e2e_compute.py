@@ -130,3 +130,21 @@ def test_live_change_reaches_new_share_within_a_second(vgpud: VgpudProc, cgroups
     assert after
     assert all(abs(v - 0.60) <= 0.05 for v in after), after
     assert sum(after) / len(after) == pytest.approx(0.60, abs=TOL)
+
+
+def test_top_agrees_with_nvml_per_process_utilization(vgpud: VgpudProc, cgroups: Cgroups,
+                                                      built: Path) -> None:
+    """vgpu's measured GPU time and the driver's per-process utilization
+    (NVML) tell the same story for a capped tenant."""
+    s = configure(vgpud, cgroups, "xcheck", "gpu.cores.max=40")
+    p = spawn([str(built / "spin_client"), str(KERNEL_NS), "4"], vgpud.client_env(), s,
+              cgroups, stdout=subprocess.PIPE)
+    try:
+        time.sleep(3.0)
+        top = vgpud.ctl("top")["slices"][s]
+    finally:
+        p.communicate(timeout=30)
+    (ours,) = top["gpu_percent"].values()
+    (nvml,) = top["nvml_percent"].values()
+    assert ours == pytest.approx(40, abs=5)
+    assert nvml == pytest.approx(ours, abs=8)

@@ -45,7 +45,14 @@ from vgpu_cgroup._config import (
 from vgpu_cgroup._identity import cgroup_of_pid, peer_pid_uid
 from vgpu_cgroup._knobs import KnobError
 from vgpu_cgroup._log import get_logger
-from vgpu_cgroup._nvml import Device, NvmlError, clocks, max_sm_clock, process_memory
+from vgpu_cgroup._nvml import (
+    Device,
+    NvmlError,
+    clocks,
+    max_sm_clock,
+    process_memory,
+    process_util,
+)
 from vgpu_cgroup._overhead import AUDIT_BYTES, QUIET_NS, overhead_target
 from vgpu_cgroup._share import ClientDemand, ShareScheduler
 from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
@@ -860,6 +867,20 @@ class Daemon:
         for (path, uuid), ns in busy.items():
             if path in slices:
                 slices[path]["gpu_percent"][uuid] = round(100.0 * ns / span, 2)
+        # Cross-check: the driver's own per-process SM utilization over the
+        # same second, summed the same way (NVML samples coarsely, so expect
+        # agreement within a few percent, not to the tick).
+        since = int((time.time() - span / 1e9) * 1e6)
+        for uuid, dev in self.devices.items():
+            util = process_util(dev.index, since)
+            for c in self.clients.values():
+                pct = util.get(c.pid)
+                if pct is None or uuid not in c.dev_slot or not c.in_tree:
+                    continue
+                for node in self.tree.client_nodes(c.id):
+                    if node.path in slices:
+                        nv = slices[node.path].setdefault("nvml_percent", {})
+                        nv[uuid] = round(nv.get(uuid, 0.0) + pct, 2)
         return {"window_ns": span, "slices": slices}
 
     # ------------------------------------------------------------ control tick

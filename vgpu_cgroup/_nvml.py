@@ -106,3 +106,19 @@ def max_sm_clock(index: int) -> int | None:
         return int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM))
     except (pynvml.NVMLError, AttributeError):
         return None
+
+
+def process_util(index: int, since_us: int) -> dict[int, float]:
+    """Per pid, NVML's average SM utilization (percent of the GPU) over its
+    samples since `since_us` (microseconds since the epoch). The driver's own
+    view of who used the GPU: a cross-check of vgpu's measured GPU time. {}
+    when the driver has no samples or does not support the query."""
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        samples = pynvml.nvmlDeviceGetProcessUtilization(h, since_us)
+    except (pynvml.NVMLError, AttributeError):
+        return {}
+    acc: dict[int, list[int]] = {}
+    for smp in samples:
+        acc.setdefault(int(smp.pid), []).append(int(smp.smUtil))
+    return {pid: sum(v) / len(v) for pid, v in acc.items()}
