@@ -21,6 +21,10 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "hook_internal.h"
 
 #define POLL_NS 500000
@@ -272,11 +276,6 @@ static int pass_ex(bool force)
     return left;
 }
 
-static void pass(void)
-{
-    (void)pass_ex(false);
-}
-
 /* At exit() the last batches are still open or in flight: publish them, or
  * the GPU time of a short program's tail would never be charged. Runs from
  * atexit (before library destructors), so the driver is still alive. */
@@ -305,10 +304,25 @@ static void account_flush(void)
 
 #define CAPTURE_PAUSE_MAX_NS 5000000000ull
 
+/* The accountant's deep sleep when the process launches nothing; a launching
+ * thread that opens a batch kicks it awake (one futex wake, only then). */
+static _Atomic uint32_t wake_word;
+_Atomic int vgpu_account_asleep;
+
+void vgpu_account_kick(void)
+{
+    if (atomic_exchange_explicit(&vgpu_account_asleep, 0, memory_order_acq_rel)) {
+        atomic_fetch_add_explicit(&wake_word, 1, memory_order_release);
+        syscall(SYS_futex, &wake_word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    }
+}
+#define IDLE_POLL_MAX_NS 8000000ull
+
 static void *account_main(void *arg)
 {
     (void)arg;
     vgpu_in_hook = 1;
+    uint64_t idle_ns = POLL_NS;
     for (;;) {
         /* While any stream is being captured in global mode, CUDA forbids
          * other threads the calls this pass makes (cuEventQuery, event
@@ -324,13 +338,27 @@ static void *account_main(void *arg)
             capture_since = now;
         /* A capture that never ends as far as we can see (ended through a
          * path we do not intercept) must not stop measurement for good. */
+        int busy = 1;
         if (!capturing || now - capture_since > CAPTURE_PAUSE_MAX_NS) {
             pthread_mutex_lock(&amu);
-            pass();
+            busy = pass_ex(false);
             pthread_mutex_unlock(&amu);
         }
-        struct timespec ts = {0, POLL_NS};
-        nanosleep(&ts, NULL);
+        /* Poll every 500 µs while batches are open or in flight; back off to
+         * 8 ms while the process launches nothing, so that idle CUDA
+         * processes cost nothing (200 of them polling at 2 kHz kept a 2-core
+         * machine's load average past 200). */
+        idle_ns = busy ? POLL_NS : (idle_ns * 2 > IDLE_POLL_MAX_NS ? IDLE_POLL_MAX_NS : idle_ns * 2);
+        struct timespec ts = {0, (long)idle_ns};
+        if (idle_ns > POLL_NS) {
+            uint32_t w = atomic_load_explicit(&wake_word, memory_order_acquire);
+            atomic_store_explicit(&vgpu_account_asleep, 1, memory_order_release);
+            syscall(SYS_futex, &wake_word, FUTEX_WAIT_PRIVATE, w, &ts, NULL, 0);
+            if (!atomic_exchange_explicit(&vgpu_account_asleep, 0, memory_order_acq_rel))
+                idle_ns = POLL_NS; /* kicked: work has started */
+        } else {
+            nanosleep(&ts, NULL);
+        }
     }
     return NULL;
 }

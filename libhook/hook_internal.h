@@ -326,6 +326,9 @@ extern _Atomic int vgpu_active_captures;
 extern _Atomic uint64_t vgpu_lost_batches;
 
 void vgpu_account_start(void);
+/* Wake the accountant from its idle sleep (batch opened). */
+extern _Atomic int vgpu_account_asleep;
+void vgpu_account_kick(void);
 void vgpu_account_atfork_child(void);
 /* Drop every batch of ctx (called before the context is destroyed). */
 void vgpu_account_forget_ctx(CUcontext ctx);

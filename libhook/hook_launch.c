@@ -333,6 +333,8 @@ static struct vgpu_batch *batch_open(struct vgpu_tstream *ts, int idx, CUcontext
     b->conn_gen = atomic_load_explicit(&vgpu_conn_gen, memory_order_relaxed);
     atomic_store_explicit(&b->state, VGPU_B_INUSE, memory_order_relaxed);
     ts->cur = idx;
+    if (atomic_load_explicit(&vgpu_account_asleep, memory_order_relaxed))
+        vgpu_account_kick();
     return b;
 }
 

@@ -372,10 +372,17 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
     return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
 }
 
+/* Wake the waiter at the head of the queue, and only it: each waiter sleeps
+ * on its own queue entry's word. Waking every waiter at each hand-over made
+ * 200 waiting contexts a thundering herd (load average past 200). */
 static void bump_and_wake(struct sim_dev *d)
 {
     __atomic_add_fetch(&d->seq, 1, __ATOMIC_RELEASE);
-    futex(&d->seq, FUTEX_WAKE, INT_MAX, NULL);
+    if (d->qhead != d->qtail) {
+        struct sim_waiter *h = &d->q[d->qhead % SIM_QUEUE];
+        __atomic_add_fetch(&h->wake, 1, __ATOMIC_RELEASE);
+        futex(&h->wake, FUTEX_WAKE, 1, NULL);
+    }
 }
 
 static void take(struct sim_dev *d, int pid, uint64_t token)
@@ -421,7 +428,8 @@ uint64_t sim_dev_acquire(struct sim_shm *s, int dev)
         usleep(1000);
         sim_lock(&d->mu);
     }
-    d->q[d->qtail % SIM_QUEUE] = (struct sim_waiter){.pid = me, .token = token};
+    struct sim_waiter *mine = &d->q[d->qtail % SIM_QUEUE];
+    *mine = (struct sim_waiter){.pid = me, .token = token};
     __atomic_store_n(&d->qtail, d->qtail + 1, __ATOMIC_RELEASE);
     for (;;) {
         if (!d->held && d->qhead != d->qtail && d->q[d->qhead % SIM_QUEUE].token == token) {
@@ -430,10 +438,11 @@ uint64_t sim_dev_acquire(struct sim_shm *s, int dev)
             sim_unlock(&d->mu);
             return token;
         }
-        uint32_t seq = __atomic_load_n(&d->seq, __ATOMIC_ACQUIRE);
+        uint32_t seq = __atomic_load_n(&mine->wake, __ATOMIC_ACQUIRE);
         sim_unlock(&d->mu);
-        struct timespec to = {.tv_sec = 0, .tv_nsec = 10 * 1000 * 1000};
-        long r = futex(&d->seq, FUTEX_WAIT, seq, &to);
+        /* The timeout only serves to notice a holder that died. */
+        struct timespec to = {.tv_sec = 0, .tv_nsec = 50 * 1000 * 1000};
+        long r = futex(&mine->wake, FUTEX_WAIT, seq, &to);
         int err = errno;
         sim_lock(&d->mu);
         if (r != 0 && err == ETIMEDOUT)

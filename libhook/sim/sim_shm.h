@@ -39,7 +39,7 @@ struct sim_proc {
 
 struct sim_waiter {
     int32_t pid;
-    uint32_t pad;
+    uint32_t wake;  /* futex word: bumped when this waiter is at the head */
     uint64_t token;
 };
 
