@@ -579,41 +579,22 @@ VGPU_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream hStream)
 /* ---- stream capture tracking: only while a capture is active anywhere do
  * launches pay for cuStreamIsCapturing. ---- */
 
-VGPU_EXPORT CUresult cuStreamBeginCapture(CUstream s, CUstreamCaptureMode mode)
-{
-    ENTER(cuStreamBeginCapture);
-    CUresult r = real_cuStreamBeginCapture(s, mode);
-    if (r == CUDA_SUCCESS)
-        atomic_fetch_add(&vgpu_active_captures, 1);
-    return r;
-}
+/* Every variant the driver exports (CUDA 10.0's and _v2, each with _ptsz):
+ * count the capture once it has begun. */
+#define BEGIN_CAPTURE(name)                                                    \
+    VGPU_EXPORT CUresult name(CUstream s, CUstreamCaptureMode mode)            \
+    {                                                                          \
+        ENTER(name);                                                           \
+        CUresult r = real_##name(s, mode);                                     \
+        if (r == CUDA_SUCCESS)                                                 \
+            atomic_fetch_add(&vgpu_active_captures, 1);                        \
+        return r;                                                              \
+    }
 
-VGPU_EXPORT CUresult cuStreamBeginCapture_ptsz(CUstream s, CUstreamCaptureMode mode)
-{
-    ENTER(cuStreamBeginCapture_ptsz);
-    CUresult r = real_cuStreamBeginCapture_ptsz(s, mode);
-    if (r == CUDA_SUCCESS)
-        atomic_fetch_add(&vgpu_active_captures, 1);
-    return r;
-}
-
-VGPU_EXPORT CUresult cuStreamBeginCapture_v2(CUstream s, CUstreamCaptureMode mode)
-{
-    ENTER(cuStreamBeginCapture_v2);
-    CUresult r = real_cuStreamBeginCapture_v2(s, mode);
-    if (r == CUDA_SUCCESS)
-        atomic_fetch_add(&vgpu_active_captures, 1);
-    return r;
-}
-
-VGPU_EXPORT CUresult cuStreamBeginCapture_v2_ptsz(CUstream s, CUstreamCaptureMode mode)
-{
-    ENTER(cuStreamBeginCapture_v2_ptsz);
-    CUresult r = real_cuStreamBeginCapture_v2_ptsz(s, mode);
-    if (r == CUDA_SUCCESS)
-        atomic_fetch_add(&vgpu_active_captures, 1);
-    return r;
-}
+BEGIN_CAPTURE(cuStreamBeginCapture)
+BEGIN_CAPTURE(cuStreamBeginCapture_ptsz)
+BEGIN_CAPTURE(cuStreamBeginCapture_v2)
+BEGIN_CAPTURE(cuStreamBeginCapture_v2_ptsz)
 
 static void capture_ended(void)
 {
