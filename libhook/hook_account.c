@@ -370,19 +370,10 @@ void vgpu_account_start(void)
     static _Atomic int flush_registered;
     if (!atomic_exchange(&flush_registered, 1))
         atexit(account_flush);
-    pthread_t t;
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    if (pthread_create(&t, &a, account_main, NULL) != 0) {
+    if (!vgpu_start_thread(account_main)) {
         atomic_store(&started, 0);
         vgpu_warn_once(VGPU_W_THREAD, "vgpu: cannot start the accountant thread; GPU time is not measured");
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&a);
 }
 
 void vgpu_account_forget_ctx(CUcontext ctx)

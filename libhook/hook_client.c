@@ -429,19 +429,10 @@ static void start_monitor(void)
 {
     if (atomic_exchange(&monitor_started, 1))
         return;
-    pthread_t t;
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    if (pthread_create(&t, &a, monitor_main, NULL) != 0) {
+    if (!vgpu_start_thread(monitor_main)) {
         atomic_store(&monitor_started, 0);
         vgpu_warn_once(VGPU_W_THREAD, "vgpu: cannot start the monitor thread");
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&a);
 }
 
 bool vgpu_client_register(void)

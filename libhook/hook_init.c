@@ -18,6 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <signal.h>
+
 #include "hook_internal.h"
 
 #define VGPU_DEF_REAL(name) __typeof__(&name) real_##name;
@@ -288,4 +290,19 @@ static void atfork_child(void)
 __attribute__((constructor)) static void vgpu_ctor(void)
 {
     pthread_atfork(NULL, NULL, atfork_child);
+}
+
+bool vgpu_start_thread(void *(*fn)(void *))
+{
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    bool ok = pthread_create(&t, &a, fn, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&a);
+    return ok;
 }

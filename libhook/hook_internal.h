@@ -325,6 +325,9 @@ extern _Atomic(struct vgpu_thread *) vgpu_threads;
 extern _Atomic int vgpu_active_captures;
 extern _Atomic uint64_t vgpu_lost_batches;
 
+/* Start a detached service thread with every signal blocked (the program's
+ * signal handlers must never run on the hook's threads). */
+bool vgpu_start_thread(void *(*fn)(void *));
 void vgpu_account_start(void);
 /* Wake the accountant from its idle sleep (batch opened). */
 extern _Atomic int vgpu_account_asleep;

@@ -26,21 +26,30 @@ static bool registered(void)
     return vgpu_ensure() == VGPU_MODE_REGISTERED;
 }
 
+/* The slice's view of a device's memory: total and free clamped to its
+ * limit. False (nothing changed) when we are not registered or do not know
+ * the device. */
+static bool clamp(nvmlDevice_t device, unsigned long long *total, unsigned long long *free)
+{
+    if (!registered())
+        return false;
+    int h = nvml_hdev(device, *total);
+    if (h < 0)
+        return false;
+    uint64_t f = *free, t = *total;
+    vgpu_clamp_mem(h, &f, &t);
+    *total = t;
+    *free = f;
+    return true;
+}
+
 VGPU_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
 {
     if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetMemoryInfo)
         return NVML_ERROR_DRIVER_NOT_LOADED;
     nvmlReturn_t r = real_nvmlDeviceGetMemoryInfo(device, memory);
-    if (r != NVML_SUCCESS || !memory || !registered())
-        return r;
-    int h = nvml_hdev(device, memory->total);
-    if (h < 0)
-        return r;
-    uint64_t f = memory->free, t = memory->total;
-    vgpu_clamp_mem(h, &f, &t);
-    memory->total = t;
-    memory->free = f;
-    memory->used = t - f;
+    if (r == NVML_SUCCESS && memory && clamp(device, &memory->total, &memory->free))
+        memory->used = memory->total - memory->free;
     return r;
 }
 
@@ -49,16 +58,10 @@ VGPU_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMem
     if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetMemoryInfo_v2)
         return NVML_ERROR_DRIVER_NOT_LOADED;
     nvmlReturn_t r = real_nvmlDeviceGetMemoryInfo_v2(device, memory);
-    if (r != NVML_SUCCESS || !memory || !registered())
+    if (r != NVML_SUCCESS || !memory || !clamp(device, &memory->total, &memory->free))
         return r;
-    int h = nvml_hdev(device, memory->total);
-    if (h < 0)
-        return r;
-    uint64_t f = memory->free, t = memory->total;
-    vgpu_clamp_mem(h, &f, &t);
-    memory->total = t;
-    memory->free = f;
     /* used excludes the driver's reserved part, as NVML reports it */
+    uint64_t t = memory->total, f = memory->free;
     memory->used = t - f > memory->reserved ? t - f - memory->reserved : 0;
     return r;
 }

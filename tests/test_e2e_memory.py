@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -191,3 +192,32 @@ def test_a_second_process_cannot_push_a_full_slice_over_with_its_context(
     assert _mem(vgpud.shm, first.pid) + _mem(vgpud.shm, second.pid) <= 500 * MiB
     out, _ = first.communicate(timeout=30)
     assert json.loads(out.splitlines()[-1])["alloc_rc"] == [0]
+
+
+NVML_PROGRAM = """
+import ctypes, json
+nvml = ctypes.CDLL("libnvidia-ml.so.1")
+assert nvml.nvmlInit_v2() == 0
+h = ctypes.c_void_p()
+assert nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(h)) == 0
+class Mem(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
+                ("used", ctypes.c_ulonglong)]
+m = Mem()
+assert nvml.nvmlDeviceGetMemoryInfo(h, ctypes.byref(m)) == 0
+print(json.dumps({"total": m.total, "free": m.free, "used": m.used}))
+"""
+
+
+def test_nvml_inside_a_slice_shows_the_slice(vgpud: VgpudProc, cgroups: Cgroups) -> None:
+    """nvidia-smi and frameworks inside a slice read NVML: it reports the
+    slice's limit as the device's total."""
+    slc = cgroups.make("nvml")
+    vgpud.ctl("set", slc, "gpu.memory.max=1G")
+    p = spawn([sys.executable, "-c", NVML_PROGRAM], vgpud.client_env(), slc, cgroups,
+              stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=30)
+    r = json.loads(out.splitlines()[-1])
+    assert r["total"] == GiB
+    assert r["free"] <= GiB
+    assert r["used"] == r["total"] - r["free"]
