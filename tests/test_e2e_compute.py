@@ -16,7 +16,7 @@ from _e2e import Cgroups, VgpudProc, build, build_c, spawn
 pytestmark = pytest.mark.e2e
 TOL = 0.02
 KERNEL_NS = 500_000
-SECONDS = 4.0
+SECONDS = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +124,14 @@ def test_live_change_reaches_new_share_within_a_second(vgpud: VgpudProc, cgroups
         p.wait(10)
     before = [v for t, v in samples if t_set - 2 < t < t_set]
     assert sum(before) / len(before) == pytest.approx(0.30, abs=TOL)
-    # Reached: from the first 100 ms window that ends more than 1 s after the
-    # set, every window holds the new share (0.60, within 0.05 per window).
+    # Reached: from 1 s after the set on, every half second holds the new
+    # share. (Half seconds, not the 100 ms samples: a budget may bank up to
+    # five ticks of GPU time, 30 ms at 60 %, which is 0.3 of a 100 ms window
+    # but 0.06 of a half second.)
     after = [v for t, v in samples if t > t_set + 1.0]
-    assert after
-    assert all(abs(v - 0.60) <= 0.05 for v in after), after
+    assert len(after) >= 10
+    halves = [sum(after[i:i + 5]) / 5 for i in range(0, len(after) - 4, 5)]
+    assert all(abs(v - 0.60) <= 0.07 for v in halves), (halves, after)
     assert sum(after) / len(after) == pytest.approx(0.60, abs=TOL)
 
 
