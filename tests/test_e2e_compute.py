@@ -31,12 +31,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
     d = VgpudProc(tmp_path)
-    # Each hand-over of the simulated device costs a futex wake-up on this
-    # 2-core machine (tens of µs, more when loaded); with the default 2 ms
-    # slices two saturating tenants lose several percent of the device to
-    # them, which all falls on whichever is not capped below its share.
-    # 8 ms slices keep that loss under 1 %; shares are set by the budgets.
-    d.env["VGPU_SIM_TIMESLICE_NS"] = str(8_000_000)
     d.start()
     try:
         yield d
