@@ -40,8 +40,13 @@ def test_hello_welcome_fds_and_readonly_ctl(vgpud: RunningDaemon) -> None:
         assert hook.ctl.daemon_epoch == w["epoch"]
         with pytest.raises(PermissionError):
             mmap.mmap(hook.ctl_fd, CTL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # The control tick publishes into the page when something changed:
+        # the client's arrival, then a knob of its slice.
+        wait_for(lambda: int(hook.ctl.seq) > 0)
         seq = int(hook.ctl.seq)
-        wait_for(lambda: int(hook.ctl.seq) > seq + 2)  # the control tick runs
+        with vgpud.client() as c:
+            c.ctl("set", slice="test.slice", knobs={"gpu.memory.max": "1G"})
+        wait_for(lambda: int(hook.ctl.seq) > seq)
     finally:
         hook.close()
 

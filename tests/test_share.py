@@ -401,3 +401,40 @@ def test_shares_with_lagged_charges(
     gpu.run(2000)
     for i, want in enumerate(expected):
         assert gpu.mean(i + 1, 1000) == pytest.approx(want, abs=0.02)
+
+
+def test_idle_node_settles_and_a_change_is_seen_at_once() -> None:
+    """Once every pair is idle and settled a tick returns the same budgets
+    without recomputing them; a knob change, a new client or a charge ends
+    that at the very next tick."""
+    tree = SliceTree()
+    sched = ShareScheduler(tree, T)
+    tree.set_knobs("a.slice", {"gpu.cores.max": "30"}, "test")
+    tree.attach(1, "a.slice", 1001, "c1")
+    tree.attach_device(1, DEV)
+    tree.attach(2, "b.slice", 1002, "c2")
+    tree.attach_device(2, DEV)
+    for _ in range(10):
+        settled = sched.tick([])
+    assert sched.tick([]) is settled
+    assert settled[(1, DEV)].rate_ppm == 300_000
+    assert settled[(1, DEV)].tokens_ns == int(0.3 * T)
+    # a knob change
+    tree.set_knobs("a.slice", {"gpu.cores.max": "60"}, "test")
+    changed = sched.tick([])
+    assert changed is not settled
+    assert changed[(1, DEV)].rate_ppm == 600_000
+    assert changed[(2, DEV)] == settled[(2, DEV)]  # untouched pairs keep their budget
+    for _ in range(10):
+        settled = sched.tick([])
+    # a newcomer
+    tree.attach(3, "b.slice", 1003, "c3")
+    tree.attach_device(3, DEV)
+    assert (3, DEV) in sched.tick([])
+    for _ in range(10):
+        settled = sched.tick([])
+    # work: the pair becomes active and is charged
+    busy = sched.tick([ClientDemand(1, DEV, T // 2, False, T // 2)])
+    assert busy is not settled
+    assert busy[(1, DEV)].tokens_ns == settled[(1, DEV)].tokens_ns + int(0.6 * T) - T // 2
+    assert sched.rates()[(1, DEV)] == pytest.approx(0.6)

@@ -22,11 +22,12 @@ import signal
 import socket as _stdsocket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.lowlevel
 from structlog.typing import FilteringBoundLogger
 
 import vgpu_cgroup
@@ -44,6 +45,7 @@ from vgpu_cgroup._config import (
 )
 from vgpu_cgroup._identity import cgroup_of_pid, peer_pid_uid
 from vgpu_cgroup._knobs import KnobError
+from vgpu_cgroup._lane import Lane
 from vgpu_cgroup._log import get_logger
 from vgpu_cgroup._nvml import (
     Device,
@@ -54,13 +56,19 @@ from vgpu_cgroup._nvml import (
     process_util,
 )
 from vgpu_cgroup._overhead import AUDIT_BYTES, QUIET_NS, overhead_target
-from vgpu_cgroup._share import ClientDemand, ShareScheduler
+from vgpu_cgroup._share import Budget, ClientDemand, ShareScheduler
 from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
 from vgpu_cgroup._tree import Denial, SliceTree
 
 MAX_CONNECTIONS = 4096
 MAX_CTX_ESTIMATE = 2 << 30  # larger unreserved use is not a context: not learned
 CLOCK_EVERY_TICKS = 5  # SM clock and utilization sampled every 50 ms
+#: Headroom below which a reservation reads NVML before admission (see _dispatch).
+NVML_GUARD_BYTES = 256 << 20
+#: Memory views of neighbours' bookings are republished every this many ticks.
+VIEW_EVERY_TICKS = 5
+#: Clients polled or published between two checkpoints of the tick.
+TICK_CHUNK = 16
 OVERHEAD_EVERY_TICKS = 20  # NVML per-process memory is reconciled every 20 ticks (200 ms)
 HANDSHAKE_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
@@ -82,7 +90,6 @@ class _Client:
     shm: ClientShm | None = None
     slots: dict[int, str] = field(default_factory=dict)  # slot -> device UUID
     dev_slot: dict[str, int] = field(default_factory=dict)
-    last_counters: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (nr, ns)
     in_tree: bool = False
     overhead: dict[str, int] = field(default_factory=dict)  # dev -> booked overhead bytes
     overhead_checked: dict[str, int] = field(default_factory=dict)  # dev -> clock ns
@@ -122,6 +129,12 @@ class Daemon:
         self.attrib = {uuid: Attributor() for uuid in self.devices}
         self.clients: dict[int, _Client] = {}
         self.connections = 0
+        #: every connection after its handshake (see _lane)
+        #: what the last tick published from (see tick_steps)
+        self._published: tuple[dict[tuple[int, str], Budget] | None, tuple[int, int], int] = (
+            None, (-1, -1), -1)
+        self.lane: Lane[_Client] = Lane(self._dispatch, self._lane_closed, self._lane_failed,
+                                        send_timeout=SEND_TIMEOUT_S)
         self.log = get_logger()
         self._next_id = 1
         # (tick time, {(slice, dev): charged ns}) over the last TOP_WINDOW_NS.
@@ -143,7 +156,7 @@ class Daemon:
         self._ctx_estimate: dict[str, int] = {}
         self.listener: trio.socket.SocketType | None = None
         self._inherited = False
-        #: trio.current_time() of the last completed tick; the watchdog checks it.
+        #: time.monotonic() when the last tick started; the watchdog checks it.
         self.last_tick = 0.0
         #: the last configuration error (str), or None after a good load.
         self.config_error: str | None = None
@@ -229,21 +242,28 @@ class Daemon:
         return raw
 
     async def serve(self, sock: _stdsocket.socket | None = None, *,
-                    handle_signals: bool = False,
+                    handle_signals: bool = False, hosted: bool = False,
                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled (or SIGTERM/SIGINT when ``handle_signals``)."""
+        """Run until cancelled (or SIGTERM/SIGINT when ``handle_signals``).
+
+        ``hosted``: trio runs as a guest of ``_host.run_hosted``, which
+        serves ``self.lane`` and runs the control tick itself; otherwise
+        tasks here do.
+        """
         if self.cfg.identity == "declared":
             self.log.warning("identity mode 'declared': clients choose their slice; "
                              "development only, never in production")
         listener = trio.socket.from_stdlib_socket(sock if sock is not None else self.bind())
         self.listener = listener
-        self.last_tick = trio.current_time()
+        self.last_tick = time.monotonic()
         self.book_running_processes()
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(self._signals, nursery.cancel_scope)
-                nursery.start_soon(self._tick_loop)
+                if not hosted:
+                    nursery.start_soon(self._tick_loop)
+                    nursery.start_soon(self._lane_loop)
                 nursery.start_soon(self._accept_loop, listener, nursery)
                 wd = _systemd.watchdog_interval()
                 if wd is not None:
@@ -253,6 +273,7 @@ class Daemon:
                 task_status.started(self.cfg.socket)
         finally:
             listener.close()
+            self.lane.close_all("vgpud stopping")
             for c in list(self.clients.values()):
                 self._drop(c)
             if not self._inherited:
@@ -321,7 +342,7 @@ class Daemon:
         systemd restarts us (clients keep their grants and reconnect)."""
         while True:
             await trio.sleep(period)  # first ping after READY=1, not before
-            if trio.current_time() - self.last_tick < max(period, 10 * self.tick_ns / 1e9):
+            if time.monotonic() - self.last_tick < max(period, 10 * self.tick_ns / 1e9):
                 with contextlib.suppress(OSError):
                     _systemd.notify("WATCHDOG=1")
 
@@ -369,20 +390,6 @@ class Daemon:
                 n = await sock.send(view)
                 view = view[n:]
 
-    @classmethod
-    async def _send_now(cls, sock: trio.socket.SocketType, data: bytes) -> None:
-        """Replies are small and the socket buffer is nearly always free, so
-        write at once: a full trio send costs a cancel scope and a trip
-        through the scheduler, a third of a reservation's round trip. Only
-        a full buffer falls back to the timed send. (The recv that follows
-        is the connection's checkpoint, so a busy peer cannot starve others.)"""
-        try:
-            n = os.write(sock.fileno(), data)
-        except BlockingIOError:
-            n = 0
-        if n < len(data):
-            await cls._sendall(sock, data[n:])
-
     async def _recv(self, sock: trio.socket.SocketType) -> bytes:
         data = await sock.recv(RECV_CHUNK)
         if not data:
@@ -390,9 +397,12 @@ class Daemon:
         return data
 
     async def _connection(self, sock: trio.socket.SocketType) -> None:
+        """The handshake (hello, identity, welcome with the shared regions);
+        then the connection belongs to the lane, which serves its requests."""
         conn = proto.Connection()
         client: _Client | None = None
         log = self.log
+        handed_over = False
         try:
             with sock:
                 try:
@@ -407,23 +417,8 @@ class Daemon:
                     client = self._register(hello, pid, uid)
                     log = client.log
                     await self._welcome(sock, conn, client)
-                    out = bytearray()
-                    while True:
-                        # Handle every complete event before reading more; their
-                        # replies leave in one write (the reservation hot path).
-                        try:
-                            while (ev := conn.next_event()) is not None:
-                                reply = self._dispatch(client, ev)
-                                if reply is not None:
-                                    out += conn.send(reply)
-                        except proto.ProtocolError:
-                            if out:  # answer what came before the bad frame first
-                                await self._send_now(sock, bytes(out))
-                            raise
-                        if out:
-                            await self._send_now(sock, bytes(out))
-                            out.clear()
-                        conn.feed(await self._recv(sock))
+                    self.lane.add(_stdsocket.socket(fileno=sock.detach()), conn, client)
+                    handed_over = True
                 except proto.ProtocolError as exc:
                     log.warning("protocol error, closing", code=exc.code, error=exc.msg)
                     with trio.move_on_after(1):
@@ -437,9 +432,27 @@ class Daemon:
         except Exception:
             log.exception("internal error on connection, closing it")
         finally:
-            self.connections -= 1
-            if client is not None:
-                self._drop(client)
+            if not handed_over:
+                self.connections -= 1
+                if client is not None:
+                    self._drop(client)
+
+    def _lane_closed(self, client: _Client, why: str | None) -> None:
+        """A connection the lane served has ended."""
+        self.connections -= 1
+        if why is not None:
+            client.log.info("connection closed", reason=why)
+        self._drop(client)
+
+    def _lane_failed(self, client: _Client, exc: BaseException) -> None:
+        client.log.error("internal error on connection, closing it",
+                         exc_info=(type(exc), exc, exc.__traceback__))
+
+    async def _lane_loop(self) -> None:
+        """Drive the lane from trio: serve it whenever its epoll fd is readable."""
+        while True:
+            await trio.lowlevel.wait_readable(self.lane.fileno())
+            self.lane.run_ready()
 
     def _register(self, hello: proto.Hello, pid: int, uid: int) -> _Client:
         """Identity, tree membership, shared regions (no I/O, so nothing leaks)."""
@@ -545,10 +558,14 @@ class Daemon:
             if ev.n == 0:
                 return proto.Granted(id=ev.id)
             now = self.clock()
-            # Admission must see the process's context and modules as they
-            # are now (modules load lazily), so NVML is read on every
-            # reservation: allocations are rare next to launches.
-            self._reconcile(client, uuid, now, self._nvml_used(uuid))
+            # Near a limit, admission must see the process's context and
+            # modules as they are now (modules load lazily): NVML is read
+            # first. With more than NVML_GUARD_BYTES left after this request
+            # the 200 ms reconciliation is recent enough, and the round trip
+            # skips the driver query.
+            limit, used = self.tree.mem_view(client.id, uuid)
+            if limit is not None and limit - used - ev.n < NVML_GUARD_BYTES:
+                self._reconcile(client, uuid, now, self._nvml_used(uuid))
             res = self.tree.reserve(client.id, uuid, ev.n)
             if isinstance(res, Denial):
                 client.log.info("allocation refused", dev=uuid, n=ev.n, limit_slice=res.slice,
@@ -615,8 +632,6 @@ class Daemon:
             client.dev_slot[dev.uuid] = slot
             self.tree.attach_device(client.id, dev.uuid)
             client.shm.activate(slot)
-            c = client.shm.counters(slot)
-            client.last_counters[slot] = (c.nr_throttled, c.throttled_ns)
         self._reconcile(client, dev.uuid, now, self._nvml_used(dev.uuid))
         limit, used = self.tree.mem_view(client.id, dev.uuid)
         client.shm.write_mem_view(slot, limit, used)
@@ -886,6 +901,7 @@ class Daemon:
     # ------------------------------------------------------------ control tick
 
     async def _tick_loop(self) -> None:
+        """The control tick from trio (when no host loop runs it)."""
         deadline = trio.current_time()
         period = self.tick_ns / 1e9
         while True:
@@ -894,33 +910,57 @@ class Daemon:
             if deadline < now - period:  # fell behind (suspended?): don't catch up in a burst
                 deadline = now + period
             await trio.sleep_until(deadline)
-            self.last_tick = trio.current_time()
-            try:
-                self.tick()
-            except Exception:
-                self._tick_errors += 1
-                if self._tick_errors in (1, 10, 100) or self._tick_errors % 1000 == 0:
-                    self.log.exception("control tick failed", count=self._tick_errors)
+            # Between chunks other tasks run: a reservation waits for at
+            # most one chunk of the tick, not all of it.
+            for _ in self.guarded_tick():
+                await trio.lowlevel.checkpoint()
+
+    def guarded_tick(self) -> Iterator[None]:
+        """``tick_steps`` for a loop: a failing tick is logged (rate-limited)
+        and the loop goes on; the next tick starts afresh."""
+        self.last_tick = time.monotonic()
+        try:
+            yield from self.tick_steps()
+        except Exception:
+            self._tick_errors += 1
+            if self._tick_errors in (1, 10, 100) or self._tick_errors % 1000 == 0:
+                self.log.exception("control tick failed", count=self._tick_errors)
 
     def tick(self) -> None:
-        """One control step: drain stat rings, attribute, schedule, publish."""
+        """One control step, all at once (tests; the loop runs it in chunks)."""
+        for _ in self.tick_steps():
+            pass
+
+    def tick_steps(self) -> Iterator[None]:
+        """One control step: drain stat rings, attribute, schedule, publish.
+
+        A generator that yields after every TICK_CHUNK clients polled or
+        published, so the trio loop can answer reservations in between. The
+        scheduling in the middle is one step; clients that connect or leave
+        while the tick is under way are skipped until the next one.
+        """
         now = self.clock()
-        demands: list[ClientDemand] = []
-        counters: list[tuple[_Client, int, str, bool, int, int]] = []
-        for c in self.clients.values():
+        self.lane.expire(time.monotonic())
+        # Poll every client's stat page; an idle one costs three reads.
+        throttles: dict[tuple[int, str], tuple[int, int]] = {}  # (client, dev) -> (nr, ns)
+        clients = list(self.clients.values())
+        for i, c in enumerate(clients):
+            if i and i % TICK_CHUNK == 0:
+                yield
             if c.shm is None:
                 continue
             for slot, uuid in c.slots.items():
-                drained = c.shm.drain(slot)
-                att = self.attrib[uuid]
-                for start, end in drained.intervals:
-                    att.add(c.id, start, end)
-                cnt = c.shm.counters(slot)
-                last_nr, last_ns = c.last_counters.get(slot, (0, 0))
-                d_nr = max(0, cnt.nr_throttled - last_nr)
-                d_ns = max(0, cnt.throttled_ns - last_ns)
-                c.last_counters[slot] = (cnt.nr_throttled, cnt.throttled_ns)
-                counters.append((c, slot, uuid, d_nr > 0, d_ns, d_nr))
+                news = c.shm.poll(slot)
+                if news is None:
+                    continue
+                drained, d_nr, d_ns = news
+                if drained.intervals:
+                    att = self.attrib[uuid]
+                    for start, end in drained.intervals:
+                        att.add(c.id, start, end)
+                if d_nr or d_ns:
+                    throttles[(c.id, uuid)] = (d_nr, d_ns)
+        yield
         watermark = now - self.lag_ns
         charged = {uuid: att.advance(watermark) for uuid, att in self.attrib.items()}
         busy = {uuid: att.last_busy() for uuid, att in self.attrib.items()}
@@ -930,14 +970,24 @@ class Daemon:
                 got = clocks(dev.index)
                 if got is not None:
                     self._clock[uuid].sample(got[0], got[1], self._max_mhz[uuid])
-        for c, _slot, uuid, throttled, d_ns, d_nr in counters:
-            ns = charged[uuid].get(c.id, 0)
-            demands.append(ClientDemand(c.id, uuid, self._clock[uuid].charge(ns), throttled,
-                                        busy[uuid].get(c.id, 0)))
+        # Only pairs that ran, were held back, or are charged late matter
+        # to the scheduler; it takes a pair left out as idle.
+        keys = set(throttles)
+        for uuid in self.devices:
+            keys.update((cid, uuid) for cid in charged[uuid])
+            keys.update((cid, uuid) for cid in busy[uuid])
+        demands: list[ClientDemand] = []
+        for cid, uuid in keys:
+            if cid not in self.clients:
+                continue  # left meanwhile
+            ns = charged[uuid].get(cid, 0)
+            d_nr, d_ns = throttles.get((cid, uuid), (0, 0))
+            demands.append(ClientDemand(cid, uuid, self._clock[uuid].charge(ns), d_nr > 0,
+                                        busy[uuid].get(cid, 0)))
             if ns or d_ns or d_nr:
-                self.tree.add_core_usage(c.id, uuid, ns, d_ns, d_nr)
+                self.tree.add_core_usage(cid, uuid, ns, d_ns, d_nr)
             if ns:
-                for node in self.tree.client_nodes(c.id):
+                for node in self.tree.client_nodes(cid):
                     window[(node.path, uuid)] += ns
         self._window.append((now, dict(window)))
         while self._window and self._window[0][0] <= now - TOP_WINDOW_NS:
@@ -947,19 +997,44 @@ class Daemon:
             self._trace_tick(now, demands, budgets)
         self._ticks += 1
         if self._ticks % OVERHEAD_EVERY_TICKS == 0:
+            yield
             per_dev = {uuid: self._nvml_used(uuid) for uuid in self.devices}
             self._expire_ghosts(per_dev)
             for uuid, per_pid in per_dev.items():
-                for c in self.clients.values():
+                if per_pid is None:
+                    continue
+                for c in list(self.clients.values()):
                     if uuid in c.dev_slot:
                         self._reconcile(c, uuid, now, per_pid)
-        for c in self.clients.values():
-            if c.shm is None:
+        # Publish what changed: budgets that differ from the last tick's
+        # (settled ones are the same objects), and memory views when
+        # slices, clients or knobs changed, or every VIEW_EVERY_TICKS ticks
+        # while bookings move (a client's own change is published when it
+        # is made, in _dispatch; neighbours' reach cuMemGetInfo within 50 ms).
+        prev, versions, mem_seen = self._published
+        now_versions = (self.tree.generation, self.tree.membership)
+        views_due = now_versions != versions or (
+            self.tree.mem_version != mem_seen and self._ticks % VIEW_EVERY_TICKS == 0)
+        if budgets is prev and not views_due:
+            return
+        self._published = (budgets, now_versions,
+                           self.tree.mem_version if views_due else mem_seen)
+        # Clients in one slice see one memory view: walk each slice's path once.
+        views: dict[tuple[str, str], tuple[int | None, int]] = {}
+        for i, c in enumerate(clients):
+            if i % TICK_CHUNK == 0:
+                yield
+                views.clear()  # reservations may have run meanwhile
+            if c.shm is None or c.id not in self.clients:
                 continue
             for slot, uuid in c.slots.items():
                 b = budgets.get((c.id, uuid))
-                if b is not None:
+                if b is not None and (prev is None or prev.get((c.id, uuid)) is not b):
                     c.shm.write_budget(slot, b.tokens_ns, b.unlimited, b.rate_ppm)
-                limit, used = self.tree.mem_view(c.id, uuid)
-                c.shm.write_mem_view(slot, limit, used)
+                if views_due:
+                    vkey = (c.slice, uuid)
+                    view = views.get(vkey)
+                    if view is None:
+                        view = views[vkey] = self.tree.mem_view(c.id, uuid)
+                    c.shm.write_mem_view(slot, *view)
             c.shm.bump_seq()

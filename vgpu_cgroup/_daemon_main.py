@@ -19,6 +19,7 @@ import trio
 from vgpu_cgroup import __version__, _systemd
 from vgpu_cgroup._config import ConfigError, DaemonConfig, load_daemon_config
 from vgpu_cgroup._daemon import Daemon
+from vgpu_cgroup._host import run_hosted
 from vgpu_cgroup._knobs import KnobError
 from vgpu_cgroup._log import configure, get_logger
 from vgpu_cgroup._metrics import MetricsError, parse_listen, registry_for, serve_metrics
@@ -102,7 +103,8 @@ async def _run(daemon: Daemon, listener: socket.socket,
     async with trio.open_nursery() as nursery:
 
         async def serve(task_status: trio.TaskStatus[str]) -> None:
-            await daemon.serve(listener, handle_signals=True, task_status=task_status)
+            await daemon.serve(listener, handle_signals=True, hosted=True,
+                               task_status=task_status)
             nursery.cancel_scope.cancel()  # SIGTERM ended serve(): stop the metrics too
 
         path = await nursery.start(serve)
@@ -160,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            trio.run(_run, daemon, listener, metrics)
+            run_hosted(daemon, _run, daemon, listener, metrics)
         except* OSError as group:  # e.g. the metrics port is taken
             failed += [str(e) for e in group.exceptions]
     if failed:

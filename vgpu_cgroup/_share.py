@@ -150,13 +150,25 @@ class ShareScheduler:
         self._rates: dict[tuple[int, str], float] = {}
         self._slice_rates: dict[tuple[str, str], float] = {}
         self._budgets: dict[tuple[int, str], Budget] = {}
+        # Per client, kept across ticks while the tree's knobs are unchanged
+        # (``SliceTree.generation``): its path (leaf first), ceiling, and
+        # whether anything on the path limits it.
+        self._gen = -1
         self._paths: dict[int, list[Node]] = {}
         self._ceilings: dict[int, float] = {}
+        self._limits: dict[int, bool] = {}
+        #: idle pairs whose budget has settled: (tokens, unlimited, budget).
+        #: Such a pair's next budget is the same, so a tick over many idle
+        #: clients costs little more than a lookup each.
+        self._steady: dict[tuple[int, str], tuple[float, bool, Budget]] = {}
+        #: every pair settled at the last tick (see the top of ``tick``)
+        self._quiet = False
+        self._membership = -1
 
     # -------------------------------------------------------------- helpers
 
     def _path(self, client: int) -> list[Node]:
-        """The client's slices, leaf first (cached for the current tick)."""
+        """The client's slices, leaf first (cached while knobs are unchanged)."""
         p = self._paths.get(client)
         if p is None:
             p = self._paths[client] = self.tree.client_nodes(client)
@@ -164,10 +176,12 @@ class ShareScheduler:
 
     def _limited(self, client: int) -> bool:
         """Whether anything on the client's path asks for protection."""
-        for n in self._path(client):
-            if n.cores_max is not None or n.cores_min > 0 or n.weight != WEIGHT_DEFAULT:
-                return True
-        return False
+        lim = self._limits.get(client)
+        if lim is None:
+            lim = self._limits[client] = any(
+                n.cores_max is not None or n.cores_min > 0 or n.weight != WEIGHT_DEFAULT
+                for n in self._path(client))
+        return lim
 
     def _ceiling(self, client: int) -> float:
         """The client's effective ``cores.max`` as a fraction (1.0 if none)."""
@@ -243,11 +257,28 @@ class ShareScheduler:
         more than a tick.
         """
         T = self.tick_ns
-        self._paths = {}
-        self._ceilings = {}
+        clients = self.tree.clients
+        if (self._quiet and not demands and self._gen == self.tree.generation
+                and self._membership == self.tree.membership):
+            # Nothing ran, nothing changed, every budget has settled: the
+            # budgets are those of the last tick. An idle node costs nothing.
+            return self._budgets
+        self._membership = self.tree.membership
+        if self._gen != self.tree.generation:
+            self._gen = self.tree.generation
+            self._paths = {}
+            self._ceilings = {}
+            self._limits = {}
+            self._steady = {}
+        else:
+            # A client id is never reused while attached, but a detached one
+            # may come back elsewhere (tests do): forget what is gone.
+            for cache in (self._paths, self._ceilings, self._limits):
+                for c in [c for c in cache if c not in clients]:
+                    del cache[c]
         pairs: list[tuple[int, str]] = []
         by_dev: dict[str, list[int]] = {}
-        for c, st in self.tree.clients.items():
+        for c, st in clients.items():
             for dev in st.devices:
                 pairs.append((c, dev))
                 by_dev.setdefault(dev, []).append(c)
@@ -291,6 +322,13 @@ class ShareScheduler:
             if -1 in hist:
                 got.throttled = True
             got.busy_ns = max(hist)
+        if len(self._usage) > len(now):  # pairs left out ran nothing: age them
+            for key in [k for k in self._usage if k not in now]:
+                hist = self._usage[key]
+                hist.append(0)
+                del hist[:-self.idle_ticks]
+                if not any(hist):
+                    del self._usage[key]
         active: dict[str, dict[int, ClientDemand]] = {}
         for key in pairs:
             got = now.get(key)
@@ -319,11 +357,20 @@ class ShareScheduler:
                 rates[(c, dev)] = dev_rates.get(c, 0.0)
 
         out: dict[tuple[int, str], Budget] = {}
+        steady = self._steady
         for key in pairs:
             c, dev = key
             cur = active.get(dev, {}).get(c)
             tokens = self._tokens.get(key)
             spent = charged.get(key, 0)
+            if cur is None and not spent:
+                settled = steady.get(key)
+                if (settled is not None and settled[0] == tokens
+                        and settled[1] == (not limited_dev[dev])):
+                    out[key] = settled[2]
+                    continue
+            steady.pop(key, None)
+            before = tokens
             if cur is not None:
                 rate = rates[key]
                 if tokens is None:
@@ -346,13 +393,17 @@ class ShareScheduler:
             self._tokens[key] = tokens
             self._rates[key] = rate if cur is not None else 0.0
             out[key] = Budget(int(tokens), unlimited, round(rate * 1_000_000))
-        for key in list(self._tokens):
-            if key not in attached:
+            if cur is None and not spent and tokens == before:
+                steady[key] = (tokens, unlimited, out[key])
+        if len(self._tokens) > len(attached):
+            for key in [k for k in self._tokens if k not in attached]:
                 del self._tokens[key]
                 self._rates.pop(key, None)
                 self._recent.pop(key, None)
                 self._usage.pop(key, None)
+                steady.pop(key, None)
         self._budgets = out
+        self._quiet = (len(steady) == len(out) and not self._recent and not self._usage)
         return out
 
     # -------------------------------------------------------- introspection

@@ -115,6 +115,12 @@ class ClientShm:
         self.stat.magic = lib.VGPU_SHM_MAGIC
         self.stat.abi_version = lib.VGPU_ABI_VERSION
         self._last_head = [0] * MAX_DEVICES
+        self._last_throttle = [(0, 0)] * MAX_DEVICES
+        self._sdev = [self.stat.dev[i] for i in range(MAX_DEVICES)]
+        # What was last written per slot: the tick rewrites a slot only when
+        # its values change, so an idle client costs the daemon little.
+        self._budget_last: list[tuple[int, bool, int] | None] = [None] * MAX_DEVICES
+        self._mem_last: list[tuple[int | None, int] | None] = [None] * MAX_DEVICES
 
     @property
     def stat_fd(self) -> int:
@@ -129,10 +135,17 @@ class ClientShm:
 
     def activate(self, slot: int) -> None:
         """Mark a slot assigned; start ring reads at what is already there."""
-        self._last_head[slot] = int(self.stat.dev[slot].ring_head)
+        d = self.stat.dev[slot]
+        self._last_head[slot] = int(d.ring_head)
+        self._last_throttle[slot] = (int(d.nr_throttled), int(d.throttled_ns))
+        self._budget_last[slot] = self._mem_last[slot] = None
         self.ctl.dev[slot].flags = self.ctl.dev[slot].flags | DEV_ACTIVE
 
     def write_budget(self, slot: int, tokens_ns: int, unlimited: bool, rate_ppm: int) -> None:
+        key = (tokens_ns, unlimited, rate_ppm)
+        if self._budget_last[slot] == key:
+            return
+        self._budget_last[slot] = key
         d = self.ctl.dev[slot]
         d.tokens_ns = max(_I64_MIN, min(_I64_MAX, tokens_ns))
         d.rate_ppm = max(0, rate_ppm)
@@ -140,6 +153,10 @@ class ClientShm:
         d.flags = flags
 
     def write_mem_view(self, slot: int, limit: int | None, used: int) -> None:
+        key = (limit, used)
+        if self._mem_last[slot] == key:
+            return
+        self._mem_last[slot] = key
         d = self.ctl.dev[slot]
         d.mem_limit = UNLIMITED if limit is None else max(0, limit)
         d.mem_used = max(0, used)
@@ -164,6 +181,18 @@ class ClientShm:
             busy_ns=int(d.busy_ns), allocs=int(d.allocs), frees=int(d.frees),
         )
 
+    def poll(self, slot: int) -> tuple[Drained, int, int] | None:
+        """What the tick needs of a slot: new intervals and how much the
+        throttle counters (nr_throttled, throttled_ns) grew, or None when
+        nothing changed since the last poll (an idle client: three reads)."""
+        d = self._sdev[slot]
+        head, nr, ns = int(d.ring_head), int(d.nr_throttled), int(d.throttled_ns)
+        last = self._last_throttle[slot]
+        if head == self._last_head[slot] and nr == last[0] and ns == last[1]:
+            return None
+        self._last_throttle[slot] = (nr, ns)
+        return self.drain(slot), max(0, nr - last[0]), max(0, ns - last[1])
+
     def drain(self, slot: int) -> Drained:
         """Intervals published in ``slot``'s ring since the last drain.
 
@@ -175,6 +204,8 @@ class ClientShm:
         d = self.stat.dev[slot]
         head = int(d.ring_head)
         last = self._last_head[slot]
+        if head == last:
+            return Drained([], 0)
         if head < last:
             self._last_head[slot] = head
             return Drained([], 0)
@@ -202,6 +233,7 @@ class ClientShm:
             return
         self._closed = True
         self.ctl = self.stat = None
+        self._sdev = []
         ffi.release(self._ctl_buf)
         ffi.release(self._stat_buf)
         self._ctl_map.close()

@@ -147,6 +147,10 @@ class ClientState:
     usage_ns: int = 0
     throttled_ns: int = 0
     nr_throttled: int = 0
+    #: (slice, its gpu.memory.max, its gpu.memory.high), leaf first, valid
+    #: while the tree's generation is ``chain_gen`` (see SliceTree._chain)
+    chain: list[tuple[Node, int | None, int | None]] = field(default_factory=list)
+    chain_gen: int = -1
 
 
 def _check_bytes(n: object) -> int:
@@ -163,6 +167,10 @@ class SliceTree:
         self.clients: dict[int, ClientState] = {}
         #: bumped on every knob change, so caches (the share scheduler) can tell.
         self.generation = 0
+        #: bumped whenever a client attaches, detaches or starts using a device.
+        self.membership = 0
+        #: bumped whenever memory is booked or given back anywhere.
+        self.mem_version = 0
 
     # ------------------------------------------------------------------ nodes
 
@@ -324,6 +332,7 @@ class SliceTree:
         node = self._ensure(path)
         node.clients.add(client)
         self.clients[client] = ClientState(client, node, pid, comm)
+        self.membership += 1
         return path
 
     def detach(self, client: int) -> None:
@@ -335,6 +344,8 @@ class SliceTree:
         st = self.clients.pop(client, None)
         if st is None:
             return
+        self.membership += 1
+        self.mem_version += 1
         for dev, n in st.held.items():
             for node in st.node.ancestry():
                 node.current[dev] = node.current.get(dev, 0) - n
@@ -358,6 +369,7 @@ class SliceTree:
         st = self._client(client)
         if dev not in st.devices:
             st.devices.append(dev)
+            self.membership += 1
 
     def client_devices(self, client: int) -> list[str]:
         return list(self._client(client).devices)
@@ -378,6 +390,14 @@ class SliceTree:
 
     # ----------------------------------------------------------------- memory
 
+    def _chain(self, st: ClientState) -> list[tuple[Node, int | None, int | None]]:
+        """The client's slices with their memory limits, cached per knob
+        generation: admission is the reservation round trip's hot path."""
+        if st.chain_gen != self.generation:
+            st.chain = [(n, n.mem_max, n.mem_high) for n in st.node.ancestry()]
+            st.chain_gen = self.generation
+        return st.chain
+
     def reserve(self, client: int, dev: str, n: int) -> Grant | Denial:
         """Exact admission of ``n`` bytes on ``dev`` against every ancestor's max.
 
@@ -387,25 +407,25 @@ class SliceTree:
         """
         n = _check_bytes(n)
         st = self._client(client)
-        path = list(st.node.ancestry())
-        for node in path:
-            lim = node.mem_max
+        path = self._chain(st)
+        for node, lim, _high in path:
             cur = node.current.get(dev, 0)
             if lim is not None and cur + n > lim:
                 node.ev_max += 1
                 st.node.ev_oom += 1
                 return Denial(node.path, lim, cur)
-        for node in path:
+        for node, _lim, high in path:
             cur = node.current.get(dev, 0) + n
             node.current[dev] = cur
             if cur > node.peak.get(dev, 0):
                 node.peak[dev] = cur
-            high = node.mem_high
             if high is not None and cur > high:
                 node.ev_high += 1
         st.held[dev] = st.held.get(dev, 0) + n
+        self.mem_version += 1
         if dev not in st.devices:
             st.devices.append(dev)
+            self.membership += 1
         return Grant(n)
 
     def adopt(self, client: int, dev: str, n: int) -> Denial | None:
@@ -431,8 +451,10 @@ class SliceTree:
             if cur > node.peak.get(dev, 0):
                 node.peak[dev] = cur
         st.held[dev] = st.held.get(dev, 0) + n
+        self.mem_version += 1
         if dev not in st.devices:
             st.devices.append(dev)
+            self.membership += 1
         return over
 
     def release(self, client: int, dev: str, n: int) -> None:
@@ -443,9 +465,10 @@ class SliceTree:
         if n > have:
             raise ValueError(f"release of {n} bytes on {dev} but client holds {have}")
         st.held[dev] = have - n
+        self.mem_version += 1
         if st.held[dev] == 0:
             del st.held[dev]
-        for node in st.node.ancestry():
+        for node, _lim, _high in self._chain(st):
             node.current[dev] -= n
 
     def held(self, client: int) -> dict[str, int]:
@@ -460,8 +483,7 @@ class SliceTree:
         """
         st = self._client(client)
         best: tuple[int, int] | None = None
-        for node in st.node.ancestry():
-            lim = node.mem_max
+        for node, lim, _high in self._chain(st):
             if lim is None:
                 continue
             cur = node.current.get(dev, 0)

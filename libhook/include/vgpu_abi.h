@@ -57,7 +57,7 @@ struct vgpu_ctl_dev {
 struct vgpu_ctl_page {
     uint32_t magic;         /* VGPU_SHM_MAGIC */
     uint32_t abi_version;   /* VGPU_ABI_VERSION */
-    uint64_t seq;           /* bumped once per daemon control tick */
+    uint64_t seq;           /* bumped by each control tick that publishes here */
     uint64_t tick_ns;       /* the daemon's control period */
     uint64_t daemon_epoch;  /* changes when the daemon restarts */
     uint64_t _pad[4];

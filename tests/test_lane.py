@@ -1,0 +1,182 @@
+"""The request lane on its own: serving, protocol errors, slow readers,
+handler bugs, with real sockets and no daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from vgpu_cgroup import _protocol as proto
+from vgpu_cgroup._lane import MAX_OUTBUF, Lane
+
+HELLO = proto.encode_frame({"t": "hello", "v": proto.PROTO_VERSION, "role": "hook", "pid": 1,
+                            "comm": "t"})
+
+
+def reserve(rid: int, n: int = 1) -> bytes:
+    return proto.encode_frame({"t": "reserve", "id": rid, "slot": 0, "n": n})
+
+
+class Harness:
+    def __init__(self, *, send_timeout: float = 5.0) -> None:
+        self.handled: list[tuple[str, proto.Event]] = []
+        self.closed: list[tuple[str, str | None]] = []
+        self.failed: list[tuple[str, BaseException]] = []
+        self.lane: Lane[str] = Lane(self._handle, self._closed, self._failed,
+                                    send_timeout=send_timeout)
+        self.peers: list[socket.socket] = []
+
+    def _handle(self, client: str, ev: proto.Event) -> proto.Reply | None:
+        self.handled.append((client, ev))
+        if isinstance(ev, proto.Reserve):
+            if ev.n == 666:
+                raise RuntimeError("handler bug")
+            return proto.Granted(id=ev.id)
+        return None
+
+    def _closed(self, client: str, why: str | None) -> None:
+        self.closed.append((client, why))
+
+    def _failed(self, client: str, exc: BaseException) -> None:
+        self.failed.append((client, exc))
+
+    def connect(self, name: str, pending: bytes = b"") -> socket.socket:
+        ours, theirs = socket.socketpair()
+        conn = proto.Connection()
+        conn.feed(HELLO + pending)
+        assert isinstance(conn.next_event(), proto.Hello)
+        self.lane.add(ours, conn, name)
+        theirs.settimeout(2)
+        self.peers.append(theirs)
+        return theirs
+
+    def pump(self, rounds: int = 3) -> None:
+        for _ in range(rounds):
+            self.lane.run_ready()
+
+
+def read_frame(sock: socket.socket) -> dict[str, Any]:
+    hdr = sock.recv(4, socket.MSG_WAITALL)
+    (n,) = struct.unpack(">I", hdr)
+    out: dict[str, Any] = msgpack.unpackb(sock.recv(n, socket.MSG_WAITALL))
+    return out
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    harness.lane.close_all("test over")
+    for p in harness.peers:
+        p.close()
+
+
+def test_requests_answered_in_order_and_pending_bytes_served(h: Harness) -> None:
+    a = h.connect("a", pending=reserve(1))  # arrived with the hello
+    assert read_frame(a) == {"t": "granted", "id": 1}
+    a.sendall(reserve(2) + reserve(3))
+    h.pump()
+    assert read_frame(a)["id"] == 2
+    assert read_frame(a)["id"] == 3
+    assert [ev.id for _c, ev in h.handled if isinstance(ev, proto.Reserve)] == [1, 2, 3]
+
+
+def test_peer_close_is_reported_once(h: Harness) -> None:
+    a = h.connect("a")
+    a.close()
+    h.peers.remove(a)
+    h.pump()
+    assert h.closed == [("a", None)]
+    assert len(h.lane) == 0
+
+
+def test_protocol_error_answers_then_closes_and_others_carry_on(h: Harness) -> None:
+    a = h.connect("a")
+    b = h.connect("b")
+    a.sendall(reserve(1) + struct.pack(">I", 3) + b"\xc1\xc1\xc1")  # a good frame, then garbage
+    b.sendall(reserve(9))
+    h.pump()
+    assert read_frame(a) == {"t": "granted", "id": 1}
+    err = read_frame(a)
+    assert err["t"] == "error"
+    assert err["code"] == "decode"
+    assert a.recv(1) == b""  # closed after the error
+    assert h.closed[0][0] == "a"
+    assert "protocol error" in str(h.closed[0][1])
+    assert read_frame(b) == {"t": "granted", "id": 9}
+
+
+def test_handler_bug_closes_that_connection_only(h: Harness) -> None:
+    a = h.connect("a")
+    b = h.connect("b")
+    a.sendall(reserve(1, n=666))
+    h.pump()
+    assert [c for c, _e in h.failed] == ["a"]
+    assert isinstance(h.failed[0][1], RuntimeError)
+    assert a.recv(1) == b""
+    b.sendall(reserve(2))
+    h.pump()
+    assert read_frame(b)["id"] == 2
+
+
+def test_reader_that_never_reads_is_cut_off() -> None:
+    h = Harness(send_timeout=0.0)
+    try:
+        a = h.connect("a")
+        b = h.connect("b")
+        a.setblocking(False)
+        # Replies pile up unread until the kernel buffer is full; then the
+        # lane keeps them and, past the deadline (0 s here), closes.
+        req = reserve(1) * 2000
+        for _ in range(200):
+            with contextlib.suppress(BlockingIOError):
+                a.send(req)
+            h.pump(1)
+            if h.closed:
+                break
+        assert h.closed
+        assert h.closed[0][0] == "a"
+        assert "too slow" in str(h.closed[0][1])
+        b.sendall(reserve(5))
+        h.pump()
+        assert read_frame(b)["id"] == 5
+    finally:
+        h.lane.close_all("test over")
+        for p in h.peers:
+            p.close()
+
+
+def test_a_peer_that_does_not_read_is_not_read_either() -> None:
+    h = Harness(send_timeout=60.0)
+    try:
+        a = h.connect("a")
+        a.setblocking(False)
+        req = reserve(1) * 2000
+        for _ in range(300):
+            with contextlib.suppress(BlockingIOError):
+                a.send(req)
+            h.pump(1)
+        # The kernel's buffers filled up both ways and the lane stopped
+        # reading: what it holds stays within one read's replies.
+        conn = next(iter(h.lane._conns.values()))
+        assert 0 < len(conn.out) <= MAX_OUTBUF
+        assert len(conn.out) < 4 * 65536
+        assert not h.closed
+    finally:
+        h.lane.close_all("test over")
+        for p in h.peers:
+            p.close()
+
+
+def test_close_all_reports_every_connection(h: Harness) -> None:
+    h.connect("a")
+    h.connect("b")
+    h.lane.close_all("stopping")
+    assert sorted(h.closed) == [("a", "stopping"), ("b", "stopping")]
+    assert h.lane.run_ready() == 0

@@ -1,0 +1,91 @@
+"""vgpud's main loop: a plain epoll loop that serves the request lane, runs
+the control tick, and runs trio as a guest (``trio.lowlevel.start_guest_run``).
+
+Every request from a CUDA program (a reservation above all) is then read,
+answered and written without passing through trio's scheduler, and the
+tick, in chunks (``Daemon.guarded_tick``), with the lane served between
+them. Trio runs everything else (accepting and the handshake, signals, the
+watchdog, metrics) in the same thread, between requests: its guest mode
+does its I/O waits in a helper thread and asks this loop, through
+``run_sync_soon_threadsafe``, to run its next batch of tasks here. So all of
+the daemon's state is still touched by one thread only.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Protocol
+
+import trio
+
+
+class _Lane(Protocol):
+    def fileno(self) -> int: ...
+    def run_ready(self) -> int: ...
+
+
+class _Served(Protocol):
+    """What the host loop needs of the daemon (``_daemon.Daemon``)."""
+
+    @property
+    def lane(self) -> _Lane: ...
+    @property
+    def tick_ns(self) -> int: ...
+    def guarded_tick(self) -> Iterator[None]: ...
+
+
+def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run ``async_fn(*args)`` as trio would, serving ``daemon.lane`` and
+    running ``daemon``'s control tick in between; return its result or raise
+    its exception."""
+    lane = daemon.lane
+    todo: collections.deque[Callable[[], object]] = collections.deque()
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ep = select.epoll()
+    done: list[Any] = []  # trio's outcome of async_fn
+    try:
+        ep.register(wake, select.EPOLLIN)
+        ep.register(lane.fileno(), select.EPOLLIN)
+
+        def soon_threadsafe(fn: Callable[[], object]) -> None:
+            todo.append(fn)  # deque.append is atomic; the write wakes a waiting poll
+            os.eventfd_write(wake, 1)
+
+        trio.lowlevel.start_guest_run(
+            async_fn, *args,
+            run_sync_soon_threadsafe=soon_threadsafe,
+            run_sync_soon_not_threadsafe=todo.append,
+            done_callback=done.append,
+        )
+        lane_fd = lane.fileno()
+        period = daemon.tick_ns / 1e9
+        next_tick = time.monotonic() + period
+        while not done:
+            timeout = 0.0 if todo else max(0.0, next_tick - time.monotonic())
+            for fd, _ev in ep.poll(timeout):
+                if fd == lane_fd:
+                    lane.run_ready()
+                elif fd == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+            now = time.monotonic()
+            if now >= next_tick:
+                # The tick in chunks, with the lane served between them.
+                for _ in daemon.guarded_tick():
+                    lane.run_ready()
+                next_tick += period
+                if next_tick < now:  # fell behind (suspended?): don't catch up in a burst
+                    next_tick = now + period
+            # Run what trio asked for until now (one batch of its tasks, or
+            # its I/O results), then look at the lane again.
+            for _ in range(len(todo)):
+                todo.popleft()()
+    finally:
+        ep.close()
+        os.close(wake)
+    return done[0].unwrap()
