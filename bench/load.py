@@ -192,6 +192,8 @@ def run(clients: int, seconds: float, nslices: int, tmp: Path,
         if other:
             problems.append(f"{other} allocations failed with something other than OOM")
         rss_kib = [k for _, k in rss]
+        if problems:
+            _show_log(d)
         return {
             "clients": clients, "seconds": seconds, "slices": nslices, "wave": wave,
             "think_ms": think_ms,
@@ -209,6 +211,9 @@ def run(clients: int, seconds: float, nslices: int, tmp: Path,
             "daemon_rss_series": rss,
             "problems": problems,
         }
+    except BaseException:
+        _show_log(d)
+        raise
     finally:
         for p in procs:
             if p.poll() is None:
@@ -216,6 +221,19 @@ def run(clients: int, seconds: float, nslices: int, tmp: Path,
                 p.wait()
         cg.cleanup()
         d.cleanup()
+
+
+def _show_log(d: VgpudProc) -> None:
+    """The daemon's warnings and errors, for a run that failed."""
+    try:
+        lines = d.log.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    bad = [ln for ln in lines if '"warning"' in ln or '"error"' in ln or "Traceback" in ln]
+    print(f"vgpud log: {len(lines)} lines, {len(bad)} warnings/errors; the last of them:",
+          file=sys.stderr)
+    for ln in bad[-20:]:
+        print("  " + ln[:400], file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,6 +98,8 @@ static bool read_full(int fd, uint8_t *p, size_t n, uint64_t deadline, int *fds,
         int pr = poll(&pfd, 1, remaining_ms(deadline));
         if (pr < 0 && errno == EINTR)
             continue;
+        if (pr == 0)
+            errno = ETIMEDOUT;
         if (pr <= 0)
             return false;
         union {
@@ -110,6 +112,8 @@ static bool read_full(int fd, uint8_t *p, size_t n, uint64_t deadline, int *fds,
         ssize_t r = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
         if (r < 0 && errno == EINTR)
             continue;
+        if (r == 0)
+            errno = ECONNRESET;
         if (r <= 0)
             return false;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
@@ -304,8 +308,9 @@ static void *map_region(int fd, size_t size, int prot)
 }
 
 /* Connect, hello, welcome with the two regions. Leaves cfd open on success.
- * `why` gets a human reason on failure. */
-static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
+ * `why` gets a human reason on failure; *transient says whether the daemon
+ * went away mid-handshake (worth another try) rather than refusing us. */
+static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, bool *transient)
 {
     int fd;
     for (;;) {
@@ -362,6 +367,7 @@ static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
     if (!send_frame(fd, &w)) {
         snprintf(why, whylen, "sending hello: %s", strerror(errno));
         close(fd);
+        *transient = true;
         return false;
     }
     uint8_t buf[BUF_CAP];
@@ -370,7 +376,10 @@ static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
     struct reply rep;
     bool ok = recv_frame(fd, buf, sizeof buf, &len, deadline, fds, &nfds);
     if (!ok) {
-        snprintf(why, whylen, "no welcome from the daemon");
+        snprintf(why, whylen, "no welcome from the daemon (%s)",
+                 errno == ETIMEDOUT ? "none before the connect timeout"
+                 : errno == ECONNRESET ? "it closed the connection" : strerror(errno));
+        *transient = true;
     } else if (!parse_reply(buf, len, &rep)) {
         snprintf(why, whylen, "undecodable welcome");
         ok = false;
@@ -420,6 +429,22 @@ static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
     atomic_store(&vgpu_connected, 1);
     atomic_fetch_add(&vgpu_conn_gen, 1);
     return true;
+}
+
+/* The handshake, tried again while the deadline allows when the daemon
+ * closed on us before its welcome (it was restarting, or so loaded that our
+ * hello waited past its handshake timeout): that is no reason to fail CUDA. */
+static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
+{
+    for (;;) {
+        bool transient = false;
+        if (handshake_once_locked(deadline, why, whylen, &transient))
+            return true;
+        if (!transient || remaining_ms(deadline) == 0)
+            return false;
+        struct timespec ts = {0, 50 * 1000000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 static void *monitor_main(void *arg);

@@ -71,6 +71,8 @@ VIEW_EVERY_TICKS = 5
 TICK_CHUNK = 16
 OVERHEAD_EVERY_TICKS = 20  # NVML per-process memory is reconciled every 20 ticks (200 ms)
 HANDSHAKE_TIMEOUT_S = 5.0
+#: A handshake slower than this is worth a warning (registration's goal is 5 ms).
+SLOW_HANDSHAKE_S = 1.0
 SEND_TIMEOUT_S = 5.0
 TOP_WINDOW_NS = 1_000_000_000
 RECV_CHUNK = 65536
@@ -406,6 +408,7 @@ class Daemon:
         try:
             with sock:
                 try:
+                    t_accept = time.monotonic()
                     pid, uid, _gid = peer_pid_uid(sock)
                     log = log.bind(pid=pid)
                     with trio.fail_after(self.handshake_timeout):
@@ -417,6 +420,10 @@ class Daemon:
                     client = self._register(hello, pid, uid)
                     log = client.log
                     await self._welcome(sock, conn, client)
+                    took = time.monotonic() - t_accept
+                    if took > SLOW_HANDSHAKE_S:
+                        log.warning("slow handshake: the daemon is short of CPU",
+                                    seconds=round(took, 3))
                     self.lane.add(_stdsocket.socket(fileno=sock.detach()), conn, client)
                     handed_over = True
                 except proto.ProtocolError as exc:
@@ -424,7 +431,8 @@ class Daemon:
                     with trio.move_on_after(1):
                         await self._sendall(sock, conn.send(exc.reply()))
                 except trio.TooSlowError:
-                    log.info("client too slow (handshake or send timeout), closing")
+                    log.warning("handshake not done in time, closing",
+                                seconds=round(time.monotonic() - t_accept, 3))
                 except (_Close, ConnectionError):
                     pass
                 except OSError as exc:
