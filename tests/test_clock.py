@@ -18,7 +18,11 @@ def test_boosted_work_costs_more_than_its_time() -> None:
         c.sample(1700, 100, max_mhz=1980)
     assert c.full_mhz == pytest.approx(1700, abs=5)
     c.sample(1980, 30)  # a capped tenant runs its share at boost clocks
+    assert c.charge(1_000_000) == pytest.approx(1_000_000 * (1980 / 1700) ** 0.55, rel=0.01)
+    c.exponent = 1.0  # work that only computes: the whole clock ratio
     assert c.charge(1_000_000) == pytest.approx(1_000_000 * 1980 / 1700, rel=0.01)
+    c.exponent = 0.0  # work that only waits on memory: plain time
+    assert c.charge(1_000_000) == 1_000_000
 
 
 def test_light_load_does_not_teach_the_full_load_clock() -> None:
@@ -27,10 +31,10 @@ def test_light_load_does_not_teach_the_full_load_clock() -> None:
     for _ in range(100):
         c.sample(1200, 10)
     assert c.full_mhz == 1980
-    assert c.scale == pytest.approx(1200 / 1980)
+    assert c.scale == pytest.approx((1200 / 1980) ** 0.55)
 
 
 def test_scale_is_bounded() -> None:
-    c = ClockScale(full_mhz=1000.0)
+    c = ClockScale(full_mhz=1000.0, exponent=1.0)
     c.sample(5000, 0)
     assert c.scale == 1.5

@@ -127,13 +127,15 @@ def test_daemon_config_defaults_and_file(tmp_path: Path) -> None:
     p = write(
         tmp_path / "vgpud.toml",
         'socket = "/tmp/v.sock"\nruntime_dir = "/tmp/rv"\nidentity = "declared"\n'
-        'tick_ms = 5\nsimulate = true\nlog_format = "json"\n[metrics]\nlisten = "127.0.0.1:9400"\n',
+        'tick_ms = 5\nsimulate = true\nlog_format = "json"\nclock_exponent = 1\n'
+        '[metrics]\nlisten = "127.0.0.1:9400"\n',
     )
     c = load_daemon_config(p)
     assert c.socket == "/tmp/v.sock"
     assert c.run_slices_dir == "/tmp/rv/slices"
     assert c.identity == "declared"
     assert c.tick_ms == 5
+    assert c.clock_exponent == 1.0
     assert c.simulate is True
     assert c.log_format == "json"
     assert c.metrics_listen == "127.0.0.1:9400"
@@ -146,6 +148,8 @@ def test_daemon_config_defaults_and_file(tmp_path: Path) -> None:
         ('identity = "trust-me"\n', 1, "identity"),
         ("tick_ms = 0\n", 1, "out of range"),
         ("tick_ms = true\n", 1, "expected an integer"),
+        ("clock_exponent = 1.5\n", 1, "out of range 0..1"),
+        ('clock_exponent = "half"\n', 1, "expected int/float"),
         ('simulate = "yes"\n', 1, "expected bool"),
         ("[metrics]\nlisten = 9400\n", 2, "metrics.listen"),
         ("tick_ms = \n", 1, "TOML syntax error"),

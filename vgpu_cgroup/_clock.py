@@ -7,9 +7,17 @@ boost clocks and so does more than 30 % of the *work* it would do uncapped
 (measured on the H200: 0.35 of native throughput at exactly 0.300 of the
 time). Caps are promised as a fraction of what the tenant would get alone,
 so the daemon charges GPU time scaled by the SM clock it ran at, relative to
-the clock of a fully busy GPU:
+the clock of a fully busy GPU, raised to how strongly the work's speed
+follows the clock:
 
-    charge = busy_ns * clock_now / clock_full
+    charge = busy_ns * (clock_now / clock_full) ** exponent
+
+Work that only computes runs in proportion to the clock (exponent 1); work
+that waits on memory hardly cares (0). On the H200, bf16 matmuls did 0.35
+of native work in 0.300 of the time at clocks 1.32x apart, so their speed
+goes as the clock to the power ln(0.35/0.30)/ln(1.32) = 0.55; charging the
+whole clock ratio (exponent 1) gave 0.269-0.277 for a 30 % cap. The
+default is 0.55 and ``clock_exponent`` in vgpud.toml sets it.
 
 ``clock_full`` is learned from NVML whenever the device is (nearly) fully
 busy, and starts at the maximum SM clock (so before it is learned, caps err
@@ -25,6 +33,8 @@ FULL_UTIL = 95
 #: weight of a new fully-busy sample in the running estimate
 ALPHA = 0.05
 MIN_SCALE, MAX_SCALE = 0.5, 1.5
+#: default exponent of the clock ratio (see the module's docstring)
+CLOCK_EXPONENT = 0.55
 
 
 @dataclass
@@ -33,6 +43,7 @@ class ClockScale:
 
     full_mhz: float | None = None
     now_mhz: float | None = None
+    exponent: float = CLOCK_EXPONENT
 
     def sample(self, mhz: int, util: int, max_mhz: int | None = None) -> None:
         if mhz <= 0:
@@ -47,7 +58,8 @@ class ClockScale:
     def scale(self) -> float:
         if not self.full_mhz or not self.now_mhz:
             return 1.0
-        return min(MAX_SCALE, max(MIN_SCALE, self.now_mhz / self.full_mhz))
+        ratio = min(MAX_SCALE, max(MIN_SCALE, self.now_mhz / self.full_mhz))
+        return float(ratio**self.exponent)
 
     def charge(self, busy_ns: int) -> int:
         return int(busy_ns * self.scale)

@@ -60,6 +60,8 @@ class DaemonConfig:
     identity: str = "cgroup"
     tick_ms: int = 10
     lag_ms: int = 30
+    #: how strongly GPU work speeds up with the clock (see _clock)
+    clock_exponent: float = 0.55
     simulate: bool = False
     log_format: str = "auto"
     metrics_listen: str | None = None
@@ -295,6 +297,12 @@ def load_daemon_config(path: str | None) -> DaemonConfig:
             if not 1 <= v <= 1000:
                 raise ConfigError(path, line, f"{key}: {v} out of range 1..1000")
             kw[key] = v
+        elif key == "clock_exponent":
+            _want(path, text, key, v, (int, float))
+            assert isinstance(v, (int, float))
+            if isinstance(v, bool) or not 0 <= v <= 1:
+                raise ConfigError(path, line, f"{key}: {v} out of range 0..1")
+            kw[key] = float(v)
         elif key == "simulate":
             _want(path, text, key, v, bool)
             kw["simulate"] = v

@@ -149,7 +149,7 @@ class Daemon:
         self._ghosts: dict[int, int] = {}  # pid -> placeholder client id (-pid)
         # Charges are scaled to the full-load clock where the driver reports
         # clocks (see _clock); the simulated GPU does not, so it is plain time.
-        self._clock = {uuid: ClockScale() for uuid in self.devices}
+        self._clock = {uuid: ClockScale(exponent=cfg.clock_exponent) for uuid in self.devices}
         self._max_mhz = {uuid: None if simulated else max_sm_clock(d.index)
                          for uuid, d in self.devices.items()}
         trace = os.environ.get("VGPU_DEBUG_TICK")
