@@ -379,10 +379,10 @@ def sc_live(b: Bench) -> dict[str, Any]:
     # below the slice, and keep holding 30 after the slice is raised).
     b.ctl("set", "--runtime", "bench-live.slice", "gpu.cores.max=30")
     p = b.spawn(
-        ["matmul", "--seconds", "10", "--sync-every", "5", "--timeline"],
+        ["matmul", "--seconds", "20", "--sync-every", "5", "--timeline"],
         slice_="bench-live.slice",
     )
-    time.sleep(15)  # torch start + warm-up, then ~5 s of measurement at 30
+    time.sleep(15)  # torch start + warm-up, then 5-10 s of measurement at 30 (20 s in all)
     t_set = time.time()
     b.ctl("set", "--runtime", "bench-live.slice", "gpu.cores.max=60")
     r = b.collect(p)
@@ -402,9 +402,12 @@ def sc_live(b: Bench) -> dict[str, Any]:
             before.append(rate)
         elif reached is None and tl[j][0] >= set_rel and rate >= 0.57:
             reached = tl[j][0] - set_rel + win
+    done_before = [n for t, n in tl if t < set_rel]
+    t_before = max((t for t, _n in tl if t < set_rel), default=0.0)
     return {
         "native_rate": native,
         "set_at_s": set_rel,
+        "share_before_overall": (done_before[-1] / t_before / native) if t_before else None,
         "share_before": sorted(before)[len(before) // 2] if before else None,
         "seconds_to_new_share": reached,
     }
