@@ -42,10 +42,13 @@ from _e2e import Cgroups, VgpudProc, build, build_c, find_process, spawn  # noqa
 MiB = 1 << 20
 
 
-def _rss_kib(pid: int) -> int:
+def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of /proc/PID/status in KiB: VmRSS, or its parts
+    RssAnon (the daemon's own heap) and RssShmem (the clients' shared pages,
+    faulted in as their rings are first read: bounded by the clients)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -126,12 +129,16 @@ def run(clients: int, seconds: float, nslices: int, tmp: Path,
         if problems:
             raise RuntimeError("; ".join(problems[:3]) + f" ({len(problems)} clients)")
         rss: list[tuple[float, int]] = []
+        anon: list[int] = [_rss_kib(dpid, "RssAnon")]
+        shmem: list[int] = [_rss_kib(dpid, "RssShmem")]
         stop = threading.Event()
 
         def sample() -> None:
             t0 = time.monotonic()
             while not stop.wait(1.0):
                 rss.append((round(time.monotonic() - t0, 1), _rss_kib(dpid)))
+                anon.append(_rss_kib(dpid, "RssAnon"))
+                shmem.append(_rss_kib(dpid, "RssShmem"))
 
         sampler = threading.Thread(target=sample)
         rss.append((0.0, _rss_kib(dpid)))
@@ -209,6 +216,8 @@ def run(clients: int, seconds: float, nslices: int, tmp: Path,
             "daemon_rss_kib": {"first": rss_kib[0], "last": rss_kib[-1], "min": min(rss_kib),
                                "max": max(rss_kib)},
             "daemon_rss_series": rss,
+            "daemon_rss_anon_kib": {"first": anon[0], "last": anon[-1], "max": max(anon)},
+            "daemon_rss_shmem_kib": {"first": shmem[0], "last": shmem[-1], "max": max(shmem)},
             "problems": problems,
         }
     except BaseException:
@@ -266,8 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f" + OOM {r['allocs_oom']} ({r['allocs_per_s']}/s), other errors {r['allocs_other']}")
     print(f"  cuMemAlloc latency (reservation round trip + driver): p50 {lat['p50']} us, "
           f"p99 {lat['p99']} us, p99.9 {lat['p999']} us over {lat['samples']} samples")
+    an, sh = r["daemon_rss_anon_kib"], r["daemon_rss_shmem_kib"]
     print(f"  daemon CPU {r['daemon_cpu_percent']}%; RSS first {rss['first']} KiB, last "
-          f"{rss['last']} KiB, min {rss['min']}, max {rss['max']}")
+          f"{rss['last']} KiB, min {rss['min']}, max {rss['max']}; of which its own heap "
+          f"(RssAnon) {an['first']} -> {an['last']} KiB and clients' shared pages (RssShmem) "
+          f"{sh['first']} -> {sh['last']} KiB")
     for p in r["problems"]:
         print(f"  PROBLEM: {p}")
     print("  accounting: " + ("OK (launch counts equal, every slice back to 0)"
