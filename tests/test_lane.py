@@ -61,6 +61,18 @@ class Harness:
             self.lane.run_ready()
 
 
+def flood(h: Harness, peer: socket.socket, rounds: int, *, until_closed: bool = False) -> None:
+    """Send requests without reading the replies, pumping the lane between."""
+    peer.setblocking(False)
+    req = reserve(1) * 2000
+    for _ in range(rounds):
+        with contextlib.suppress(BlockingIOError):
+            peer.send(req)
+        h.pump(1)
+        if until_closed and h.closed:
+            return
+
+
 def read_frame(sock: socket.socket) -> dict[str, Any]:
     hdr = sock.recv(4, socket.MSG_WAITALL)
     (n,) = struct.unpack(">I", hdr)
@@ -130,16 +142,9 @@ def test_reader_that_never_reads_is_cut_off() -> None:
     try:
         a = h.connect("a")
         b = h.connect("b")
-        a.setblocking(False)
         # Replies pile up unread until the kernel buffer is full; then the
         # lane keeps them and, past the deadline (0 s here), closes.
-        req = reserve(1) * 2000
-        for _ in range(200):
-            with contextlib.suppress(BlockingIOError):
-                a.send(req)
-            h.pump(1)
-            if h.closed:
-                break
+        flood(h, a, 200, until_closed=True)
         assert h.closed
         assert h.closed[0][0] == "a"
         assert "too slow" in str(h.closed[0][1])
@@ -155,13 +160,7 @@ def test_reader_that_never_reads_is_cut_off() -> None:
 def test_a_peer_that_does_not_read_is_not_read_either() -> None:
     h = Harness(send_timeout=60.0)
     try:
-        a = h.connect("a")
-        a.setblocking(False)
-        req = reserve(1) * 2000
-        for _ in range(300):
-            with contextlib.suppress(BlockingIOError):
-                a.send(req)
-            h.pump(1)
+        flood(h, h.connect("a"), 300)
         # The kernel's buffers filled up both ways and the lane stopped
         # reading: what it holds stays within one read's replies.
         conn = next(iter(h.lane._conns.values()))
