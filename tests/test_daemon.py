@@ -367,3 +367,26 @@ def test_raw_msgpack_hello_roundtrip(vgpud: RunningDaemon) -> None:
     for fd in fds:
         os.close(fd)
     s.close()
+
+
+def test_grant_publishes_the_tightest_view_at_once(vgpud: RunningDaemon) -> None:
+    """The reply to a reservation leaves after the client's memory view is
+    written: cuMemGetInfo right after an allocation sees it, for the
+    tightest slice on the path (here the parent, with less headroom)."""
+    with vgpud.client() as c:
+        c.ctl("set", slice="view.slice", runtime=True, knobs={"gpu.memory.max": "64M"})
+        c.ctl("set", slice="view.slice/leaf", runtime=True, knobs={"gpu.memory.max": "1G"})
+    other = FakeHook(vgpud, slice="view.slice")
+    hook = FakeHook(vgpud, slice="view.slice/leaf")
+    try:
+        other.attach()
+        hook.attach()
+        assert other.reserve(0, 8 * MiB)["t"] == "granted"
+        assert hook.reserve(0, 4 * MiB)["t"] == "granted"
+        assert int(hook.ctl.dev[0].mem_limit) == 64 * MiB
+        assert int(hook.ctl.dev[0].mem_used) == mem_current(vgpud, "view.slice")
+        assert hook.reserve(0, 2 * MiB)["t"] == "granted"
+        assert int(hook.ctl.dev[0].mem_used) == mem_current(vgpud, "view.slice")
+    finally:
+        hook.close()
+        other.close()

@@ -572,7 +572,8 @@ class Daemon:
             # the 200 ms reconciliation is recent enough, and the round trip
             # skips the driver query.
             limit, used = self.tree.mem_view(client.id, uuid)
-            if limit is not None and limit - used - ev.n < NVML_GUARD_BYTES:
+            reconciled = limit is not None and limit - used - ev.n < NVML_GUARD_BYTES
+            if reconciled:
                 self._reconcile(client, uuid, now, self._nvml_used(uuid))
             res = self.tree.reserve(client.id, uuid, ev.n)
             if isinstance(res, Denial):
@@ -581,7 +582,12 @@ class Daemon:
                 return proto.Denied(id=ev.id, slice=res.slice, limit=res.limit,
                                     current=res.current)
             client.last_grant_ns = now
-            self._publish_mem_view(client, ev.slot, uuid)
+            if reconciled:
+                self._publish_mem_view(client, ev.slot, uuid)
+            elif client.shm is not None:
+                # Every slice on the path grew by n, so the tightest is
+                # still the tightest: the view is the one read above, plus n.
+                client.shm.write_mem_view(ev.slot, limit, used + ev.n)
             return proto.Granted(id=ev.id)
         if isinstance(ev, proto.Release):
             uuid = self._slot_dev(client, ev.slot, None)

@@ -263,19 +263,19 @@ class ShareScheduler:
             # Nothing ran, nothing changed, every budget has settled: the
             # budgets are those of the last tick. An idle node costs nothing.
             return self._budgets
-        self._membership = self.tree.membership
         if self._gen != self.tree.generation:
             self._gen = self.tree.generation
             self._paths = {}
             self._ceilings = {}
             self._limits = {}
             self._steady = {}
-        else:
+        elif self._membership != self.tree.membership:
             # A client id is never reused while attached, but a detached one
             # may come back elsewhere (tests do): forget what is gone.
             for cache in (self._paths, self._ceilings, self._limits):
                 for c in [c for c in cache if c not in clients]:
                     del cache[c]
+        self._membership = self.tree.membership
         pairs: list[tuple[int, str]] = []
         by_dev: dict[str, list[int]] = {}
         for c, st in clients.items():
