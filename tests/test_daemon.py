@@ -387,6 +387,13 @@ def test_grant_publishes_the_tightest_view_at_once(vgpud: RunningDaemon) -> None
         assert int(hook.ctl.dev[0].mem_used) == mem_current(vgpud, "view.slice")
         assert hook.reserve(0, 2 * MiB)["t"] == "granted"
         assert int(hook.ctl.dev[0].mem_used) == mem_current(vgpud, "view.slice")
+        # A release is published with the next grant at the latest (the
+        # hook sends them together), and on its own right after its read.
+        hook.release(0, 4 * MiB)
+        assert hook.reserve(0, 1 * MiB)["t"] == "granted"
+        assert int(hook.ctl.dev[0].mem_used) == mem_current(vgpud, "view.slice") == 11 * MiB
+        hook.release(0, 3 * MiB)
+        wait_for(lambda: int(hook.ctl.dev[0].mem_used) == 8 * MiB)
     finally:
         hook.close()
         other.close()

@@ -4,8 +4,10 @@ handler bugs, with real sockets and no daemon."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,8 +30,9 @@ class Harness:
         self.handled: list[tuple[str, proto.Event]] = []
         self.closed: list[tuple[str, str | None]] = []
         self.failed: list[tuple[str, BaseException]] = []
+        self.after: list[tuple[str, int]] = []  # (client, requests handled by then)
         self.lane: Lane[str] = Lane(self._handle, self._closed, self._failed,
-                                    send_timeout=send_timeout)
+                                    after=self._after, send_timeout=send_timeout)
         self.peers: list[socket.socket] = []
 
     def _handle(self, client: str, ev: proto.Event) -> proto.Reply | None:
@@ -39,6 +42,11 @@ class Harness:
                 raise RuntimeError("handler bug")
             return proto.Granted(id=ev.id)
         return None
+
+    def _after(self, client: str) -> None:
+        if client == "after-bug":
+            raise RuntimeError("after bug")
+        self.after.append((client, len(self.handled)))
 
     def _closed(self, client: str, why: str | None) -> None:
         self.closed.append((client, why))
@@ -179,3 +187,41 @@ def test_close_all_reports_every_connection(h: Harness) -> None:
     h.lane.close_all("stopping")
     assert sorted(h.closed) == [("a", "stopping"), ("b", "stopping")]
     assert h.lane.run_ready() == 0
+
+
+def test_after_runs_once_per_read_after_its_replies(h: Harness) -> None:
+    a = h.connect("a")
+    a.sendall(reserve(1) + reserve(2))
+    h.pump()
+    assert read_frame(a)["id"] == 1
+    assert read_frame(a)["id"] == 2
+    assert h.after == [("a", 2)]  # once, after both
+    b = h.connect("after-bug")
+    b.sendall(reserve(3))
+    h.pump()
+    assert read_frame(b)["id"] == 3  # the reply went out before the bug
+    assert h.closed == [("after-bug", "internal error")]
+    assert [str(e) for _c, e in h.failed] == ["after bug"]
+    a.sendall(reserve(4))
+    h.pump()
+    assert read_frame(a)["id"] == 4
+
+
+def test_watched_fd_is_reported_and_connections_served_in_one_poll(h: Harness) -> None:
+    r, w = os.pipe()
+    try:
+        h.lane.watch(r)
+        a = h.connect("a")
+        assert h.lane.poll(0.0)[0] == []
+        os.write(w, b"x")
+        a.sendall(reserve(1))
+        deadline = time.monotonic() + 2
+        seen: list[int] = []
+        while not seen and time.monotonic() < deadline:
+            seen = h.lane.poll(0.1)[0]
+        assert seen == [r]
+        h.pump()
+        assert read_frame(a)["id"] == 1
+    finally:
+        os.close(r)
+        os.close(w)

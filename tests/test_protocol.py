@@ -209,6 +209,12 @@ def test_send_replies_roundtrip() -> None:
         assert msgpack.unpackb(out[4:]) == want
 
 
+def test_granted_frame_is_the_generic_encoding() -> None:
+    c = conn_after(HOOK_HELLO)
+    for rid in (0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1):
+        assert c.send(Granted(id=rid)) == encode_frame({"t": "granted", "id": rid})
+
+
 def test_hook_reply_too_large_is_our_bug() -> None:
     c = conn_after(HOOK_HELLO)
     with pytest.raises(ValueError, match="exceeds"):

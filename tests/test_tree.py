@@ -100,6 +100,34 @@ def test_adopt_books_over_the_limit_without_events() -> None:
     assert t.show("a")["gpu.memory.current"]["total"] == 0
 
 
+def test_admit_is_reserve_and_mem_view_in_one_walk() -> None:
+    """admit() books exactly what reserve() would and returns mem_view()'s
+    answer after it; near a limit it books and counts nothing."""
+    a, b = SliceTree(), SliceTree()
+    for t in (a, b):
+        t.set_knobs("p", {"gpu.memory.max": 1000, "gpu.memory.high": 300}, "v")
+        t.set_knobs("p/leaf", {"gpu.memory.max": 700}, "v")
+        t.attach(1, "p/leaf", 1, "x")
+        t.attach(2, "p", 2, "y")
+    for client, n in ((1, 200), (2, 250), (1, 100), (2, 100)):
+        assert a.admit(client, D, n, guard=50) is not None
+        assert b.reserve(client, D, n) == Grant(n)
+        assert a.mem_view(client, D) == b.mem_view(client, D)
+        for slc in ("p", "p/leaf"):
+            assert a.show(slc) == b.show(slc)
+    assert a.mem_view(1, D) == (1000, 650)  # the parent has less headroom now
+    # 1000 - 650 - 320 = 30 would be left on the parent: under the guard.
+    assert a.admit(1, D, 320, guard=50) is None
+    assert a.show("p") == b.show("p")
+    assert a.held(1) == b.held(1)
+    assert a.admit(1, D, 300, guard=50) == (1000, 950)  # exactly the guard left
+    t = SliceTree()
+    t.attach(1, "a/b", 1, "x")
+    assert t.admit(1, D, 10, guard=1 << 30) == (None, 10)  # no limit: never near one
+    with pytest.raises(ValueError, match="positive integer"):
+        t.admit(1, D, 0, guard=0)
+
+
 def test_mem_view_no_limit() -> None:
     t = SliceTree()
     t.attach(1, "a/b", 1, "x")

@@ -98,6 +98,9 @@ class _Client:
     last_grant_ns: int = 0
     audited: bool = False
     readmitted: bool = False  # re-declared held memory after a daemon restart
+    #: slots whose cuMemGetInfo view a release changed, published after the
+    #: replies to the same read are sent (a grant in that read publishes it)
+    stale_views: set[int] = field(default_factory=set)
 
 
 class _Close(Exception):
@@ -136,6 +139,7 @@ class Daemon:
         self._published: tuple[dict[tuple[int, str], Budget] | None, tuple[int, int], int] = (
             None, (-1, -1), -1)
         self.lane: Lane[_Client] = Lane(self._dispatch, self._lane_closed, self._lane_failed,
+                                        after=self._publish_stale_views,
                                         send_timeout=SEND_TIMEOUT_S)
         self.log = get_logger()
         self._next_id = 1
@@ -561,48 +565,52 @@ class Daemon:
     # ------------------------------------------------------------ requests
 
     def _dispatch(self, client: _Client, ev: proto.Event) -> proto.Reply | None:
-        if isinstance(ev, proto.Reserve):
+        if type(ev) is proto.Reserve:
             uuid = self._slot_dev(client, ev.slot, ev.id)
             if ev.n == 0:
                 return proto.Granted(id=ev.id)
-            now = self.clock()
-            # Near a limit, admission must see the process's context and
-            # modules as they are now (modules load lazily): NVML is read
-            # first. With more than NVML_GUARD_BYTES left after this request
-            # the 200 ms reconciliation is recent enough, and the round trip
-            # skips the driver query.
-            limit, used = self.tree.mem_view(client.id, uuid)
-            reconciled = limit is not None and limit - used - ev.n < NVML_GUARD_BYTES
-            if reconciled:
-                self._reconcile(client, uuid, now, self._nvml_used(uuid))
-            res = self.tree.reserve(client.id, uuid, ev.n)
-            if isinstance(res, Denial):
-                client.log.info("allocation refused", dev=uuid, n=ev.n, limit_slice=res.slice,
-                                limit=res.limit, current=res.current)
-                return proto.Denied(id=ev.id, slice=res.slice, limit=res.limit,
-                                    current=res.current)
-            client.last_grant_ns = now
-            if reconciled:
-                self._publish_mem_view(client, ev.slot, uuid)
-            elif client.shm is not None:
-                # Every slice on the path grew by n, so the tightest is
-                # still the tightest: the view is the one read above, plus n.
-                client.shm.write_mem_view(ev.slot, limit, used + ev.n)
+            # With more than NVML_GUARD_BYTES left on every slice after this
+            # request, the 200 ms reconciliation is recent enough: admit and
+            # book in one walk, no driver query.
+            view = self.tree.admit(client.id, uuid, ev.n, NVML_GUARD_BYTES)
+            if view is None:
+                return self._reserve_near_limit(client, ev, uuid)
+            client.last_grant_ns = self.clock()
+            client.stale_views.discard(ev.slot)
+            if client.shm is not None:
+                client.shm.write_mem_view(ev.slot, view[0], view[1])
             return proto.Granted(id=ev.id)
-        if isinstance(ev, proto.Release):
+        if type(ev) is proto.Release:
             uuid = self._slot_dev(client, ev.slot, None)
             if ev.n:
                 try:
                     self.tree.release(client.id, uuid, ev.n)
                 except ValueError as exc:
                     raise proto.ProtocolError("invalid", str(exc)) from None
-                self._publish_mem_view(client, ev.slot, uuid)
+                client.stale_views.add(ev.slot)
             return None
         if isinstance(ev, proto.Attach):
             return self._attach(client, ev)
         if isinstance(ev, proto.Ctl):
             return self._ctl(client, ev)
         raise proto.ProtocolError("order", f"unexpected {type(ev).__name__}")
+
+    def _reserve_near_limit(self, client: _Client, ev: proto.Reserve, uuid: str) -> proto.Reply:
+        """A reservation that would leave some slice under NVML_GUARD_BYTES:
+        admission must see the process's context and modules as they are
+        now (modules load lazily), so NVML is read first."""
+        now = self.clock()
+        self._reconcile(client, uuid, now, self._nvml_used(uuid))
+        res = self.tree.reserve(client.id, uuid, ev.n)
+        if isinstance(res, Denial):
+            client.log.info("allocation refused", dev=uuid, n=ev.n, limit_slice=res.slice,
+                            limit=res.limit, current=res.current)
+            return proto.Denied(id=ev.id, slice=res.slice, limit=res.limit,
+                                current=res.current)
+        client.last_grant_ns = now
+        client.stale_views.discard(ev.slot)
+        self._publish_mem_view(client, ev.slot, uuid)
+        return proto.Granted(id=ev.id)
 
     def _slot_dev(self, client: _Client, slot: int, rid: int | None) -> str:
         uuid = client.slots.get(slot)
@@ -664,6 +672,16 @@ class Daemon:
                 self._tick_trace.write(f"{now} {d.client} {d.charged_ns} {d.busy_ns} "
                                        f"{int(d.throttled)} {b.rate_ppm} {b.tokens_ns} "
                                        f"{clk.now_mhz or 0:.0f} {clk.full_mhz or 0:.0f}\n")
+
+    def _publish_stale_views(self, client: _Client) -> None:
+        """The views releases changed, once the read's replies are out: a
+        hook batches its releases with its next reservation, whose grant
+        then publishes the view itself."""
+        while client.stale_views:
+            slot = client.stale_views.pop()
+            uuid = client.slots.get(slot)
+            if uuid is not None:
+                self._publish_mem_view(client, slot, uuid)
 
     def _publish_mem_view(self, client: _Client, slot: int, uuid: str) -> None:
         """The client's cuMemGetInfo view, right after its own usage changed

@@ -25,8 +25,11 @@ import trio
 
 
 class _Lane(Protocol):
-    def fileno(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def watch(self, fd: int) -> None: ...
     def run_ready(self) -> int: ...
+    def poll(self, timeout: float) -> tuple[list[int], list[tuple[int, int]]]: ...
 
 
 class _Served(Protocol):
@@ -46,11 +49,11 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
     lane = daemon.lane
     todo: collections.deque[Callable[[], object]] = collections.deque()
     wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    ep = select.epoll()
     done: list[Any] = []  # trio's outcome of async_fn
     try:
-        ep.register(wake, select.EPOLLIN)
-        ep.register(lane.fileno(), select.EPOLLIN)
+        # One epoll set for the connections and trio's wake-ups: a request
+        # then costs one epoll_wait, not two.
+        lane.watch(wake)
 
         def soon_threadsafe(fn: Callable[[], object]) -> None:
             todo.append(fn)  # deque.append is atomic; the write wakes a waiting poll
@@ -62,17 +65,17 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
             run_sync_soon_not_threadsafe=todo.append,
             done_callback=done.append,
         )
-        lane_fd = lane.fileno()
         period = daemon.tick_ns / 1e9
         next_tick = time.monotonic() + period
         while not done:
             timeout = 0.0 if todo else max(0.0, next_tick - time.monotonic())
-            for fd, _ev in ep.poll(timeout):
-                if fd == lane_fd:
-                    lane.run_ready()
-                elif fd == wake:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(wake)
+            if lane.closed:  # trio is finishing after the daemon closed the lane
+                woke = bool(select.select([wake], [], [], timeout)[0])
+            else:
+                woke = bool(lane.poll(timeout)[0])
+            if woke:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(wake)
             now = time.monotonic()
             if now >= next_tick:
                 # The tick in chunks, with the lane served between them.
@@ -86,6 +89,5 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
             for _ in range(len(todo)):
                 todo.popleft()()
     finally:
-        ep.close()
         os.close(wake)
     return done[0].unwrap()

@@ -92,14 +92,19 @@ class Attach:
     total: int
 
 
-@dataclass(frozen=True, slots=True)
+# Reserve, Release and Granted are the reservation round trip's, made and
+# dropped once per allocation: plain slotted classes, which build in half
+# the time of frozen ones (no object.__setattr__ per field).
+
+
+@dataclass(slots=True)
 class Reserve:
     id: int
     slot: int
     n: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Release:
     slot: int
     n: int
@@ -134,7 +139,7 @@ class Attached:
     mem_limit: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Granted:
     id: int
 
@@ -196,6 +201,18 @@ def encode_frame(obj: dict[str, Any], *, max_len: int = MAX_FRAME) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     if not 1 <= len(body) <= max_len:
         raise ValueError(f"frame of {len(body)} bytes exceeds {max_len}")
+    return _HEADER.pack(len(body)) + body
+
+
+_GRANTED_PREFIX: Final[bytes] = b"\x82" + b"".join(
+    msgpack.packb(x) for x in ("t", "granted", "id"))
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+def granted_frame(rid: int) -> bytes:
+    """``encode_frame({"t": "granted", "id": rid})``, byte for byte, at a
+    third of the cost: the answer to nearly every reservation."""
+    body = _GRANTED_PREFIX + _PACKER.pack(rid)
     return _HEADER.pack(len(body)) + body
 
 
@@ -363,6 +380,7 @@ class Connection:
         self._frames = FrameBuffer(MAX_FRAME)
         self._error: ProtocolError | None = None
         self.hello: Hello | None = None
+        self._hook = False  # hello said role 'hook'
 
     @property
     def role(self) -> str | None:
@@ -397,34 +415,38 @@ class Connection:
 
     def _parse(self, m: dict[str, Any]) -> Event:
         t = m["t"]
+        if self._hook:  # a reservation's round trip: its messages first
+            if t == "reserve":
+                res_id = _id(m)
+                return Reserve(id=res_id, slot=_int(m, "slot", 0, MAX_DEVICES - 1, rid=res_id),
+                               n=_int(m, "n", 0, U63_MAX, rid=res_id))
+            if t == "release":
+                return Release(slot=_int(m, "slot", 0, MAX_DEVICES - 1),
+                               n=_int(m, "n", 0, U63_MAX))
         rid = _maybe_id(m)
         if self.hello is None:
             if t != "hello":
                 raise ProtocolError("order", f"first message must be 'hello', got {t!r}")
             self.hello = _parse_hello(m)
+            self._hook = self.hello.role == "hook"
             return self.hello
         if t == "hello":
             raise ProtocolError("order", "'hello' sent twice", id=rid)
-        if self.hello.role == "ctl":
+        if not self._hook:
             if t != "ctl":
                 raise ProtocolError("order", f"message {t!r} not allowed for role 'ctl'", id=rid)
             return _parse_ctl(m)
         if t == "attach":
-            rid = _id(m)
-            return Attach(id=rid, dev=_str(m, "dev", rid=rid),
-                          total=_int(m, "total", 0, U63_MAX, rid=rid))
-        if t == "reserve":
-            rid = _id(m)
-            return Reserve(id=rid, slot=_int(m, "slot", 0, MAX_DEVICES - 1, rid=rid),
-                           n=_int(m, "n", 0, U63_MAX, rid=rid))
-        if t == "release":
-            return Release(slot=_int(m, "slot", 0, MAX_DEVICES - 1),
-                           n=_int(m, "n", 0, U63_MAX))
+            att_id = _id(m)
+            return Attach(id=att_id, dev=_str(m, "dev", rid=att_id),
+                          total=_int(m, "total", 0, U63_MAX, rid=att_id))
         if t == "ctl":
             raise ProtocolError("order", "message 'ctl' not allowed for role 'hook'", id=rid)
         raise ProtocolError("type", f"unknown message type {t!r}", id=rid)
 
     def send(self, msg: Reply) -> bytes:
         """Frame a reply.  Hook replies must fit MAX_FRAME; ctl replies MAX_CTL_REPLY."""
+        if type(msg) is Granted:
+            return granted_frame(msg.id)
         limit = MAX_CTL_REPLY if self.role == "ctl" else MAX_FRAME
         return encode_frame(_reply_map(msg), max_len=limit)

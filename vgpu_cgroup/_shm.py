@@ -117,6 +117,7 @@ class ClientShm:
         self._last_head = [0] * MAX_DEVICES
         self._last_throttle = [(0, 0)] * MAX_DEVICES
         self._sdev = [self.stat.dev[i] for i in range(MAX_DEVICES)]
+        self._cdev = [self.ctl.dev[i] for i in range(MAX_DEVICES)]
         # What was last written per slot: the tick rewrites a slot only when
         # its values change, so an idle client costs the daemon little.
         self._budget_last: list[tuple[int, bool, int] | None] = [None] * MAX_DEVICES
@@ -146,7 +147,7 @@ class ClientShm:
         if self._budget_last[slot] == key:
             return
         self._budget_last[slot] = key
-        d = self.ctl.dev[slot]
+        d = self._cdev[slot]
         d.tokens_ns = max(_I64_MIN, min(_I64_MAX, tokens_ns))
         d.rate_ppm = max(0, rate_ppm)
         flags = DEV_ACTIVE | (DEV_UNLIMITED if unlimited else 0)
@@ -157,7 +158,7 @@ class ClientShm:
         if self._mem_last[slot] == key:
             return
         self._mem_last[slot] = key
-        d = self.ctl.dev[slot]
+        d = self._cdev[slot]
         d.mem_limit = UNLIMITED if limit is None else max(0, limit)
         d.mem_used = max(0, used)
 

@@ -414,6 +414,39 @@ class SliceTree:
                 node.ev_max += 1
                 st.node.ev_oom += 1
                 return Denial(node.path, lim, cur)
+        self._book(st, path, dev, n)
+        return Grant(n)
+
+    def admit(self, client: int, dev: str, n: int, guard: int) -> tuple[int | None, int] | None:
+        """:meth:`reserve` in one walk, when it is sure to succeed with at
+        least ``guard`` bytes to spare on every slice; then the client's
+        memory view after it, as :meth:`mem_view` would give. None, with
+        nothing booked and nothing counted, when some slice would be left
+        with less: the caller looks closer (the driver's own figures) and
+        calls :meth:`reserve`.
+
+        The reservation round trip's hot path: one pass over the path
+        finds both whether the request fits and the tightest slice.
+        """
+        n = _check_bytes(n)
+        st = self._client(client)
+        path = self._chain(st)
+        best: tuple[int, int] | None = None  # (headroom, limit) of the tightest
+        for node, lim, _high in path:
+            if lim is not None:
+                room = lim - node.current.get(dev, 0)
+                if room - n < guard:
+                    return None
+                if best is None or room < best[0]:
+                    best = (room, lim)
+        self._book(st, path, dev, n)
+        if best is None:
+            return None, st.node.current[dev]
+        return best[1], best[1] - best[0] + n
+
+    def _book(self, st: ClientState, path: list[tuple[Node, int | None, int | None]],
+              dev: str, n: int) -> None:
+        """Book admitted bytes on the client and every slice of its path."""
         for node, _lim, high in path:
             cur = node.current.get(dev, 0) + n
             node.current[dev] = cur
@@ -426,7 +459,6 @@ class SliceTree:
         if dev not in st.devices:
             st.devices.append(dev)
             self.membership += 1
-        return Grant(n)
 
     def adopt(self, client: int, dev: str, n: int) -> Denial | None:
         """Book memory the client already holds, without admission.
