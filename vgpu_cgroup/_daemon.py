@@ -1030,6 +1030,8 @@ class Daemon:
         self._ticks += 1
         if self._ticks % OVERHEAD_EVERY_TICKS == 0:
             yield
+            # In one step with the NVML query: a release served in between
+            # would be booked as overhead (NVML still shows that memory).
             per_dev = {uuid: self._nvml_used(uuid) for uuid in self.devices}
             self._expire_ghosts(per_dev)
             for uuid, per_pid in per_dev.items():
@@ -1051,6 +1053,7 @@ class Daemon:
             return
         self._published = (budgets, now_versions,
                            self.tree.mem_version if views_due else mem_seen)
+        moved = now_versions != versions  # every page's seq says so, written or not
         # Clients in one slice see one memory view: walk each slice's path once.
         views: dict[tuple[str, str], tuple[int | None, int]] = {}
         for i, c in enumerate(clients):
@@ -1059,14 +1062,16 @@ class Daemon:
                 views.clear()  # reservations may have run meanwhile
             if c.shm is None or c.id not in self.clients:
                 continue
+            wrote = moved
             for slot, uuid in c.slots.items():
                 b = budgets.get((c.id, uuid))
                 if b is not None and (prev is None or prev.get((c.id, uuid)) is not b):
-                    c.shm.write_budget(slot, b.tokens_ns, b.unlimited, b.rate_ppm)
+                    wrote |= c.shm.write_budget(slot, b.tokens_ns, b.unlimited, b.rate_ppm)
                 if views_due:
                     vkey = (c.slice, uuid)
                     view = views.get(vkey)
                     if view is None:
                         view = views[vkey] = self.tree.mem_view(c.id, uuid)
-                    c.shm.write_mem_view(slot, *view)
-            c.shm.bump_seq()
+                    wrote |= c.shm.write_mem_view(slot, *view)
+            if wrote:
+                c.shm.bump_seq()

@@ -142,25 +142,29 @@ class ClientShm:
         self._budget_last[slot] = self._mem_last[slot] = None
         self.ctl.dev[slot].flags = self.ctl.dev[slot].flags | DEV_ACTIVE
 
-    def write_budget(self, slot: int, tokens_ns: int, unlimited: bool, rate_ppm: int) -> None:
+    def write_budget(self, slot: int, tokens_ns: int, unlimited: bool, rate_ppm: int) -> bool:
+        """Publish a slot's budget; whether it differed from the last one."""
         key = (tokens_ns, unlimited, rate_ppm)
         if self._budget_last[slot] == key:
-            return
+            return False
         self._budget_last[slot] = key
         d = self._cdev[slot]
         d.tokens_ns = max(_I64_MIN, min(_I64_MAX, tokens_ns))
         d.rate_ppm = max(0, rate_ppm)
         flags = DEV_ACTIVE | (DEV_UNLIMITED if unlimited else 0)
         d.flags = flags
+        return True
 
-    def write_mem_view(self, slot: int, limit: int | None, used: int) -> None:
+    def write_mem_view(self, slot: int, limit: int | None, used: int) -> bool:
+        """Publish a slot's cuMemGetInfo view; whether it changed."""
         key = (limit, used)
         if self._mem_last[slot] == key:
-            return
+            return False
         self._mem_last[slot] = key
         d = self._cdev[slot]
         d.mem_limit = UNLIMITED if limit is None else max(0, limit)
         d.mem_used = max(0, used)
+        return True
 
     def bump_seq(self) -> None:
         self.ctl.seq = self.ctl.seq + 1
