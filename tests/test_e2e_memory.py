@@ -171,6 +171,36 @@ def test_over_cap_is_out_of_memory_and_info_shows_the_limit(vgpud: VgpudProc, cg
     assert p.returncode == 0
 
 
+def test_the_first_context_on_a_device_is_counted_before_its_allocations(
+        tmp_path: Path, cgroups: Cgroups, built: Path) -> None:
+    """A fresh daemon has no estimate of what a context costs, so nothing is
+    booked for it at attach; the process's first reservation reads NVML and
+    books its context before admitting anything. Here a 400 MiB context under
+    a 2 GiB cap: without that look, 64 MiB allocations were admitted up to
+    the NVML guard (256 MiB short of the cap) and the process held 2128 MiB."""
+    d = VgpudProc(tmp_path, sim_mem="8G")
+    d.env["VGPU_SIM_CTX_OVERHEAD"] = str(400 * MiB)
+    d.start()
+    try:
+        slc = cgroups.make("first")
+        d.ctl("set", slc, "gpu.memory.max=2G")
+        env = d.client_env(CLIENT_HOLD_MS="1500")
+        p = spawn([str(built / "client_basic"), "1", "1000", *[str(64 * MiB)] * 30], env, slc,
+                  cgroups, stdout=subprocess.PIPE)
+        peak = 0
+        while p.poll() is None:
+            peak = max(peak, _mem(d.shm, p.pid))
+            time.sleep(0.005)
+        r = json.loads(p.stdout.read().splitlines()[-1]) if p.stdout else {}
+        assert p.returncode == 0
+        granted = r["alloc_rc"].count(0)
+        assert granted == (2048 - 400) // 64  # 25: the context's 400 MiB counted first
+        assert r["alloc_rc"] == [0] * granted + [2] * (30 - granted)
+        assert 400 * MiB + granted * 64 * MiB <= peak <= 2048 * MiB
+    finally:
+        d.cleanup()
+
+
 def test_a_second_process_cannot_push_a_full_slice_over_with_its_context(
         vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
     """The context a process creates takes memory no allocation reports. Once

@@ -101,6 +101,8 @@ class _Client:
     #: slots whose cuMemGetInfo view a release changed, published after the
     #: replies to the same read are sent (a grant in that read publishes it)
     stale_views: set[int] = field(default_factory=set)
+    #: devices on which a reservation has read NVML (see _reserve_looking)
+    looked: set[str] = field(default_factory=set)
 
 
 class _Close(Exception):
@@ -569,12 +571,15 @@ class Daemon:
             uuid = self._slot_dev(client, ev.slot, ev.id)
             if ev.n == 0:
                 return proto.Granted(id=ev.id)
-            # With more than NVML_GUARD_BYTES left on every slice after this
-            # request, the 200 ms reconciliation is recent enough: admit and
-            # book in one walk, no driver query.
+            # Once the process's context is booked, and with more than
+            # NVML_GUARD_BYTES left on every slice after this request, the
+            # 200 ms reconciliation is recent enough: admit and book in one
+            # walk, no driver query.
+            if uuid not in client.looked:
+                return self._reserve_looking(client, ev, uuid)
             view = self.tree.admit(client.id, uuid, ev.n, NVML_GUARD_BYTES)
             if view is None:
-                return self._reserve_near_limit(client, ev, uuid)
+                return self._reserve_looking(client, ev, uuid)
             client.last_grant_ns = self.clock()
             client.stale_views.discard(ev.slot)
             if client.shm is not None:
@@ -595,11 +600,15 @@ class Daemon:
             return self._ctl(client, ev)
         raise proto.ProtocolError("order", f"unexpected {type(ev).__name__}")
 
-    def _reserve_near_limit(self, client: _Client, ev: proto.Reserve, uuid: str) -> proto.Reply:
-        """A reservation that would leave some slice under NVML_GUARD_BYTES:
-        admission must see the process's context and modules as they are
-        now (modules load lazily), so NVML is read first."""
+    def _reserve_looking(self, client: _Client, ev: proto.Reserve, uuid: str) -> proto.Reply:
+        """A reservation that reads NVML first, so that admission sees the
+        memory the process holds outside its reservations as it is now:
+        its first on the device (its context exists by then, and may be the
+        first on this device, with no estimate booked for it at attach), and
+        any that would leave some slice under NVML_GUARD_BYTES (modules load
+        lazily, pools grow)."""
         now = self.clock()
+        client.looked.add(uuid)
         self._reconcile(client, uuid, now, self._nvml_used(uuid))
         res = self.tree.reserve(client.id, uuid, ev.n)
         if isinstance(res, Denial):
