@@ -113,8 +113,11 @@ class VgpudProc:
         self.socket = str(tmp / "vgpud.sock")
         self.shm = f"vgpu-e2e-{os.getpid()}-{next(_counter)}"
         self.env = dict(os.environ if env is None else env)
+        # This checkout first; what was on the path stays (where the
+        # dependencies were installed with --target, as on the H200 host).
+        path = [str(ROOT), *filter(None, self.env.get("PYTHONPATH", "").split(os.pathsep))]
         self.env.update({"VGPU_SIM_SHM": self.shm, "VGPU_SIM_MEM": sim_mem,
-                         "PYTHONPATH": str(ROOT)})
+                         "PYTHONPATH": os.pathsep.join(path)})
         (tmp / "etc").mkdir(exist_ok=True)
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
