@@ -23,8 +23,17 @@ from typing import Any, Protocol
 
 import trio
 
+#: How long after a reply the loop waits before a chunk of the tick (see
+#: run_hosted). Measured on the 2-core test machine (64 clients, 1,000
+#: reservations/s): the wait took the round trip p99 from 203-301 us to
+#: 143-183 us; sched_yield() instead did about as well, but what it does
+#: depends on the scheduler, and waiting gives up the CPU under any.
+GRACE_S = 50e-6
+
 
 class _Lane(Protocol):
+    @property
+    def replied_at(self) -> float: ...
     @property
     def closed(self) -> bool: ...
     def watch(self, fd: int) -> None: ...
@@ -65,6 +74,17 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
             run_sync_soon_not_threadsafe=todo.append,
             done_callback=done.append,
         )
+        def settle() -> None:
+            # A client woken by a reply is often queued on this CPU (the
+            # kernel puts a wakee near its waker), and would wait out the
+            # whole tick behind us: on the 2-core test machine that was most
+            # of the reservation p99. So before a chunk of tick work, if
+            # anyone was answered under GRACE_S ago, wait out the rest
+            # (serving any request that comes), which lets them run.
+            wait = lane.replied_at + GRACE_S - time.monotonic()
+            if wait > 0:
+                lane.poll(wait)
+
         period = daemon.tick_ns / 1e9
         next_tick = time.monotonic() + period
         while not done:
@@ -79,8 +99,10 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
             now = time.monotonic()
             if now >= next_tick:
                 # The tick in chunks, with the lane served between them.
+                settle()
                 for _ in daemon.guarded_tick():
                     lane.run_ready()
+                    settle()
                 next_tick += period
                 if next_tick < now:  # fell behind (suspended?): don't catch up in a burst
                     next_tick = now + period

@@ -88,6 +88,8 @@ class Lane(Generic[C]):
         self._conns: dict[int, _Conn[C]] = {}
         self._backlog: set[int] = set()  # fds with unsent replies
         self._watched: set[int] = set()
+        #: time.monotonic() when replies were last sent
+        self.replied_at = 0.0
 
     def fileno(self) -> int:
         """Readable whenever some connection needs serving."""
@@ -205,6 +207,7 @@ class Lane(Generic[C]):
                 self._close(fd, lc, "internal error")
 
     def _send(self, fd: int, lc: _Conn[C], data: bytes) -> None:
+        self.replied_at = time.monotonic()
         if lc.out:
             lc.out += data
         else:
