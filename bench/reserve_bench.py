@@ -26,6 +26,13 @@ Two runs:
   (no coordinated omission). This is the figure the goal is about: 64
   clients allocating at a realistic aggregate rate.
 
+Before vgpud's open loop, the same clients run the same schedule against a
+*floor*: a plain-Python epoll loop that answers every ``reserve`` frame with
+a fixed ``granted`` and does nothing else (``--no-floor`` skips it). It
+costs what this machine's scheduler, sockets and an interpreter cost, so
+vgpud's figures are read against it, from the same minute: this 2-core
+virtual machine's latency moves with its neighbours by a factor of two.
+
 ``--profile FILE`` runs the daemon under cProfile and writes its stats there.
 """
 
@@ -33,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import json
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import struct
@@ -74,11 +83,60 @@ def _connect(sock_path: str) -> tuple[socket.socket, int]:
     return c.sock, slot
 
 
+def _echo_floor(path: str, ready: Any) -> None:
+    """The floor server: accept, split frames, answer each ``reserve`` with
+    a fixed ``granted``; no decoding, no state, no tick."""
+    granted = encode_frame({"t": "granted", "id": 7})
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(512)
+    lst.setblocking(False)
+    ep = select.epoll()
+    ep.register(lst.fileno(), select.EPOLLIN)
+    conns: dict[int, tuple[socket.socket, bytearray]] = {}
+    ready.set()
+    while True:
+        for fd, _ev in ep.poll():
+            if fd == lst.fileno():
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        s, _ = lst.accept()
+                        s.setblocking(False)
+                        conns[s.fileno()] = (s, bytearray())
+                        ep.register(s.fileno(), select.EPOLLIN)
+                continue
+            s, buf = conns[fd]
+            try:
+                data = s.recv(65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                ep.unregister(fd)
+                s.close()
+                del conns[fd]
+                continue
+            buf += data
+            n = 0
+            while len(buf) >= 4:
+                size = int.from_bytes(buf[:4], "big")
+                if len(buf) < 4 + size:
+                    break
+                n += b"reserve" in buf[4:4 + size]
+                del buf[:4 + size]
+            if n:
+                s.send(granted * n)
+
+
 def _worker(sock_path: str, exe: str, start: float, seconds: float, rate: float, seed: int,
-            out: str) -> None:
+            out: str, floor: bool) -> None:
     """One client process: hello and attach here, then exec the C client on
     the same connection (same pid, so the daemon's view of it holds)."""
-    sock, slot = _connect(sock_path)
+    if floor:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sock_path)
+        slot = 0
+    else:
+        sock, slot = _connect(sock_path)
     reserve = encode_frame({"t": "reserve", "id": 7, "slot": slot, "n": RESERVE_BYTES})
     release = encode_frame({"t": "release", "slot": slot, "n": RESERVE_BYTES})
     sock.setblocking(True)
@@ -101,23 +159,23 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_phase(d: VgpudProc, exe: str, clients: int, seconds: float, rate_total: float,
-              tmp: Path, name: str) -> dict[str, Any]:
+def run_phase(sock_path: str, server_pid: int, exe: str, clients: int, seconds: float,
+              rate_total: float, tmp: Path, name: str, *, floor: bool = False) -> dict[str, Any]:
     """One closed-loop (rate 0) or open-loop run; returns its figures."""
     ctx = multiprocessing.get_context("fork")
     start = time.monotonic() + 1.0 + clients * 0.01
     outs = [str(tmp / f"{name}-{i}.lat") for i in range(clients)]
     per = rate_total / clients if rate_total else 0.0
-    procs = [ctx.Process(target=_worker, args=(d.socket, exe, start, seconds, per, i, outs[i]))
+    procs = [ctx.Process(target=_worker,
+                         args=(sock_path, exe, start, seconds, per, i, outs[i], floor))
              for i in range(clients)]
     for p in procs:
         p.start()
-    assert d.proc is not None
     while time.monotonic() < start:
         time.sleep(0.005)
-    cpu0, t0 = _cpu_s(d.proc.pid), time.monotonic()
+    cpu0, t0 = _cpu_s(server_pid), time.monotonic()
     time.sleep(seconds)
-    cpu1, t1 = _cpu_s(d.proc.pid), time.monotonic()
+    cpu1, t1 = _cpu_s(server_pid), time.monotonic()
     for p in procs:
         p.join(seconds + 60)
     failed = sum(1 for p in procs if p.exitcode != 0)
@@ -138,6 +196,7 @@ def run_phase(d: VgpudProc, exe: str, clients: int, seconds: float, rate_total: 
     lat.sort()
     rtt.sort()
     return {
+        "server": "floor" if floor else "vgpud",
         "mode": "open" if rate_total else "closed",
         "clients": clients,
         "seconds": seconds,
@@ -153,17 +212,17 @@ def run_phase(d: VgpudProc, exe: str, clients: int, seconds: float, rate_total: 
         "rtt_p99_us": round(_pct(rtt, 0.99), 1),
         "denied": denied,
         "failed_clients": failed,
-        "daemon_cpu_percent": round(100.0 * (cpu1 - cpu0) / (t1 - t0), 1),
+        "server_cpu_percent": round(100.0 * (cpu1 - cpu0) / (t1 - t0), 1),
     }
 
 
 def _line(r: dict[str, Any]) -> str:
     rate = f" at {r['target_rate']:.0f}/s" if r["target_rate"] else ""
-    return (f"{r['mode']:>6}{rate}: {r['clients']} clients, {r['ops']} ops, "
+    return (f"{r['server']:>5} {r['mode']:>6}{rate}: {r['clients']} clients, {r['ops']} ops, "
             f"{r['ops_per_s']:.0f} ops/s, p50 {r['p50_us']} us, p99 {r['p99_us']} us, "
             f"p99.9 {r['p999_us']} us, max {r['max_us']} us (from send: p50 "
-            f"{r['rtt_p50_us']} us, p99 {r['rtt_p99_us']} us), daemon CPU "
-            f"{r['daemon_cpu_percent']}%, denied {r['denied']}, "
+            f"{r['rtt_p50_us']} us, p99 {r['rtt_p99_us']} us), server CPU "
+            f"{r['server_cpu_percent']}%, denied {r['denied']}, "
             f"failed clients {r['failed_clients']}")
 
 
@@ -175,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="total reservations per second of the open-loop run (0: skip it)")
     ap.add_argument("--closed", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the closed loop")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the open loop against the plain-Python floor server first")
     ap.add_argument("--json", metavar="FILE", help="write the results here too")
     ap.add_argument("--profile", metavar="FILE", help="cProfile the daemon into FILE")
     args = ap.parse_args(argv)
@@ -185,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         exe = str(tmp / "reserve_client")
         subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", exe,
                         str(ROOT / "bench" / "reserve_client.c")], check=True)
+        results = []
+        if args.rate and args.floor:
+            results.append(_floor_phase(exe, args.clients, args.seconds, args.rate, tmp))
+            print(_line(results[-1]), flush=True)
         d = VgpudProc(tmp)
         if args.profile:
             d.extra = []
@@ -193,14 +258,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             dev = d.ctl("status")["devices"][0]["uuid"]
             os.environ["BENCH_DEV"] = str(dev)
-            results = []
+            assert d.proc is not None
             if args.closed:
-                results.append(run_phase(d, exe, args.clients, args.seconds, 0, tmp, "closed"))
+                results.append(run_phase(d.socket, d.proc.pid, exe, args.clients, args.seconds,
+                                         0, tmp, "closed"))
                 print(_line(results[-1]), flush=True)
             if args.rate:
-                results.append(run_phase(d, exe, args.clients, args.seconds, args.rate, tmp,
-                                         "open"))
+                results.append(run_phase(d.socket, d.proc.pid, exe, args.clients, args.seconds,
+                                         args.rate, tmp, "open"))
                 print(_line(results[-1]), flush=True)
+                if args.floor:
+                    print(_versus(results[-1], results[0]))
             left = d.ctl("show")["gpu.memory.current"]["total"]
         finally:
             d.stop(signal.SIGTERM)
@@ -210,6 +278,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "left": left}, indent=2))
     return 0 if ok else 1
+
+
+def _versus(r: dict[str, Any], floor: dict[str, Any]) -> str:
+    p50, p99 = r["rtt_p50_us"], r["rtt_p99_us"]
+    f50, f99 = floor["rtt_p50_us"], floor["rtt_p99_us"]
+    return (f"vgpud against the floor, round trip: p50 x{p50 / f50:.2f} (+{p50 - f50:.0f} us), "
+            f"p99 x{p99 / f99:.2f} (+{p99 - f99:.0f} us)")
+
+
+def _floor_phase(exe: str, clients: int, seconds: float, rate: float,
+                 tmp: Path) -> dict[str, Any]:
+    """The open loop against the floor server (see the module docstring)."""
+    path = str(tmp / "floor.sock")
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    srv = ctx.Process(target=_echo_floor, args=(path, ready), daemon=True)
+    srv.start()
+    try:
+        if not ready.wait(10) or srv.pid is None:
+            raise RuntimeError("floor server did not start")
+        return run_phase(path, srv.pid, exe, clients, seconds, rate, tmp, "floor", floor=True)
+    finally:
+        srv.kill()
+        srv.join(5)
 
 
 def _profiled(d: VgpudProc, out: str) -> None:
