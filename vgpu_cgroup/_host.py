@@ -75,6 +75,7 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
             run_sync_soon_not_threadsafe=todo.append,
             done_callback=done.append,
         )
+
         def settle() -> None:
             # A client woken by a reply is often queued on this CPU (the
             # kernel puts a wakee near its waker), and would wait out the
