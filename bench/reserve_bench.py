@@ -64,7 +64,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 from _e2e import VgpudProc  # noqa: E402
 
 from vgpu_cgroup._client import Client  # noqa: E402
-from vgpu_cgroup._protocol import encode_frame  # noqa: E402
+from vgpu_cgroup._protocol import FrameBuffer, encode_frame, granted_frame  # noqa: E402
 
 RESERVE_BYTES = 1 << 20
 
@@ -86,14 +86,14 @@ def _connect(sock_path: str) -> tuple[socket.socket, int]:
 def _echo_floor(path: str, ready: Any) -> None:
     """The floor server: accept, split frames, answer each ``reserve`` with
     a fixed ``granted``; no decoding, no state, no tick."""
-    granted = encode_frame({"t": "granted", "id": 7})
+    granted = granted_frame(7)
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lst.bind(path)
     lst.listen(512)
     lst.setblocking(False)
     ep = select.epoll()
     ep.register(lst.fileno(), select.EPOLLIN)
-    conns: dict[int, tuple[socket.socket, bytearray]] = {}
+    conns: dict[int, tuple[socket.socket, FrameBuffer]] = {}
     ready.set()
     while True:
         for fd, _ev in ep.poll():
@@ -102,10 +102,10 @@ def _echo_floor(path: str, ready: Any) -> None:
                     while True:
                         s, _ = lst.accept()
                         s.setblocking(False)
-                        conns[s.fileno()] = (s, bytearray())
+                        conns[s.fileno()] = (s, FrameBuffer())
                         ep.register(s.fileno(), select.EPOLLIN)
                 continue
-            s, buf = conns[fd]
+            s, frames = conns[fd]
             try:
                 data = s.recv(65536)
             except BlockingIOError:
@@ -115,14 +115,10 @@ def _echo_floor(path: str, ready: Any) -> None:
                 s.close()
                 del conns[fd]
                 continue
-            buf += data
+            frames.feed(data)
             n = 0
-            while len(buf) >= 4:
-                size = int.from_bytes(buf[:4], "big")
-                if len(buf) < 4 + size:
-                    break
-                n += b"reserve" in buf[4:4 + size]
-                del buf[:4 + size]
+            while (body := frames.next_body()) is not None:
+                n += b"reserve" in body
             if n:
                 s.send(granted * n)
 

@@ -123,13 +123,13 @@ class Lane(Generic[C]):
     def run_ready(self) -> int:
         """Serve every connection that is ready now, without waiting; returns
         how many events were handled."""
-        return len(self.poll(0.0)[1])
+        return self.poll(0.0)[1]
 
-    def poll(self, timeout: float) -> tuple[list[int], list[tuple[int, int]]]:
+    def poll(self, timeout: float) -> tuple[list[int], int]:
         """Wait up to ``timeout`` seconds, serve the connections that became
-        ready; returns the watched fds that did, and every event seen."""
+        ready; returns the watched fds that did, and how many events came."""
         if self._ep.closed:
-            return [], []
+            return [], 0
         events = self._ep.poll(timeout)
         watched: list[int] = []
         for fd, ev in events:
@@ -158,7 +158,7 @@ class Lane(Generic[C]):
                 self._serve(fd, lc, data)
         if self._backlog:
             self.expire(time.monotonic())
-        return watched, events
+        return watched, len(events)
 
     def expire(self, now: float) -> None:
         """Close connections whose replies have waited past their deadline."""
