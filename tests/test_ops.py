@@ -290,6 +290,24 @@ def test_reset_with_another_broken_file_still_forgets_knobs(
     assert knobs["gpu.cores.max"] == {"value": "max", "source": "default"}
 
 
+def test_reload_over_the_socket_says_whether_the_files_were_taken(
+        vgpud: RunningDaemon) -> None:
+    run = Path(vgpud.runtime_dir) / "slices"
+    run.mkdir(exist_ok=True)
+    (run / "k8s-claim-1.conf").write_text('slice = "kubepods/pod1"\ngpu.cores.max = 30\n')
+    with vgpud.client() as c:
+        assert c.ctl("reload") == {"ok": True, "config_error": None}
+    assert vgpud.call(lambda: vgpud.daemon.tree.show("kubepods/pod1"))["knobs"][
+        "gpu.cores.max"]["value"] == "30"
+    (run / "k8s-claim-2.conf").write_text("gpu.cores.max = [\n")
+    with vgpud.client() as c:
+        data = c.ctl("reload")
+    assert data["ok"] is False
+    assert data["config_error"].startswith(f"{run / 'k8s-claim-2.conf'}:1: TOML syntax error")
+    assert vgpud.call(lambda: vgpud.daemon.tree.show("kubepods/pod1"))["knobs"][
+        "gpu.cores.max"]["value"] == "30"
+
+
 # ---------------------------------------------------------------- vgpuctl
 
 

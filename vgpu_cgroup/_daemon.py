@@ -759,6 +759,8 @@ class Daemon:
                 return self._set(client, ev)
             if ev.op == "reset":
                 return self._reset(client, ev)
+            if ev.op == "reload":
+                return self._reload_op(client, ev)
         except KeyError as exc:
             return proto.Error(code="notfound", id=ev.id,
                                msg=f"no such slice: {exc.args[0]} (vgpuctl tree lists them)")
@@ -824,6 +826,16 @@ class Daemon:
                       pid=client.pid)
         return proto.Ok(id=ev.id, data={"slice": path, "removed": removed,
                                         "config_error": self.config_error})
+
+    def _reload_op(self, client: _Client, ev: proto.Ctl) -> proto.Reply:
+        """SIGHUP over the socket, for a writer of slice files that cannot
+        signal us (the Kubernetes plugin in another container): re-read every
+        layer and answer whether that worked, with the error if not."""
+        if client.uid != 0:
+            return proto.Error(code="permission", id=ev.id,
+                               msg="reloading needs root (peer uid is not 0)")
+        ok = self.reload()
+        return proto.Ok(id=ev.id, data={"ok": ok, "config_error": self.config_error})
 
     def _forget_source_knobs(self, path: str, knobs: list[str] | None, *,
                              source: str) -> None:

@@ -43,7 +43,7 @@ ERROR_CODES: Final[frozenset[str]] = frozenset(
      "notfound", "invalid", "internal"}
 )
 CTL_OPS: Final[frozenset[str]] = frozenset(
-    {"status", "show", "tree", "top", "events", "set", "reset"})
+    {"status", "show", "tree", "top", "events", "set", "reset", "reload"})
 
 _HEADER = struct.Struct(">I")
 
