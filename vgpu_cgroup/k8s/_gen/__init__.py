@@ -1,0 +1,1 @@
+"""Generated from the kubelet-compatible .proto files here by scripts/gen-protos."""
