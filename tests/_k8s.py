@@ -15,7 +15,7 @@ import os
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -260,7 +260,8 @@ class FakeDeviceKubelet:
         self.pr_server.add_insecure_port(f"unix://{pod_resources_socket}")
         self.pr_server.start()
 
-    def give(self, ns: str, name: str, containers: dict[str, dict[str, Sequence[str]]]) -> None:
+    def give(self, ns: str, name: str,
+             containers: Mapping[str, Mapping[str, Sequence[str]]]) -> None:
         """Record that containers of a pod hold devices: {container: {resource: ids}}."""
         p = pr.PodResources(name=name, namespace=ns)
         for cname, res in containers.items():
@@ -278,6 +279,3 @@ class FakeDeviceKubelet:
         self.reg_server.stop(0).wait()
         self.pr_server.stop(0).wait()
 
-
-def first(it: Iterator[Any]) -> Any:
-    return next(it)

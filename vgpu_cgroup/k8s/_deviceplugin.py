@@ -429,6 +429,7 @@ class DevicePlugin:
                 self.log.info("the kubelet restarted: serving and registering again")
                 self.stop()
                 self.start()
+                self.registered = False
             if not self.registered:
                 try:
                     self.register()
