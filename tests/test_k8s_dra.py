@@ -222,6 +222,33 @@ def test_unprepare_removes_the_slice_file_and_the_cdi_spec(
     assert node.unprepare(c).claims[c["metadata"]["uid"]].error == ""
 
 
+def test_whole_devices_and_two_gpu_claims(node: Node, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    # Without DRAConsumableCapacity the API server records no consumed
+    # capacity: the claim holds the GPU whole.
+    p1 = pod("whole")
+    c1 = claim("whole-gpu", p1, results=[result("gpu-0", cores=None, memory=None)])
+    # Two GPUs with the same share each: one knob set covers both.
+    p2 = pod("wide", qos="Guaranteed")
+    c2 = claim("wide-gpu", p2, results=[result("gpu-0", cores="50", memory="4Gi"),
+                                        result("gpu-1", cores="50", memory="4Gi")])
+    node.add(c1, p1)
+    node.add(c2, p2)
+    resp = node.prepare(c1, c2)
+    assert resp.claims[c1["metadata"]["uid"]].error == ""
+    d = show(node.rd, capsys, slice_of(p1))
+    assert d["knobs"]["gpu.cores.max"]["value"] == "100"
+    assert d["knobs"]["gpu.memory.max"]["value"] == str(16 * GiB)
+    entry = resp.claims[c2["metadata"]["uid"]]
+    assert [dev.device_name for dev in entry.devices] == ["gpu-0", "gpu-1"]
+    d = show(node.rd, capsys, slice_of(p2))
+    assert slice_of(p2).startswith("kubepods.slice/kubepods-pod")
+    assert d["knobs"]["gpu.cores.max"]["value"] == "50"
+    assert d["knobs"]["gpu.memory.max"]["value"] == str(4 * GiB)
+    assert d["knobs"]["gpu.devices"]["value"] == (
+        "GPU-00000000-0000-0000-0000-000000000000,GPU-11111111-1111-1111-1111-111111111111")
+
+
 BAD_CONFIGS = [
     ({"cores": {"max": 150}}, "cores.max: 150 is out of range"),
     ({"cores": {"min": 40}}, "cores.min 40 is more than the 30 cores the scheduler reserved"),
