@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -423,4 +422,6 @@ def test_main_runs_the_plugin_until_stopped(vgpud: RunningDaemon, api: FakeApiSe
     assert rc == [0]
     assert not os.path.exists(sockdir / "r" / "vgpu.io-reg.sock")
     assert main(["dra"], stop=stop) == 1  # no node name
-    time.sleep(0)
+    assert main(["dra", "--node-name", NODE, "--gpu-cdi-device", "nvidia.com/gpu={id}"],
+                stop=stop) == 1
+    assert main([], stop=stop) == 1

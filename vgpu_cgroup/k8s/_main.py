@@ -36,6 +36,18 @@ HOOK_LIB = os.path.join(os.path.dirname(os.path.abspath(vgpu_cgroup.__file__)), 
                         "libvgpu-hook.so")
 EXIT_USAGE = 1
 EXIT_START = 2
+EPILOG = """\
+Both run beside vgpud on a GPU node (contrib/kubernetes/daemonset.yaml): they
+take the GPUs vgpud manages, install the hook library and hook.conf under
+--state-dir for containers to mount, and write pods' slice files into vgpud's
+runtime layer (--slices-dir).
+
+examples:
+  vgpu-k8s dra --gpu-cdi-device 'nvidia.com/gpu={index}'
+  vgpu-k8s device-plugin --soft
+
+exit status: 0 after SIGTERM/SIGINT, 1 usage error, 2 a failure to start.
+"""
 
 
 class UsageError(Exception):
@@ -50,7 +62,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vgpu-k8s", description="vgpu's Kubernetes plugins: claims and "
                 "extended resources become the knobs of pods' slices.",
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
@@ -107,7 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_template(template: str) -> None:
+    try:
+        template.format(index=0, uuid="GPU-0")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--gpu-cdi-device {template!r}: only {{index}} and {{uuid}} may "
+                         f"be used ({e})") from None
+
+
 def _hook(args: argparse.Namespace) -> HookFiles:
+    _check_template(args.gpu_cdi_device)
     return HookFiles(state_dir=args.state_dir, socket_dir=args.socket_dir,
                      container_socket_dir=args.container_socket_dir,
                      socket_name=os.path.basename(args.vgpud_socket),
