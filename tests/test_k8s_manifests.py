@@ -6,6 +6,7 @@ cover the API calls, and the examples are what the README says."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ def test_plugin_paths_are_host_paths_mounted_in_place() -> None:
         for mp, vol in mounts.items():
             assert host.get(vol) == mp, f"{name}: {vol} must be mounted at its host path"
         args = _parser().parse_args(c["command"][1:])
-        paths = [args.slices_dir, args.state_dir, args.socket_dir, args.vgpud_socket]
+        socket_dir = args.socket_dir or os.path.dirname(args.vgpud_socket)
+        paths = [args.slices_dir, args.state_dir, socket_dir, args.vgpud_socket]
         if name == "dra":
             paths += [args.cdi_dir, args.plugin_dir, args.registry_dir]
         else:
@@ -70,6 +72,16 @@ def test_vgpud_sees_the_hosts_processes_and_cgroups_with_the_units_hardening() -
     [vgpud] = [c for c in spec["containers"] if c["name"] == "vgpud"]
     assert vgpud["command"][:3] == ["nsenter", "--cgroup=/proc/1/ns/cgroup", "--"]
     assert vgpud["command"][3] == "vgpud"
+    cmd = vgpud["command"]
+    sock = cmd[cmd.index("--socket") + 1]
+    for c in spec["containers"]:
+        if c["name"] != "vgpud":  # the plugins talk to that socket, and mount its directory
+            args = _parser().parse_args(c["command"][1:])
+            assert args.vgpud_socket == sock
+            assert os.path.dirname(sock) != "/run/vgpu"  # tenants see only the socket
+    # The runtime layer vgpud reads is where the plugins write.
+    assert cmd[cmd.index("--runtime-dir") + 1] + "/slices" == _parser().parse_args(
+        ["dra"]).slices_dir
     mounts = {m["mountPath"]: m for m in vgpud["volumeMounts"]}
     assert mounts["/sys/fs/cgroup"]["readOnly"] is True
     assert "/run/vgpu" in mounts

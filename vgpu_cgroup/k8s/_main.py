@@ -75,8 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", default="/var/lib/vgpu",
                         help="host directory for the hook library and hook.conf that "
                              "containers mount")
-        sp.add_argument("--socket-dir", default="/run/vgpu",
-                        help="host directory holding vgpud's socket, mounted into containers")
+        sp.add_argument("--socket-dir", default="",
+                        help="host directory holding vgpud's socket, mounted into containers "
+                             "(default: the socket's directory; give vgpud a directory of "
+                             "its own, so that containers see nothing else)")
         sp.add_argument("--container-socket-dir", default="/run/vgpu",
                         help="where containers see --socket-dir")
         sp.add_argument("--hook-lib", default=HOOK_LIB, help="the hook library to install")
@@ -129,7 +131,8 @@ def _check_template(template: str) -> None:
 
 def _hook(args: argparse.Namespace) -> HookFiles:
     _check_template(args.gpu_cdi_device)
-    return HookFiles(state_dir=args.state_dir, socket_dir=args.socket_dir,
+    return HookFiles(state_dir=args.state_dir,
+                     socket_dir=args.socket_dir or os.path.dirname(args.vgpud_socket),
                      container_socket_dir=args.container_socket_dir,
                      socket_name=os.path.basename(args.vgpud_socket),
                      on_no_daemon=args.on_no_daemon)
