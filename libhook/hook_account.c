@@ -17,8 +17,10 @@
  * on a private stream and polled to completion, bracketed by host clock reads;
  * the tightest of a few tries is kept and refreshed every few seconds.
  */
+#include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include <linux/futex.h>
@@ -28,8 +30,13 @@
 #include "hook_internal.h"
 
 #define POLL_NS 500000
+#define POLL_FAST_NS 100000        /* while others wait for a device we own */
 #define IDLE_CLOSE_NS 1000000ull
+#define IDLE_CLOSE_FAST_NS 100000ull
 #define AGE_CLOSE_NS 1000000ull
+#define IDLE_REPORT_NS 1000000ull  /* drained and quiet this long: say `idle` */
+#define IDLE_REPORT_FAST_NS 150000ull
+#define SWEEP_NS 100000000ull      /* capture table sweep period */
 #define ANCHOR_REFRESH_NS 2000000000ull
 
 static pthread_mutex_t amu = PTHREAD_MUTEX_INITIALIZER;
@@ -150,20 +157,31 @@ static void retire(struct vgpu_batch *b)
         while (!atomic_compare_exchange_weak_explicit(inf, &cur, cur > n ? cur - n : 0, memory_order_relaxed,
                                                       memory_order_relaxed))
             ;
+        struct vgpu_hdev *hd = &vgpu_hdevs[b->ci->hidx];
+        atomic_fetch_add_explicit(&hd->room_word, 1, memory_order_release);
+        if (atomic_load_explicit(&hd->room_waiters, memory_order_acquire))
+            syscall(SYS_futex, &hd->room_word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     }
     atomic_store_explicit(&b->n, 0, memory_order_relaxed);
 }
 
-/* A completed batch of n launches took busy ns: update the device's cost per
- * launch and the limits derived from it. */
-static void learn_cost(struct vgpu_hdev *hd, uint64_t busy, unsigned n)
+/* The GPU time an owner of this device may keep queued: the daemon's
+ * bound, or VGPU_INFLIGHT_NS when it sets none (0). */
+static uint64_t inflight_bound(struct vgpu_hdev *hd)
 {
-    if (!n)
-        return;
-    uint64_t sample = busy / n;
-    hd->cost_ns = hd->cost_ns ? (hd->cost_ns * 7 + sample) / 8 : sample;
-    uint64_t c = hd->cost_ns ? hd->cost_ns : 1;
-    uint64_t m = VGPU_INFLIGHT_NS / c;
+    struct vgpu_ctl_page *ctl = atomic_load_explicit(&vgpu_ctl, memory_order_acquire);
+    int slot = atomic_load_explicit(&hd->slot, memory_order_relaxed);
+    if (!ctl || slot < 0 || slot >= (int)VGPU_MAX_DEVICES)
+        return VGPU_INFLIGHT_NS;
+    uint64_t ns = __atomic_load_n(&ctl->dev[slot].inflight_ns, __ATOMIC_RELAXED);
+    return ns ? ns : VGPU_INFLIGHT_NS;
+}
+
+/* Publish inflight_max and batch_max from the bound and the cost per launch. */
+static void publish_limits(struct vgpu_hdev *hd)
+{
+    uint64_t c = hd->cost_ns ? hd->cost_ns : VGPU_COST_INIT_NS;
+    uint64_t m = inflight_bound(hd) / c;
     if (m < VGPU_INFLIGHT_MIN)
         m = VGPU_INFLIGHT_MIN;
     if (m > 65536)
@@ -173,8 +191,28 @@ static void learn_cost(struct vgpu_hdev *hd, uint64_t busy, unsigned n)
         bm = 1;
     if (bm > VGPU_BATCH_MAX)
         bm = VGPU_BATCH_MAX;
+    uint32_t old = atomic_load_explicit(&hd->inflight_max, memory_order_relaxed);
     atomic_store_explicit(&hd->inflight_max, (uint32_t)m, memory_order_relaxed);
     atomic_store_explicit(&hd->batch_max, (uint32_t)bm, memory_order_relaxed);
+    if (m > old && atomic_load_explicit(&hd->room_waiters, memory_order_acquire)) {
+        atomic_fetch_add_explicit(&hd->room_word, 1, memory_order_release);
+        syscall(SYS_futex, &hd->room_word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    }
+}
+
+/* A completed batch of n launches took busy ns: update the device's cost per
+ * launch (published for the daemon, which sizes windows by it) and the
+ * limits derived from it. */
+static void learn_cost(struct vgpu_hdev *hd, uint64_t busy, unsigned n)
+{
+    if (!n)
+        return;
+    uint64_t sample = busy / n;
+    hd->cost_ns = hd->cost_ns ? (hd->cost_ns * 7 + sample) / 8 : sample;
+    struct vgpu_stat_dev *sd = vgpu_stat_dev(atomic_load_explicit(&hd->slot, memory_order_relaxed));
+    if (sd)
+        __atomic_store_n(&sd->cost_ns, hd->cost_ns, __ATOMIC_RELAXED);
+    publish_limits(hd);
 }
 
 static void drop(struct vgpu_batch *b)
@@ -217,16 +255,38 @@ static void finish(struct vgpu_batch *b)
     atomic_store_explicit(&b->state, VGPU_B_FREE, memory_order_release);
 }
 
-static void close_idle(struct vgpu_batch *b, uint64_t now)
+/* The slot's ctl flags (0 when not attached or not registered). */
+static uint32_t dev_flags(const struct vgpu_hdev *hd)
+{
+    struct vgpu_ctl_page *ctl = atomic_load_explicit(&vgpu_ctl, memory_order_acquire);
+    int slot = atomic_load_explicit(&hd->slot, memory_order_relaxed);
+    if (!ctl || slot < 0 || slot >= (int)VGPU_MAX_DEVICES)
+        return 0;
+    return __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
+}
+
+static bool fast_device(const struct vgpu_hdev *hd)
+{
+    uint32_t f = dev_flags(hd);
+    return (f & (VGPU_DEV_ACTIVE | VGPU_DEV_UNLIMITED | VGPU_DEV_CONTENDED)) ==
+           (VGPU_DEV_ACTIVE | VGPU_DEV_CONTENDED);
+}
+
+/* now: CLOCK_MONOTONIC (the quiet rule, which must resolve 100 µs: the
+ * coarse clock ticks every 1-4 ms); coarse: the clock first_ns was read on. */
+static void close_idle(struct vgpu_batch *b, uint64_t now, uint64_t coarse)
 {
     /* Fields the owner wrote before publishing OPEN (release). */
     unsigned n = atomic_load_explicit(&b->n, memory_order_relaxed);
-    if (n != b->seen_n) {
+    if (n != b->seen_n || !b->seen_ns) {
         b->seen_n = n;
         b->seen_ns = now;
     }
-    bool idle = now >= b->seen_ns && now - b->seen_ns >= IDLE_CLOSE_NS;
-    bool old = now >= b->first_ns && now - b->first_ns >= AGE_CLOSE_NS;
+    /* Where other slices wait for the device, a quiet batch is ended
+     * sooner: its end tells the owner's idleness (and its tail) sooner. */
+    uint64_t quiet = b->ci && fast_device(&vgpu_hdevs[b->ci->hidx]) ? IDLE_CLOSE_FAST_NS : IDLE_CLOSE_NS;
+    bool idle = now >= b->seen_ns && now - b->seen_ns >= quiet;
+    bool old = coarse >= b->first_ns && coarse - b->first_ns >= AGE_CLOSE_NS;
     if (!idle && !old)
         return;
     int open = VGPU_B_OPEN;
@@ -253,8 +313,9 @@ static void close_idle(struct vgpu_batch *b, uint64_t now)
 }
 
 /* What the last pass saw (accountant thread only): batches still open, and
- * batches it finished. */
+ * batches it finished; per device, batches not yet free. */
 static int pass_open, pass_done;
+static int pass_live[VGPU_MAX_HDEV];
 
 /* One walk over every batch; returns how many are still open or pending.
  * `force` closes open batches regardless of idleness (exit flush). */
@@ -262,14 +323,16 @@ static int pass_ex(bool force)
 {
     int left = 0;
     pass_open = pass_done = 0;
-    uint64_t now = force ? UINT64_MAX / 2 : vgpu_coarse_ns();
+    memset(pass_live, 0, sizeof pass_live);
+    uint64_t now = force ? UINT64_MAX / 2 : vgpu_now_ns();
+    uint64_t coarse = force ? UINT64_MAX / 2 : vgpu_coarse_ns();
     for (struct vgpu_thread *t = atomic_load(&vgpu_threads); t; t = t->next) {
         for (int i = 0; i < VGPU_THREAD_STREAMS; i++) {
             for (int j = 0; j < VGPU_BATCH_RING; j++) {
                 struct vgpu_batch *b = &t->ts[i].b[j];
                 int st = atomic_load_explicit(&b->state, memory_order_acquire);
                 if (st == VGPU_B_OPEN)
-                    close_idle(b, now);
+                    close_idle(b, now, coarse);
                 st = atomic_load_explicit(&b->state, memory_order_acquire);
                 if (st == VGPU_B_PENDING) {
                     finish(b);
@@ -278,10 +341,50 @@ static int pass_ex(bool force)
                 st = atomic_load_explicit(&b->state, memory_order_acquire);
                 left += st == VGPU_B_OPEN || st == VGPU_B_PENDING;
                 pass_open += st == VGPU_B_OPEN;
+                if (st != VGPU_B_FREE && b->ci && b->ci->hidx >= 0 && b->ci->hidx < VGPU_MAX_HDEV)
+                    pass_live[b->ci->hidx]++;
             }
         }
     }
     return left;
+}
+
+/* After a pass: a gated device whose process said `want` and has since
+ * drained (no launch in flight, no batch open) and launched nothing for a
+ * while gets an `idle`, so the daemon can hand it to someone else. Returns
+ * 2 if some device is owned while others wait for it (poll fast), 1 if
+ * some gated device is still busy (poll at least every IDLE_REPORT_NS). */
+static int report_idle(void)
+{
+    int fast = 0;
+    uint64_t now = vgpu_now_ns();
+    int n = atomic_load(&vgpu_nr_hdev);
+    for (int i = 0; i < n && i < VGPU_MAX_HDEV; i++) {
+        struct vgpu_hdev *hd = &vgpu_hdevs[i];
+        int slot = atomic_load_explicit(&hd->slot, memory_order_relaxed);
+        struct vgpu_stat_dev *sd = vgpu_stat_dev(slot);
+        if (!sd || !atomic_load_explicit(&hd->busy, memory_order_acquire))
+            continue;
+        uint32_t f = dev_flags(hd);
+        if ((f & (VGPU_DEV_ACTIVE | VGPU_DEV_UNLIMITED)) != VGPU_DEV_ACTIVE)
+            continue;
+        bool contended = f & VGPU_DEV_CONTENDED;
+        fast = contended ? 2 : fast > 1 ? fast : 1;
+        uint64_t launches = __atomic_load_n(&sd->launches, __ATOMIC_RELAXED);
+        if (launches != hd->idle_launches || pass_live[i] ||
+            atomic_load_explicit(&hd->inflight, memory_order_relaxed) ||
+            atomic_load_explicit(&hd->grant_waiters, memory_order_relaxed) ||
+            atomic_load_explicit(&hd->room_waiters, memory_order_relaxed)) {
+            hd->idle_launches = launches;
+            hd->idle_since = now;
+            continue;
+        }
+        if (now - hd->idle_since < (contended ? IDLE_REPORT_FAST_NS : IDLE_REPORT_NS))
+            continue;
+        if (atomic_exchange_explicit(&hd->busy, 0, memory_order_acq_rel) && !vgpu_client_notify(slot, false))
+            atomic_store_explicit(&hd->busy, 1, memory_order_release); /* not sent: try again */
+    }
+    return fast;
 }
 
 /* At exit() the last batches are still open or in flight: publish them, or
@@ -340,7 +443,7 @@ static void *account_main(void *arg)
          * records, the anchor's wait): one of them invalidates the capture
          * (seen with PyTorch's CUDA graphs on the H200). Captures are short;
          * measurement resumes, late but complete, when they end. */
-        static uint64_t capture_since;
+        static uint64_t capture_since, last_sweep;
         bool capturing = atomic_load_explicit(&vgpu_active_captures, memory_order_acquire) > 0;
         uint64_t now = vgpu_coarse_ns();
         if (!capturing)
@@ -350,11 +453,20 @@ static void *account_main(void *arg)
         /* A capture that never ends as far as we can see (ended through a
          * path we do not intercept) must not stop measurement for good. */
         int busy = 1;
+        int fast = 0;
+        if (capturing && now - last_sweep > SWEEP_NS) {
+            last_sweep = now;
+            vgpu_capture_sweep();
+        }
         if (!capturing || now - capture_since > CAPTURE_PAUSE_MAX_NS) {
             pthread_mutex_lock(&amu);
             busy = pass_ex(false);
+            fast = report_idle();
             pthread_mutex_unlock(&amu);
         }
+        for (int i = 0; i < atomic_load(&vgpu_nr_hdev) && i < VGPU_MAX_HDEV; i++)
+            if (atomic_load_explicit(&vgpu_hdevs[i].room_waiters, memory_order_relaxed) > 0)
+                fast = 2;
         /* Poll every 500 µs while batches are open or finishing; back off to
          * 8 ms while the process launches nothing, so that idle CUDA
          * processes cost nothing (200 of them polling at 2 kHz kept a 2-core
@@ -366,7 +478,11 @@ static void *account_main(void *arg)
          * thread opens a batch (vgpu_account_kick): an open batch must be
          * closed on time, or its measured span takes in idle time. */
         stalled = busy && !pass_open && !pass_done ? stalled + 1 : 0;
-        if (!busy)
+        if (fast == 2)
+            idle_ns = POLL_FAST_NS;
+        else if (fast == 1)
+            idle_ns = POLL_NS;
+        else if (!busy)
             idle_ns = idle_ns * 2 > IDLE_POLL_MAX_NS ? IDLE_POLL_MAX_NS : idle_ns * 2;
         else if (stalled > STALLED_POLLS)
             idle_ns = idle_ns * 2 > PENDING_POLL_MAX_NS ? PENDING_POLL_MAX_NS : idle_ns * 2;

@@ -426,6 +426,10 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
     atomic_store_explicit(&vgpu_ctl, ctl, memory_order_release);
     cfd = fd;
     atomic_store(&cfd_snapshot, fd);
+    /* A new daemon knows nothing of our work: the next launch says `want`. */
+    for (int i = 0; i < atomic_load(&vgpu_nr_hdev) && i < VGPU_MAX_HDEV; i++) {
+        atomic_store(&vgpu_hdevs[i].busy, 0);
+    }
     atomic_store(&vgpu_connected, 1);
     atomic_fetch_add(&vgpu_conn_gen, 1);
     return true;
@@ -680,4 +684,39 @@ void vgpu_client_atfork_child(void)
     /* The parent's pages are shared memory: never write the parent's stats. */
     atomic_store(&vgpu_ctl, NULL);
     atomic_store(&vgpu_stat, NULL);
+}
+
+/* One complete frame, never behind a pending round trip: if a round trip
+ * holds the connection, the frame is not sent (the caller resends). */
+bool vgpu_client_send_oneway(const uint8_t *frame, size_t len)
+{
+    if (pthread_mutex_trylock(&cmu) != 0)
+        return false;
+    bool ok = false;
+    if (cfd >= 0) {
+        ssize_t w = send(cfd, frame, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ok = w == (ssize_t)len;
+        if (w > 0 && !ok)
+            mark_down_locked(); /* a partial frame: the stream is broken */
+    }
+    pthread_mutex_unlock(&cmu);
+    return ok;
+}
+
+bool vgpu_client_notify(int slot, bool want)
+{
+    uint8_t out[32];
+    struct mp_w w = {.p = out + 4, .cap = sizeof out - 4};
+    mp_map(&w, 2);
+    mp_str(&w, "t");
+    mp_str(&w, want ? "want" : "idle");
+    mp_str(&w, "slot");
+    mp_uint(&w, (uint64_t)slot);
+    if (w.overflow)
+        return false;
+    out[0] = (uint8_t)(w.len >> 24);
+    out[1] = (uint8_t)(w.len >> 16);
+    out[2] = (uint8_t)(w.len >> 8);
+    out[3] = (uint8_t)w.len;
+    return vgpu_client_send_oneway(out, 4 + w.len);
 }

@@ -306,6 +306,7 @@ VGPU_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx)
     if (ci) {
         /* Our events and stream die with the context: stop using them first. */
         vgpu_account_forget_ctx(ctx);
+        vgpu_capture_forget_ctx(ctx);
         atomic_store(&ci->ctx, NULL);
     }
     vgpu_launch_ctx_changed();

@@ -87,7 +87,8 @@ CUresult cuStreamBeginCapture_ptsz(CUstream hStream, CUstreamCaptureMode mode);
     X(cuStreamBeginCapture_v2)                                                 \
     X(cuStreamBeginCapture_v2_ptsz)                                            \
     X(cuStreamEndCapture)                                                      \
-    X(cuStreamEndCapture_ptsz)
+    X(cuStreamEndCapture_ptsz)                                                 \
+    X(cuStreamDestroy_v2)
 
 /* Driver functions the hook calls but does not intercept. */
 #define VGPU_USED_CUDA(X)                                                      \
@@ -97,7 +98,6 @@ CUresult cuStreamBeginCapture_ptsz(CUstream hStream, CUstreamCaptureMode mode);
     X(cuCtxGetCurrent)                                                         \
     X(cuCtxGetDevice)                                                          \
     X(cuStreamCreate)                                                          \
-    X(cuStreamDestroy_v2)                                                      \
     X(cuStreamIsCapturing)                                                     \
     X(cuStreamIsCapturing_ptsz)                                                \
     X(cuEventCreate)                                                           \
@@ -165,7 +165,7 @@ void vgpu_warn_once(int kind, const char *fmt, ...)
 enum {
     VGPU_W_CONNECT = 0, VGPU_W_LIBCUDA, VGPU_W_NVML, VGPU_W_PROTO, VGPU_W_LOST,
     VGPU_W_REGIONS, VGPU_W_TABLE, VGPU_W_ACCOUNT, VGPU_W_DEVICE, VGPU_W_THREAD,
-    VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH, VGPU_W_CTXMEM, VGPU_W_GETPROC,
+    VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH, VGPU_W_CTXMEM, VGPU_W_GETPROC, VGPU_W_STALL,
 };
 
 uint64_t vgpu_now_ns(void);         /* CLOCK_MONOTONIC */
@@ -207,6 +207,9 @@ int vgpu_client_attach(const char *uuid, uint64_t total, int *slot);
 int vgpu_client_reserve(int hidx, uint64_t n);
 /* release (no reply); dropped while down (the next hello's held covers it). */
 void vgpu_client_release(int hidx, uint64_t n);
+/* Send one complete, already framed message without waiting behind a
+ * pending round trip; false if down or it could not be sent at once. */
+bool vgpu_client_send_oneway(const uint8_t *frame, size_t len);
 /* fork child: forget the connection and threads. */
 void vgpu_client_atfork_child(void);
 
@@ -223,18 +226,31 @@ struct vgpu_hdev {
      * launches put into a batch and not yet completed: +1 on the launch fast
      * path, -n by the accountant when a batch of n completes or is dropped.
      * inflight_max and batch_max are published by the accountant from the
-     * measured GPU time per launch (cost_ns, accountant-only). */
+     * measured GPU time per launch (cost_ns, accountant-only) and the GPU
+     * time the daemon lets an owner keep queued (ctl inflight_ns). */
     _Atomic uint32_t inflight;
     _Atomic uint32_t inflight_max;  /* a gated slot launches only below this */
     _Atomic uint32_t batch_max;     /* launches per batch before it is closed */
-    uint32_t _pad;
+    /* The ownership protocol (hook_launch.c, hook_account.c): busy is 1
+     * from the `want` this process sent (on connection want_conn) until the
+     * `idle` it sent; grant_waiters counts threads waiting for the device
+     * (the process is not idle while one does); room_word is bumped, and
+     * room waiters woken, whenever the accountant retires launches. */
+    _Atomic uint32_t busy;
+    _Atomic uint32_t grant_waiters;
+    _Atomic uint64_t want_conn;     /* vgpu_conn_gen of the last `want` */
+    _Atomic uint32_t room_word;
+    _Atomic uint32_t room_waiters;
     uint64_t cost_ns;               /* moving average GPU ns per launch, 0 = none yet */
+    /* accountant-only: idleness */
+    uint64_t idle_launches;         /* stat launches at the last look */
+    uint64_t idle_since;            /* when they last changed (coarse clock) */
 };
-/* How much launched-but-unfinished GPU work a gated process may have: the
- * daemon only learns of work when it completes, so this bounds how far a
- * process can run past its budget. At least VGPU_INFLIGHT_MIN launches so
- * long kernels still pipeline; VGPU_COST_INIT_NS is assumed per launch until
- * a batch was measured (conservative: most kernels are shorter). */
+/* How much launched-but-unfinished GPU work an owner may have queued: the
+ * daemon's inflight_ns (vgpu_abi.h), so that a hand-over is quick; without
+ * one, VGPU_INFLIGHT_NS. At least VGPU_INFLIGHT_MIN launches so long kernels
+ * still pipeline; VGPU_COST_INIT_NS is assumed per launch until a batch was
+ * measured (conservative: most kernels are shorter). */
 #define VGPU_INFLIGHT_NS 5000000ull
 #define VGPU_INFLIGHT_MIN 2u
 #define VGPU_COST_INIT_NS 1000000ull
@@ -300,7 +316,7 @@ struct vgpu_batch {
     uint64_t first_ns;          /* when it was opened (coarse clock) */
     /* accountant-only: idle detection without a clock read per launch */
     unsigned seen_n;
-    uint64_t seen_ns;
+    uint64_t seen_ns;           /* CLOCK_MONOTONIC of the last change seen, 0 = not looked yet */
     uint64_t conn_gen;
 };
 
@@ -336,6 +352,14 @@ void vgpu_account_atfork_child(void);
 /* Drop every batch of ctx (called before the context is destroyed). */
 void vgpu_account_forget_ctx(CUcontext ctx);
 void vgpu_launch_atfork_child(void);
+/* Captures: drop what a destroyed context had; drop entries whose stream no
+ * longer captures (accountant thread, while any capture is counted). */
+void vgpu_capture_forget_ctx(CUcontext ctx);
+void vgpu_capture_sweep(void);
+/* Tell vgpud that this process has work for (`want`) or has drained (`idle`)
+ * device slot `slot`: one-way messages, never waiting behind a round trip.
+ * false if it could not be sent (down, socket full). */
+bool vgpu_client_notify(int slot, bool want);
 /* The calling thread's current context may have changed (create, destroy,
  * set, push, pop): the launch path asks the driver again on its next launch. */
 void vgpu_launch_ctx_changed(void);

@@ -2,41 +2,51 @@
  * hook_launch.c - the launch gate and the per-thread batches.
  *
  * Fast path, per launch: one acquire load of the ctl page pointer, loads of
- * the slot's flags and tokens (and, for a gated slot, of the device's
- * in-flight count and limit), relaxed adds to the stat page and the in-flight
- * count, and thread-local batch bookkeeping whose only shared step is one CAS
- * on the batch's state (the hand-off with the accountant). No syscall, no
- * lock, no allocation, no clock read, and no driver call: the current context
- * is cached per thread and re-read only after this thread created, destroyed,
- * set, pushed or popped a context (all hooked). A timing event is recorded
- * before the first and after the last launch of a batch.
+ * the slot's flags (and, for a gated slot, of its grant word, of whether
+ * this process has told the daemon it is busy, and of the device's in-flight
+ * count and limit), relaxed adds to the stat page and the in-flight count,
+ * and thread-local batch bookkeeping whose only shared step is one CAS on
+ * the batch's state (the hand-off with the accountant). No syscall, no
+ * lock, no allocation, no clock read, and no driver call: the current
+ * context is cached per thread and re-read only after this thread created,
+ * destroyed, set, pushed or popped a context (all hooked). A timing event
+ * is recorded before the first and after the last launch of a batch.
  *
- * A gated (not UNLIMITED) slot launches only while its budget is positive
- * AND fewer than inflight_max of its launches are still running on the
- * device. Without the second condition a process with a little budget left
- * could queue the driver's whole queue depth (a second of work), which the
- * daemon would only see long after, when its debt is past forgiving. The
- * accountant publishes inflight_max = max(2, VGPU_INFLIGHT_NS / ns per
- * launch), so a gated process keeps about 5 ms of work queued: enough to
- * keep the device busy, little enough to stay within a tick of its budget.
- * UNLIMITED slots skip both checks.
+ * A gated (not UNLIMITED) slot launches only while its slice owns the
+ * device (grant RUN, vgpu_abi.h) and fewer than inflight_max of its
+ * launches are still running on it. The daemon hands ownership from slice
+ * to slice; the in-flight bound (the GPU time the daemon allows, over the
+ * measured GPU time per launch) is what makes a hand-over quick: the old
+ * owner stops launching and what it has queued finishes within that time.
+ * UNLIMITED slots skip all of it.
  *
- * Otherwise the calling thread (not the process) closes its open batch (so
- * the accountant can finish it) and polls with nanosleep: every 200 µs for
- * budget, from 50 µs backing off to 1 ms for room. throttled_ns and
- * nr_throttled count waits during which the budget was spent, not waits for
- * in-flight room only: the daemon reads "throttled" as "wants more GPU", and
- * an in-flight wait says nothing about that.
+ * Otherwise the calling thread (not the process) goes to the slow path:
+ * it says `want` (once per grant generation, one-way, on the daemon's
+ * socket) and, unless the grant is TAKE (the daemon pre-approved this
+ * process: launch at once), waits on the grant word (a futex in the ctl
+ * page, woken by the daemon). A wait for in-flight room waits on a futex
+ * the accountant bumps when it retires launches. throttled_ns and
+ * nr_throttled count waits for the device, not waits for room.
+ *
+ * A daemon that stops ticking while a launch waits (stopped, wedged) is
+ * noticed through the page's heartbeat: after VGPU_STALL_NS without it the
+ * launch runs, as it would with the daemon gone, rather than hang the
+ * program (docs/design.md).
  *
  * Batches are never skipped: when a stream's pool is all in flight, a gated
  * thread waits for the accountant to free one, and an UNLIMITED one takes
  * its newest batch back from the accountant and extends it (its end event is
  * recorded again after the new launch).
  */
+#include <limits.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "hook_internal.h"
 
@@ -44,10 +54,10 @@ _Atomic(struct vgpu_thread *) vgpu_threads;
 _Atomic int vgpu_active_captures;
 _Atomic uint64_t vgpu_lost_batches;
 
-#define GATE_POLL_NS 200000
+#define GATE_WAIT_NS 20000000      /* a grant wait re-checks this often */
+#define ROOM_WAIT_NS 1000000       /* a room wait re-checks this often */
 #define ROOM_POLL_NS 50000
-#define ROOM_POLL_MAX_NS 1000000
-#define GATE_SLEEP_MAX_NS 50000000ull
+#define VGPU_STALL_NS 2000000000ull /* no heartbeat this long: the daemon is stalled */
 #define POOL_WAIT_NS 2000000000ull /* give up measuring after this (accountant stuck) */
 
 /* Initial-exec: the hook is loaded by LD_PRELOAD, so its TLS is static and
@@ -58,6 +68,14 @@ TLS CUcontext tls_ctx;                 /* current context as last read */
 TLS struct vgpu_ctxinfo *tls_ci;       /* NULL: ask the driver */
 TLS struct vgpu_tstream *tls_ts;       /* last stream launched on */
 static pthread_key_t thr_key;
+#define MAX_CAPTURES 64
+static struct {
+    _Atomic(CUstream) stream; /* NULL: free */
+    int ptsz;
+    CUcontext ctx;
+} captures[MAX_CAPTURES];
+static pthread_mutex_t capmu = PTHREAD_MUTEX_INITIALIZER;
+
 static pthread_once_t key_once = PTHREAD_ONCE_INIT;
 
 void vgpu_hdev_inflight_init(struct vgpu_hdev *d)
@@ -68,7 +86,10 @@ void vgpu_hdev_inflight_init(struct vgpu_hdev *d)
     atomic_store(&d->inflight, 0);
     atomic_store(&d->inflight_max, m);
     atomic_store(&d->batch_max, m / 2 ? m / 2 : 1);
+    atomic_store(&d->busy, 0);
     d->cost_ns = 0;
+    d->idle_launches = 0;
+    d->idle_since = 0;
 }
 
 void vgpu_launch_ctx_changed(void)
@@ -144,6 +165,9 @@ void vgpu_launch_atfork_child(void)
     tls_ts = NULL;
     atomic_store(&vgpu_threads, NULL);
     atomic_store(&vgpu_active_captures, 0);
+    pthread_mutex_init(&capmu, NULL);
+    for (int i = 0; i < MAX_CAPTURES; i++)
+        atomic_store(&captures[i].stream, NULL);
 }
 
 /* ---- context tracking: the driver's current context only changes through
@@ -223,57 +247,85 @@ static void close_current(CUcontext ctx, CUstream s)
         close_own(&ts->b[ts->cur]);
 }
 
-/* The slow path of the gate: wait until the slot has budget and in-flight
- * room (or is no longer gated, or the daemon is gone). Returns the slot. */
+static long futex_wait(_Atomic uint32_t *word, uint32_t val, long ns, bool shared)
+{
+    struct timespec ts = {ns / 1000000000l, ns % 1000000000l};
+    return syscall(SYS_futex, word, shared ? FUTEX_WAIT : FUTEX_WAIT_PRIVATE, val, &ts, NULL, 0);
+}
+
+/* Say `want` unless this process already said it on this connection (and
+ * has not said `idle` since): the daemon then knows the process has work. */
+static void say_want(struct vgpu_hdev *hd, int slot)
+{
+    uint64_t conn = atomic_load_explicit(&vgpu_conn_gen, memory_order_relaxed);
+    if (atomic_load_explicit(&hd->busy, memory_order_acquire) &&
+        atomic_load_explicit(&hd->want_conn, memory_order_relaxed) == conn)
+        return;
+    atomic_store_explicit(&hd->want_conn, conn, memory_order_relaxed);
+    atomic_store_explicit(&hd->busy, 1, memory_order_release);
+    if (!vgpu_client_notify(slot, true))
+        atomic_store_explicit(&hd->busy, 0, memory_order_release); /* not sent: ask again */
+}
+
+/* The slow path of the gate: wait until the slice owns the device (or is
+ * pre-approved to take it) and there is in-flight room (or the slot is no
+ * longer gated, or the daemon is gone or stalled). Returns the slot. */
 __attribute__((noinline, cold)) static int gate_wait(struct vgpu_hdev *hd, CUcontext ctx, CUstream s)
 {
     close_current(ctx, s);
     uint64_t t0 = vgpu_now_ns();
-    bool budget_wait = false;
-    long wait_ns = 0;
+    bool waited = false;
+    uint64_t beat = 0, beat_at = t0;
     int slot;
     for (;;) {
         struct vgpu_ctl_page *ctl = atomic_load_explicit(&vgpu_ctl, memory_order_acquire);
         slot = atomic_load_explicit(&hd->slot, memory_order_relaxed);
-        /* No daemon to refill the budget: run rather than hang. */
+        /* No daemon to hand the device over: run rather than hang. */
         if (!ctl || slot < 0 || slot >= (int)VGPU_MAX_DEVICES ||
             !atomic_load_explicit(&vgpu_connected, memory_order_relaxed))
             break;
-        uint32_t flags = __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
+        struct vgpu_ctl_dev *cd = &ctl->dev[slot];
+        uint32_t flags = __atomic_load_n(&cd->flags, __ATOMIC_ACQUIRE);
         if (!gated(flags))
             break;
-        int64_t tok = __atomic_load_n(&ctl->dev[slot].tokens_ns, __ATOMIC_RELAXED);
-        bool tokens = tok > 0;
-        bool room = atomic_load_explicit(&hd->inflight, memory_order_relaxed) <
-                    atomic_load_explicit(&hd->inflight_max, memory_order_relaxed);
-        budget_wait |= !tokens;
-        if (tokens && room)
+        uint32_t g = __atomic_load_n(&cd->grant, __ATOMIC_ACQUIRE);
+        uint32_t st = g & VGPU_GRANT_STATE_MASK;
+        if (st != VGPU_GRANT_WAIT) {
+            /* RUN or TAKE: say so if not said, then wait only for room. */
+            say_want(hd, slot);
+            if (atomic_load_explicit(&hd->inflight, memory_order_relaxed) <
+                    atomic_load_explicit(&hd->inflight_max, memory_order_relaxed) ||
+                !vgpu_account_running())
+                break;
+            uint32_t w = atomic_load_explicit(&hd->room_word, memory_order_acquire);
+            atomic_fetch_add_explicit(&hd->room_waiters, 1, memory_order_acq_rel);
+            if (atomic_load_explicit(&hd->inflight, memory_order_acquire) >=
+                atomic_load_explicit(&hd->inflight_max, memory_order_relaxed)) {
+                vgpu_account_kick();
+                futex_wait(&hd->room_word, w, ROOM_WAIT_NS, false);
+            }
+            atomic_fetch_sub_explicit(&hd->room_waiters, 1, memory_order_acq_rel);
+            continue;
+        }
+        waited = true;
+        say_want(hd, slot);
+        /* A daemon that no longer ticks will not hand the device over. */
+        uint64_t now = vgpu_now_ns();
+        uint64_t hb = __atomic_load_n(&ctl->heartbeat, __ATOMIC_RELAXED);
+        if (hb != beat) {
+            beat = hb;
+            beat_at = now;
+        } else if (now - beat_at > VGPU_STALL_NS) {
+            vgpu_warn_once(VGPU_W_STALL, "vgpu: vgpud has not answered for %llu ms; launching without "
+                                         "waiting for the GPU until it does",
+                           (unsigned long long)((now - beat_at) / 1000000));
             break;
-        /* In-flight room comes back within a kernel's time; budget within a
-         * daemon tick. An accountant that is not running frees nothing. */
-        if (tokens && !vgpu_account_running())
-            break;
-        /* Budget comes back at a daemon tick: poll every 200 µs, since
-         * under a hard cap time not used at once is lost; but a debt that
-         * the pair's rate repays only in several ticks is slept through
-         * (up to 50 ms, so a live change of the share is seen in time):
-         * 200 throttled processes polling at 5 kHz kept a 2-core machine's
-         * load average past 100. Room comes back when the device, maybe busy
-         * with other processes, finishes a batch, with milliseconds of work
-         * still queued: back off from 50 µs to 1 ms. */
-        if (!tokens) {
-            uint64_t rate = __atomic_load_n(&ctl->dev[slot].rate_ppm, __ATOMIC_RELAXED);
-            uint64_t per_tick = rate * (ctl->tick_ns / 1000) / 1000; /* ns of budget per tick */
-            uint64_t ticks = per_tick ? (uint64_t)(-tok) / per_tick : 0;
-            uint64_t ns = ticks ? ticks * ctl->tick_ns : GATE_POLL_NS;
-            wait_ns = (long)(ns > GATE_SLEEP_MAX_NS ? GATE_SLEEP_MAX_NS : ns);
-        } else
-            wait_ns = wait_ns < ROOM_POLL_NS ? ROOM_POLL_NS
-                                             : (wait_ns * 2 > ROOM_POLL_MAX_NS ? ROOM_POLL_MAX_NS : wait_ns * 2);
-        struct timespec ts = {0, wait_ns};
-        nanosleep(&ts, NULL);
+        }
+        atomic_fetch_add_explicit(&hd->grant_waiters, 1, memory_order_acq_rel);
+        futex_wait((_Atomic uint32_t *)&cd->grant, g, GATE_WAIT_NS, true);
+        atomic_fetch_sub_explicit(&hd->grant_waiters, 1, memory_order_acq_rel);
     }
-    if (budget_wait) {
+    if (waited) {
         VGPU_STAT_ADD(slot, throttled_ns, vgpu_now_ns() - t0);
         VGPU_STAT_ADD(slot, nr_throttled, 1);
     }
@@ -351,7 +403,7 @@ static struct vgpu_batch *batch_open(struct vgpu_tstream *ts, int idx, CUcontext
     atomic_store_explicit(&b->n, 0, memory_order_relaxed);
     b->first_ns = vgpu_coarse_ns();
     b->seen_n = 0;
-    b->seen_ns = b->first_ns;
+    b->seen_ns = 0; /* the accountant's clock: set at its first look */
     b->conn_gen = atomic_load_explicit(&vgpu_conn_gen, memory_order_relaxed);
     atomic_store_explicit(&b->state, VGPU_B_INUSE, memory_order_relaxed);
     ts->cur = idx;
@@ -512,7 +564,9 @@ static inline __attribute__((always_inline)) void gate_enter(struct launch *l, C
     }
     uint32_t flags = __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
     bool gate = gated(flags);
-    if (gate && __builtin_expect(__atomic_load_n(&ctl->dev[slot].tokens_ns, __ATOMIC_RELAXED) <= 0 ||
+    if (gate && __builtin_expect((__atomic_load_n(&ctl->dev[slot].grant, __ATOMIC_ACQUIRE) &
+                                  VGPU_GRANT_STATE_MASK) != VGPU_GRANT_RUN ||
+                                     !atomic_load_explicit(&hd->busy, memory_order_relaxed) ||
                                      atomic_load_explicit(&hd->inflight, memory_order_relaxed) >=
                                          atomic_load_explicit(&hd->inflight_max, memory_order_relaxed),
                                  0))
@@ -599,48 +653,122 @@ VGPU_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream hStream)
     GATED(cuGraphLaunch_ptsz, hStream, 1, 1, real_cuGraphLaunch_ptsz(g, hStream))
 
 /* ---- stream capture tracking: only while a capture is active anywhere do
- * launches pay for cuStreamIsCapturing. ---- */
+ * launches pay for cuStreamIsCapturing. Each capturing stream has an entry;
+ * the count is the number of entries. An entry goes when its capture ends
+ * through the hooked EndCapture, when its stream is destroyed, or when the
+ * accountant's sweep finds the stream no longer capturing (a capture ended
+ * some way we do not see): a leaked entry would make every later launch
+ * pay the query. ---- */
+
+static void capture_add(CUstream s, int ptsz)
+{
+    CUcontext ctx = NULL;
+    real_cuCtxGetCurrent(&ctx);
+    pthread_mutex_lock(&capmu);
+    for (int i = 0; i < MAX_CAPTURES; i++) {
+        if (atomic_load(&captures[i].stream) == NULL) {
+            captures[i].ptsz = ptsz;
+            captures[i].ctx = ctx;
+            atomic_store(&captures[i].stream, s);
+            break;
+        }
+    }
+    /* With the table full the capture still counts (and is found again
+     * only by EndCapture): launches stay correct, just pay the query. */
+    atomic_fetch_add(&vgpu_active_captures, 1);
+    pthread_mutex_unlock(&capmu);
+}
+
+/* Drop the entry of stream s (all of them when s is NULL and ctx matches). */
+static void capture_drop(CUstream s, CUcontext ctx, bool any_of_ctx)
+{
+    pthread_mutex_lock(&capmu);
+    bool found = false;
+    for (int i = 0; i < MAX_CAPTURES; i++) {
+        CUstream cs = atomic_load(&captures[i].stream);
+        if (cs == NULL)
+            continue;
+        if ((any_of_ctx && captures[i].ctx == ctx) || (!any_of_ctx && cs == s)) {
+            atomic_store(&captures[i].stream, NULL);
+            found = true;
+            int c = atomic_load(&vgpu_active_captures);
+            while (c > 0 && !atomic_compare_exchange_weak(&vgpu_active_captures, &c, c - 1))
+                ;
+            if (!any_of_ctx)
+                break;
+        }
+    }
+    /* A capture begun while the table was full has no entry. */
+    if (!found && !any_of_ctx) {
+        int c = atomic_load(&vgpu_active_captures);
+        int entries = 0;
+        for (int i = 0; i < MAX_CAPTURES; i++)
+            entries += atomic_load(&captures[i].stream) != NULL;
+        while (c > entries && !atomic_compare_exchange_weak(&vgpu_active_captures, &c, c - 1))
+            ;
+    }
+    pthread_mutex_unlock(&capmu);
+}
+
+void vgpu_capture_forget_ctx(CUcontext ctx)
+{
+    capture_drop(NULL, ctx, true);
+}
+
+void vgpu_capture_sweep(void)
+{
+    for (int i = 0; i < MAX_CAPTURES; i++) {
+        CUstream s = atomic_load(&captures[i].stream);
+        /* The per-thread default stream is another thread's: only that
+         * thread's EndCapture (or its context's end) can tell. */
+        if (s == NULL || s == CU_STREAM_PER_THREAD || captures[i].ptsz)
+            continue;
+        CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+        CUresult r = real_cuStreamIsCapturing ? real_cuStreamIsCapturing(s, &st) : CUDA_ERROR_UNKNOWN;
+        if (r != CUDA_SUCCESS || st == CU_STREAM_CAPTURE_STATUS_NONE)
+            capture_drop(s, NULL, false);
+    }
+}
 
 /* Every variant the driver exports (CUDA 10.0's and _v2, each with _ptsz):
  * count the capture once it has begun. */
-#define BEGIN_CAPTURE(name)                                                    \
+#define BEGIN_CAPTURE(name, ptsz)                                              \
     VGPU_EXPORT CUresult name(CUstream s, CUstreamCaptureMode mode)            \
     {                                                                          \
         ENTER(name);                                                           \
         CUresult r = real_##name(s, mode);                                     \
         if (r == CUDA_SUCCESS)                                                 \
-            atomic_fetch_add(&vgpu_active_captures, 1);                        \
+            capture_add(s, (ptsz));                                            \
         return r;                                                              \
     }
 
-BEGIN_CAPTURE(cuStreamBeginCapture)
-BEGIN_CAPTURE(cuStreamBeginCapture_ptsz)
-BEGIN_CAPTURE(cuStreamBeginCapture_v2)
-BEGIN_CAPTURE(cuStreamBeginCapture_v2_ptsz)
-
-static void capture_ended(void)
-{
-    int c = atomic_load(&vgpu_active_captures);
-    while (c > 0 && !atomic_compare_exchange_weak(&vgpu_active_captures, &c, c - 1))
-        ;
-}
+BEGIN_CAPTURE(cuStreamBeginCapture, 0)
+BEGIN_CAPTURE(cuStreamBeginCapture_ptsz, 1)
+BEGIN_CAPTURE(cuStreamBeginCapture_v2, 0)
+BEGIN_CAPTURE(cuStreamBeginCapture_v2_ptsz, 1)
 
 VGPU_EXPORT CUresult cuStreamEndCapture(CUstream s, CUgraph *g)
 {
     ENTER(cuStreamEndCapture);
-    bool was = stream_capturing(s, 0);
     CUresult r = real_cuStreamEndCapture(s, g);
-    if (was && !stream_capturing(s, 0))
-        capture_ended();
+    if (!stream_capturing(s, 0))
+        capture_drop(s, NULL, false);
     return r;
 }
 
 VGPU_EXPORT CUresult cuStreamEndCapture_ptsz(CUstream s, CUgraph *g)
 {
     ENTER(cuStreamEndCapture_ptsz);
-    bool was = stream_capturing(s, 1);
     CUresult r = real_cuStreamEndCapture_ptsz(s, g);
-    if (was && !stream_capturing(s, 1))
-        capture_ended();
+    if (!stream_capturing(s, 1))
+        capture_drop(s, NULL, false);
     return r;
+}
+
+VGPU_EXPORT CUresult cuStreamDestroy_v2(CUstream s)
+{
+    ENTER(cuStreamDestroy_v2);
+    if (atomic_load_explicit(&vgpu_active_captures, memory_order_relaxed) > 0)
+        capture_drop(s, NULL, false);
+    return real_cuStreamDestroy_v2(s);
 }

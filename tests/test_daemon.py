@@ -196,9 +196,11 @@ def test_set_reaches_ctl_page_within_a_second(vgpud: RunningDaemon) -> None:
         with vgpud.client() as c:
             c.ctl("set", slice="live.slice", runtime=True,
                   knobs={"gpu.cores.max": "30", "gpu.memory.max": "1G"})
+        # Gated from then on: free to take the idle device (TAKE).
         took = wait_for(lambda: int(hook.ctl.dev[0].mem_limit) == 1 << 30
                         and int(hook.ctl.dev[0].flags) & lib.VGPU_DEV_UNLIMITED == 0
-                        and 0 < int(hook.ctl.dev[0].rate_ppm) <= 300_000, 1.0)
+                        and int(hook.ctl.dev[0].grant) & lib.VGPU_GRANT_STATE_MASK
+                        == lib.VGPU_GRANT_TAKE, 1.0)
         assert took < 1.0
         # --runtime persisted it under <runtime_dir>/slices
         files = os.listdir(os.path.join(vgpud.runtime_dir, "slices"))

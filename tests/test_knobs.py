@@ -109,6 +109,15 @@ def test_format() -> None:
     assert format_knob("gpu.devices", ("0", "GPU-x")) == "0,GPU-x"
     assert format_knob("gpu.devices", None) == "all"
     assert format_knob("gpu.cores.weight", 100) == "100"
+    assert format_knob("gpu.cores.idle", 1) == "1"
+
+
+@pytest.mark.parametrize("bad", [2, -1, "yes", "1.0", 0.5, None])
+def test_idle_is_zero_or_one(bad: object) -> None:
+    with pytest.raises(KnobError, match="gpu.cores.idle"):
+        parse_knob("gpu.cores.idle", bad)
+    assert parse_knob("gpu.cores.idle", True) == 1
+    assert parse_knob("gpu.cores.idle", "0") == 0
 
 
 @given(st.sampled_from(sorted(KNOBS)), st.data())
@@ -118,6 +127,7 @@ def test_roundtrip(name: str, data: st.DataObject) -> None:
         "gpu.cores.max": st.one_of(st.just("max"), st.floats(0.001, 100)),
         "gpu.cores.min": st.floats(0, 100),
         "gpu.cores.weight": st.integers(1, 10000),
+        "gpu.cores.idle": st.one_of(st.sampled_from([0, 1, "0", "1"]), st.booleans()),
         "gpu.memory.max": st.one_of(st.just("max"), st.integers(0, 2**63)),
         "gpu.memory.high": st.one_of(
             st.just("max"),

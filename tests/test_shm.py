@@ -40,17 +40,33 @@ def test_ctl_fd_cannot_be_mapped_writable(shm: ClientShm) -> None:
     assert page.tick_ns == 10_000_000
     assert page.daemon_epoch == 77
     assert page.dev[3].mem_limit == UNLIMITED
-    shm.write_budget(3, 12345, False, 300_000)
+    assert shm.write_gate(3, lib.VGPU_GRANT_RUN, unlimited=False, contended=True,
+                          inflight_ns=2_000_000, rate_ppm=300_000)
     shm.write_mem_view(3, 4 << 30, 1 << 20)
     shm.bump_seq()
-    assert page.dev[3].tokens_ns == 12345
-    assert page.dev[3].flags == lib.VGPU_DEV_ACTIVE
+    g1 = int(page.dev[3].grant)
+    assert g1 & lib.VGPU_GRANT_STATE_MASK == lib.VGPU_GRANT_RUN
+    assert page.dev[3].flags == lib.VGPU_DEV_ACTIVE | lib.VGPU_DEV_CONTENDED
     assert page.dev[3].rate_ppm == 300_000
+    assert page.dev[3].inflight_ns == 2_000_000
     assert page.dev[3].mem_limit == 4 << 30
     assert page.seq == 1
-    shm.write_budget(3, -(2**70), True, 0)  # clamped, not an OverflowError
-    assert page.dev[3].tokens_ns == -(2**63)
+    # The same gate again: nothing written; a new rate: no new generation
+    # (nobody waits on a rate); a new state: the next generation.
+    assert not shm.write_gate(3, lib.VGPU_GRANT_RUN, unlimited=False, contended=True,
+                              inflight_ns=2_000_000, rate_ppm=300_000)
+    assert shm.write_gate(3, lib.VGPU_GRANT_RUN, unlimited=False, contended=True,
+                          inflight_ns=2_000_000, rate_ppm=400_000)
+    assert int(page.dev[3].grant) == g1
+    shm.write_gate(3, lib.VGPU_GRANT_WAIT, unlimited=False, contended=True,
+                   inflight_ns=2_000_000, rate_ppm=0)
+    g2 = int(page.dev[3].grant)
+    assert g2 >> lib.VGPU_GRANT_GEN_SHIFT == (g1 >> lib.VGPU_GRANT_GEN_SHIFT) + 1
+    assert g2 & lib.VGPU_GRANT_STATE_MASK == lib.VGPU_GRANT_WAIT
+    shm.write_gate(3, lib.VGPU_GRANT_RUN, unlimited=True, contended=False,
+                   inflight_ns=-5, rate_ppm=-1)  # clamped, not an OverflowError
     assert page.dev[3].flags == lib.VGPU_DEV_ACTIVE | lib.VGPU_DEV_UNLIMITED
+    assert page.dev[3].inflight_ns == 0
 
 
 def client_stat(shm: ClientShm) -> tuple[mmap.mmap, object]:

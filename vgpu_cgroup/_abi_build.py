@@ -23,13 +23,20 @@ ffibuilder.cdef(
     #define VGPU_RING_SLOTS ...
     #define VGPU_DEV_ACTIVE ...
     #define VGPU_DEV_UNLIMITED ...
+    #define VGPU_DEV_CONTENDED ...
+    #define VGPU_GRANT_WAIT ...
+    #define VGPU_GRANT_RUN ...
+    #define VGPU_GRANT_TAKE ...
+    #define VGPU_GRANT_STATE_MASK ...
+    #define VGPU_GRANT_GEN_SHIFT ...
 
     struct vgpu_ctl_dev {
-        int64_t tokens_ns;
+        uint32_t grant;
         uint32_t flags;
         uint64_t mem_limit;
         uint64_t mem_used;
         uint64_t rate_ppm;
+        uint64_t inflight_ns;
         ...;
     };
     struct vgpu_ctl_page {
@@ -38,6 +45,7 @@ ffibuilder.cdef(
         uint64_t seq;
         uint64_t tick_ns;
         uint64_t daemon_epoch;
+        uint64_t heartbeat;
         struct vgpu_ctl_dev dev[16];
         ...;
     };
@@ -54,6 +62,7 @@ ffibuilder.cdef(
         uint64_t ring_head;
         uint64_t allocs;
         uint64_t frees;
+        uint64_t cost_ns;
         struct vgpu_interval ring[512];
         ...;
     };
@@ -64,11 +73,25 @@ ffibuilder.cdef(
         struct vgpu_stat_dev dev[16];
         ...;
     };
+
+    /* The gate's word is written with release order (after the fields it
+     * publishes) and waiters on it are woken: a shared futex, since the
+     * client maps the same memfd. */
+    void vgpu_store_release_u32(uint32_t *p, uint32_t v);
+    int vgpu_futex_wake(uint32_t *p);
     """
 )
 ffibuilder.set_source(
     "vgpu_cgroup._abi",
     '#include "vgpu_abi.h"\n'
+    "#include <limits.h>\n"
+    "#include <linux/futex.h>\n"
+    "#include <sys/syscall.h>\n"
+    "#include <unistd.h>\n"
+    "static void vgpu_store_release_u32(uint32_t *p, uint32_t v)\n"
+    "{ __atomic_store_n(p, v, __ATOMIC_RELEASE); }\n"
+    "static int vgpu_futex_wake(uint32_t *p)\n"
+    "{ return (int)syscall(SYS_futex, p, FUTEX_WAKE, INT_MAX, NULL, NULL, 0); }\n"
     "_Static_assert(VGPU_MAX_DEVICES == 16, \"cdef array sizes\");\n"
     "_Static_assert(VGPU_RING_SLOTS == 512, \"cdef array sizes\");\n",
     include_dirs=[INCLUDE],

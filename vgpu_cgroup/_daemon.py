@@ -33,8 +33,7 @@ from structlog.typing import FilteringBoundLogger
 import vgpu_cgroup
 from vgpu_cgroup import _protocol as proto
 from vgpu_cgroup import _systemd
-from vgpu_cgroup._attrib import Attributor
-from vgpu_cgroup._clock import ClockScale
+from vgpu_cgroup._compute import ComputeService
 from vgpu_cgroup._config import (
     CONTROL_HEADER,
     ConfigError,
@@ -56,7 +55,6 @@ from vgpu_cgroup._nvml import (
     process_util,
 )
 from vgpu_cgroup._overhead import AUDIT_BYTES, QUIET_NS, overhead_target
-from vgpu_cgroup._share import Budget, ClientDemand, ShareScheduler
 from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
 from vgpu_cgroup._tree import Denial, SliceTree
 
@@ -132,30 +130,24 @@ class Daemon:
         self.lag_ns = cfg.lag_ms * 1_000_000
         self.epoch = time.time_ns()
         self.tree = SliceTree()
-        self.sched = ShareScheduler(self.tree, self.tick_ns)
-        self.attrib = {uuid: Attributor() for uuid in self.devices}
+        self.compute = ComputeService(self.tree, self.devices, lag_ns=self.lag_ns,
+                                      clock_exponent=cfg.clock_exponent)
         self.clients: dict[int, _Client] = {}
         self.connections = 0
         #: every connection after its handshake (see _lane)
         #: what the last tick published from (see tick_steps)
-        self._published: tuple[dict[tuple[int, str], Budget] | None, tuple[int, int], int] = (
-            None, (-1, -1), -1)
+        self._published: tuple[tuple[int, int], int] = ((-1, -1), -1)
         self.lane: Lane[_Client] = Lane(self._dispatch, self._lane_closed, self._lane_failed,
                                         after=self._publish_stale_views,
                                         send_timeout=SEND_TIMEOUT_S)
         self.log = get_logger()
         self._next_id = 1
-        # (tick time, {(slice, dev): charged ns}) over the last TOP_WINDOW_NS.
-        self._window: collections.deque[tuple[int, dict[tuple[str, str], int]]] = (
-            collections.deque()
-        )
         self._tick_errors = 0
         self._ticks = 0
         self._nvml_warned = False
         self._ghosts: dict[int, int] = {}  # pid -> placeholder client id (-pid)
         # Charges are scaled to the full-load clock where the driver reports
         # clocks (see _clock); the simulated GPU does not, so it is plain time.
-        self._clock = {uuid: ClockScale(exponent=cfg.clock_exponent) for uuid in self.devices}
         self._max_mhz = {uuid: None if simulated else max_sm_clock(d.index)
                          for uuid, d in self.devices.items()}
         trace = os.environ.get("VGPU_DEBUG_TICK")
@@ -546,8 +538,8 @@ class Daemon:
         """Connection gone: release everything, close fds, unmap."""
         if self.clients.pop(client.id, None) is None:
             return
-        for uuid in client.slots.values():
-            self.attrib[uuid].forget(client.id)
+        if client.in_tree:
+            self.compute.detach(client, self.clock())
         if client.in_tree:
             held = self.tree.held(client.id)
             slc = self.tree.client_slice(client.id)
@@ -593,6 +585,14 @@ class Daemon:
                 except ValueError as exc:
                     raise proto.ProtocolError("invalid", str(exc)) from None
                 client.stale_views.add(ev.slot)
+            return None
+        if type(ev) is proto.Want:
+            self._slot_dev(client, ev.slot, None)
+            self.compute.want(client, ev.slot, self.clock())
+            return None
+        if type(ev) is proto.Idle:
+            self._slot_dev(client, ev.slot, None)
+            self.compute.idle(client, ev.slot, self.clock())
             return None
         if isinstance(ev, proto.Attach):
             return self._attach(client, ev)
@@ -663,24 +663,24 @@ class Daemon:
             client.dev_slot[dev.uuid] = slot
             self.tree.attach_device(client.id, dev.uuid)
             client.shm.activate(slot)
+            self.compute.attach(client, dev.uuid)
         self._reconcile(client, dev.uuid, now, self._nvml_used(dev.uuid))
         limit, used = self.tree.mem_view(client.id, dev.uuid)
         client.shm.write_mem_view(slot, limit, used)
         return proto.Attached(id=ev.id, slot=slot, mem_limit=limit)
 
-    def _trace_tick(self, now: int, demands: list[ClientDemand],
-                    budgets: dict[tuple[int, str], Any]) -> None:
-        """VGPU_DEBUG_TICK=FILE: one line per client and tick (what it was
-        charged, whether it waited, the rate and budget it got), for tuning
-        the share algorithm against a real GPU. Off unless asked for."""
+    def _trace_tick(self, now: int, usage: dict[tuple[str, str], int]) -> None:
+        """VGPU_DEBUG_TICK=FILE: one line per busy slice, device and tick (its
+        rate, the GPU time charged to it and the device's hand-overs so far),
+        for tuning against a real GPU. Off unless asked for."""
         assert self._tick_trace is not None
-        for d in demands:
-            b = budgets.get((d.client, d.dev))
-            if b is not None:
-                clk = self._clock[d.dev]
-                self._tick_trace.write(f"{now} {d.client} {d.charged_ns} {d.busy_ns} "
-                                       f"{int(d.throttled)} {b.rate_ppm} {b.tokens_ns} "
-                                       f"{clk.now_mhz or 0:.0f} {clk.full_mhz or 0:.0f}\n")
+        for (path, uuid), rate in self.compute.slice_rates().items():
+            arb = self.compute.arbiters[uuid]
+            clk = self.compute.clock[uuid]
+            self._tick_trace.write(
+                f"{now} {uuid[-8:]} {path} {rate:.4f} {usage.get((path, uuid), 0)} "
+                f"{int(arb.owner == path)} {arb.handovers} {clk.now_mhz or 0:.0f} "
+                f"{clk.full_mhz or 0:.0f}\n")
 
     def _publish_stale_views(self, client: _Client) -> None:
         """The views releases changed, once the read's replies are out: a
@@ -915,12 +915,10 @@ class Daemon:
     def top(self) -> dict[str, Any]:
         """Per slice: GPU time over the last second (% of one GPU, per device),
         and memory current (descendants included)."""
-        if self._window:
-            span = max(self._window[-1][0] - self._window[0][0] + self.tick_ns, self.tick_ns)
-        else:
-            span = TOP_WINDOW_NS
+        win = self.compute.window
+        span = max(win[-1][0] - win[0][0] + self.tick_ns, self.tick_ns) if win else TOP_WINDOW_NS
         busy: dict[tuple[str, str], int] = collections.defaultdict(int)
-        for _, charged in self._window:
+        for _, charged in win:
             for key, ns in charged.items():
                 busy[key] += ns
         slices: dict[str, dict[str, Any]] = {}
@@ -953,6 +951,15 @@ class Daemon:
 
     # ------------------------------------------------------------ control tick
 
+    def next_deadline(self) -> float | None:
+        """When the compute service must next run (time.monotonic()), if before a tick."""
+        due = self.compute.deadline()
+        return None if due is None else due / 1e9
+
+    def run_due(self) -> None:
+        """Run the compute service's due deadlines (hand-overs at a window's end)."""
+        self.compute.run_due(self.clock())
+
     async def _tick_loop(self) -> None:
         """The control tick from trio (when no host loop runs it)."""
         deadline = trio.current_time()
@@ -962,7 +969,16 @@ class Daemon:
             now = trio.current_time()
             if deadline < now - period:  # fell behind (suspended?): don't catch up in a burst
                 deadline = now + period
-            await trio.sleep_until(deadline)
+            while True:
+                due = self.next_deadline()
+                wait = deadline - trio.current_time()
+                if due is not None:
+                    wait = min(wait, due - time.monotonic())
+                if wait > 0:
+                    await trio.sleep(wait)
+                if trio.current_time() >= deadline:
+                    break
+                self.run_due()
             # Between chunks other tasks run: a reservation waits for at
             # most one chunk of the tick, not all of it.
             for _ in self.guarded_tick():
@@ -985,69 +1001,26 @@ class Daemon:
             pass
 
     def tick_steps(self) -> Iterator[None]:
-        """One control step: drain stat rings, attribute, schedule, publish.
+        """One control step: measurements, charges, memory views.
 
         A generator that yields after every TICK_CHUNK clients polled or
-        published, so the trio loop can answer reservations in between. The
-        scheduling in the middle is one step; clients that connect or leave
-        while the tick is under way are skipped until the next one.
+        published, so the host loop can answer requests in between. Clients
+        that connect or leave while the tick is under way are skipped until
+        the next one. Ownership itself moves on events and deadlines
+        (``_compute``), not at ticks.
         """
         now = self.clock()
         self.lane.expire(time.monotonic())
-        # Poll every client's stat page; an idle one costs three reads.
-        throttles: dict[tuple[int, str], tuple[int, int]] = {}  # (client, dev) -> (nr, ns)
-        clients = list(self.clients.values())
-        for i, c in enumerate(clients):
-            if i and i % TICK_CHUNK == 0:
-                yield
-            if c.shm is None:
-                continue
-            for slot, uuid in c.slots.items():
-                news = c.shm.poll(slot)
-                if news is None:
-                    continue
-                drained, d_nr, d_ns = news
-                if drained.intervals:
-                    att = self.attrib[uuid]
-                    for start, end in drained.intervals:
-                        att.add(c.id, start, end)
-                if d_nr or d_ns:
-                    throttles[(c.id, uuid)] = (d_nr, d_ns)
-        yield
-        watermark = now - self.lag_ns
-        charged = {uuid: att.advance(watermark) for uuid, att in self.attrib.items()}
-        busy = {uuid: att.last_busy() for uuid, att in self.attrib.items()}
-        window: dict[tuple[str, str], int] = collections.defaultdict(int)
         if not self.simulated and self._ticks % CLOCK_EVERY_TICKS == 0:
             for uuid, dev in self.devices.items():
                 got = clocks(dev.index)
                 if got is not None:
-                    self._clock[uuid].sample(got[0], got[1], self._max_mhz[uuid])
-        # Only pairs that ran, were held back, or are charged late matter
-        # to the scheduler; it takes a pair left out as idle.
-        keys = set(throttles)
-        for uuid in self.devices:
-            keys.update((cid, uuid) for cid in charged[uuid])
-            keys.update((cid, uuid) for cid in busy[uuid])
-        demands: list[ClientDemand] = []
-        for cid, uuid in keys:
-            if cid not in self.clients:
-                continue  # left meanwhile
-            ns = charged[uuid].get(cid, 0)
-            d_nr, d_ns = throttles.get((cid, uuid), (0, 0))
-            demands.append(ClientDemand(cid, uuid, self._clock[uuid].charge(ns), d_nr > 0,
-                                        busy[uuid].get(cid, 0)))
-            if ns or d_ns or d_nr:
-                self.tree.add_core_usage(cid, uuid, ns, d_ns, d_nr)
-            if ns:
-                for node in self.tree.client_nodes(cid):
-                    window[(node.path, uuid)] += ns
-        self._window.append((now, dict(window)))
-        while self._window and self._window[0][0] <= now - TOP_WINDOW_NS:
-            self._window.popleft()
-        budgets = self.sched.tick(demands)
-        if self._tick_trace is not None:
-            self._trace_tick(now, demands, budgets)
+                    self.compute.clock[uuid].sample(got[0], got[1], self._max_mhz[uuid])
+        clients = list(self.clients.values())
+        yield from self.compute.tick_steps([c for c in clients if c.in_tree], now)
+        self.compute.trim_window(now, TOP_WINDOW_NS)
+        if self._tick_trace is not None and self.compute.window:
+            self._trace_tick(now, self.compute.window[-1][1])
         self._ticks += 1
         if self._ticks % OVERHEAD_EVERY_TICKS == 0:
             yield
@@ -1061,19 +1034,17 @@ class Daemon:
                 for c in list(self.clients.values()):
                     if uuid in c.dev_slot:
                         self._reconcile(c, uuid, now, per_pid)
-        # Publish what changed: budgets that differ from the last tick's
-        # (settled ones are the same objects), and memory views when
-        # slices, clients or knobs changed, or every VIEW_EVERY_TICKS ticks
-        # while bookings move (a client's own change is published when it
-        # is made, in _dispatch; neighbours' reach cuMemGetInfo within 50 ms).
-        prev, versions, mem_seen = self._published
+        # Publish memory views when slices, clients or knobs changed, or
+        # every VIEW_EVERY_TICKS ticks while bookings move (a client's own
+        # change is published when it is made, in _dispatch; neighbours'
+        # reach cuMemGetInfo within 50 ms).
+        versions, mem_seen = self._published
         now_versions = (self.tree.generation, self.tree.membership)
         views_due = now_versions != versions or (
             self.tree.mem_version != mem_seen and self._ticks % VIEW_EVERY_TICKS == 0)
-        if budgets is prev and not views_due:
+        if not views_due:
             return
-        self._published = (budgets, now_versions,
-                           self.tree.mem_version if views_due else mem_seen)
+        self._published = (now_versions, self.tree.mem_version)
         moved = now_versions != versions  # every page's seq says so, written or not
         # Clients in one slice see one memory view: walk each slice's path once.
         views: dict[tuple[str, str], tuple[int | None, int]] = {}
@@ -1085,14 +1056,10 @@ class Daemon:
                 continue
             wrote = moved
             for slot, uuid in c.slots.items():
-                b = budgets.get((c.id, uuid))
-                if b is not None and (prev is None or prev.get((c.id, uuid)) is not b):
-                    wrote |= c.shm.write_budget(slot, b.tokens_ns, b.unlimited, b.rate_ppm)
-                if views_due:
-                    vkey = (c.slice, uuid)
-                    view = views.get(vkey)
-                    if view is None:
-                        view = views[vkey] = self.tree.mem_view(c.id, uuid)
-                    wrote |= c.shm.write_mem_view(slot, *view)
+                vkey = (c.slice, uuid)
+                view = views.get(vkey)
+                if view is None:
+                    view = views[vkey] = self.tree.mem_view(c.id, uuid)
+                wrote |= c.shm.write_mem_view(slot, *view)
             if wrote:
                 c.shm.bump_seq()

@@ -50,6 +50,8 @@ class _Served(Protocol):
     @property
     def tick_ns(self) -> int: ...
     def guarded_tick(self) -> Iterator[None]: ...
+    def next_deadline(self) -> float | None: ...
+    def run_due(self) -> None: ...
 
 
 def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -90,7 +92,11 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
         period = daemon.tick_ns / 1e9
         next_tick = time.monotonic() + period
         while not done:
-            timeout = 0.0 if todo else max(0.0, next_tick - time.monotonic())
+            until = next_tick
+            due = daemon.next_deadline()
+            if due is not None and due < until:
+                until = due
+            timeout = 0.0 if todo else max(0.0, until - time.monotonic())
             if lane.closed:  # trio is finishing after the daemon closed the lane
                 woke = bool(select.select([wake], [], [], timeout)[0])
             else:
@@ -99,6 +105,8 @@ def run_hosted(daemon: _Served, async_fn: Callable[..., Awaitable[Any]], *args: 
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(wake)
             now = time.monotonic()
+            if due is not None and now >= due:
+                daemon.run_due()  # an ownership deadline: a hand-over, not the tick
             if now >= next_tick:
                 # The tick in chunks, with the lane served between them.
                 settle()

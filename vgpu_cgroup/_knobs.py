@@ -20,6 +20,7 @@ KnobValue = float | int | tuple[str, ...] | None
 CORES_MAX = "gpu.cores.max"
 CORES_MIN = "gpu.cores.min"
 CORES_WEIGHT = "gpu.cores.weight"
+CORES_IDLE = "gpu.cores.idle"
 MEMORY_MAX = "gpu.memory.max"
 MEMORY_HIGH = "gpu.memory.high"
 DEVICES = "gpu.devices"
@@ -115,6 +116,18 @@ def _parse_weight(name: str, value: object) -> KnobValue:
     if not WEIGHT_MIN <= f <= WEIGHT_MAX:
         raise KnobError(name, value, f"out of range: expected {accepts}")
     return int(f)
+
+
+def _parse_idle(name: str, value: object) -> KnobValue:
+    """0 or 1, as cgroup v2's ``cpu.idle`` (TOML booleans are accepted too)."""
+    accepts = "0 (normal) or 1 (best-effort: runs only when no non-idle sibling has work)"
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) or (isinstance(value, str) and value.strip() in ("0", "1")):
+        n = int(value)
+        if n in (0, 1):
+            return n
+    raise KnobError(name, value, f"expected {accepts}")
 
 
 def parse_bytes(name: str, value: object) -> int | None:
@@ -217,6 +230,7 @@ KNOBS: Mapping[str, KnobSpec] = {
             _parse_weight,
             _fmt_int,
         ),
+        KnobSpec(CORES_IDLE, "0 or 1", 0, _parse_idle, _fmt_int),
         KnobSpec(MEMORY_MAX, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
         KnobSpec(MEMORY_HIGH, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
         KnobSpec(DEVICES, "'all' or GPU indices/UUIDs", None, _parse_devices, _fmt_devices),

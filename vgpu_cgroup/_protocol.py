@@ -110,6 +110,21 @@ class Release:
     n: int
 
 
+@dataclass(slots=True)
+class Want:
+    """One-way: this process has work for the device in ``slot`` (it launched,
+    or one of its threads waits to); see docs/design.md, "Compute"."""
+
+    slot: int
+
+
+@dataclass(slots=True)
+class Idle:
+    """One-way: this process's work on ``slot`` has drained and it launches nothing."""
+
+    slot: int
+
+
 @dataclass(frozen=True, slots=True)
 class Ctl:
     id: int
@@ -119,7 +134,7 @@ class Ctl:
     knobs: dict[str, str] = field(default_factory=dict)
 
 
-Event = Hello | Attach | Reserve | Release | Ctl
+Event = Hello | Attach | Reserve | Release | Want | Idle | Ctl
 
 # ---- daemon -> client messages ----------------------------------------------
 
@@ -423,6 +438,10 @@ class Connection:
             if t == "release":
                 return Release(slot=_int(m, "slot", 0, MAX_DEVICES - 1),
                                n=_int(m, "n", 0, U63_MAX))
+            if t == "want":
+                return Want(slot=_int(m, "slot", 0, MAX_DEVICES - 1))
+            if t == "idle":
+                return Idle(slot=_int(m, "slot", 0, MAX_DEVICES - 1))
         rid = _maybe_id(m)
         if self.hello is None:
             if t != "hello":

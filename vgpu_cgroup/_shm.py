@@ -30,6 +30,10 @@ MAX_DEVICES: Final[int] = int(lib.VGPU_MAX_DEVICES)
 UNLIMITED: Final[int] = 2**64 - 1
 DEV_ACTIVE: Final[int] = int(lib.VGPU_DEV_ACTIVE)
 DEV_UNLIMITED: Final[int] = int(lib.VGPU_DEV_UNLIMITED)
+DEV_CONTENDED: Final[int] = int(lib.VGPU_DEV_CONTENDED)
+GRANT_STATE_MASK: Final[int] = int(lib.VGPU_GRANT_STATE_MASK)
+GRANT_GEN_SHIFT: Final[int] = int(lib.VGPU_GRANT_GEN_SHIFT)
+_U32 = 2**32 - 1
 
 # Not in Python's fcntl module yet (Linux 5.1+).
 F_SEAL_FUTURE_WRITE: Final[int] = 0x0010
@@ -47,6 +51,7 @@ class StatCounters:
     busy_ns: int
     allocs: int
     frees: int
+    cost_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +125,7 @@ class ClientShm:
         self._cdev = [self.ctl.dev[i] for i in range(MAX_DEVICES)]
         # What was last written per slot: the tick rewrites a slot only when
         # its values change, so an idle client costs the daemon little.
-        self._budget_last: list[tuple[int, bool, int] | None] = [None] * MAX_DEVICES
+        self._gate_last: list[tuple[int, bool, bool, int, int] | None] = [None] * MAX_DEVICES
         self._mem_last: list[tuple[int | None, int] | None] = [None] * MAX_DEVICES
 
     @property
@@ -139,21 +144,42 @@ class ClientShm:
         d = self.stat.dev[slot]
         self._last_head[slot] = int(d.ring_head)
         self._last_throttle[slot] = (int(d.nr_throttled), int(d.throttled_ns))
-        self._budget_last[slot] = self._mem_last[slot] = None
+        self._gate_last[slot] = self._mem_last[slot] = None
         self.ctl.dev[slot].flags = self.ctl.dev[slot].flags | DEV_ACTIVE
 
-    def write_budget(self, slot: int, tokens_ns: int, unlimited: bool, rate_ppm: int) -> bool:
-        """Publish a slot's budget; whether it differed from the last one."""
-        key = (tokens_ns, unlimited, rate_ppm)
-        if self._budget_last[slot] == key:
+    def write_gate(self, slot: int, state: int, *, unlimited: bool, contended: bool,
+                   inflight_ns: int, rate_ppm: int) -> bool:
+        """Publish a slot's launch gate; whether it differed from the last one.
+
+        A change of state or flags bumps the grant word's generation (written
+        last, with release order) and wakes the hook's threads waiting on it;
+        the bound and the rate are read when next needed."""
+        key = (state, unlimited, contended, inflight_ns, rate_ppm)
+        last = self._gate_last[slot]
+        if last == key:
             return False
-        self._budget_last[slot] = key
+        self._gate_last[slot] = key
         d = self._cdev[slot]
-        d.tokens_ns = max(_I64_MIN, min(_I64_MAX, tokens_ns))
+        d.inflight_ns = max(0, inflight_ns)
         d.rate_ppm = max(0, rate_ppm)
-        flags = DEV_ACTIVE | (DEV_UNLIMITED if unlimited else 0)
-        d.flags = flags
+        flags = (DEV_ACTIVE | (DEV_UNLIMITED if unlimited else 0)
+                 | (DEV_CONTENDED if contended else 0))
+        lib.vgpu_store_release_u32(ffi.addressof(d, "flags"), flags)
+        if last is not None and last[:3] == key[:3]:
+            return True
+        gen = ((int(d.grant) >> GRANT_GEN_SHIFT) + 1) & (_U32 >> GRANT_GEN_SHIFT)
+        word = ffi.addressof(d, "grant")
+        lib.vgpu_store_release_u32(word, (gen << GRANT_GEN_SHIFT) | (state & GRANT_STATE_MASK))
+        lib.vgpu_futex_wake(word)
         return True
+
+    def heartbeat(self, beat: int) -> None:
+        """Tell a waiting hook the daemon is alive (see ``vgpu_ctl_page``)."""
+        self.ctl.heartbeat = beat
+
+    def cost_ns(self, slot: int) -> int:
+        """The hook's measured GPU time per launch on ``slot`` (untrusted)."""
+        return int(self._sdev[slot].cost_ns)
 
     def write_mem_view(self, slot: int, limit: int | None, used: int) -> bool:
         """Publish a slot's cuMemGetInfo view; whether it changed."""
@@ -172,9 +198,10 @@ class ClientShm:
     def read_ctl(self, slot: int) -> dict[str, int]:
         """The daemon-side values of one ctl slot (for tests and status)."""
         d = self.ctl.dev[slot]
-        return {"tokens_ns": int(d.tokens_ns), "flags": int(d.flags),
+        return {"grant": int(d.grant), "flags": int(d.flags),
                 "mem_limit": int(d.mem_limit), "mem_used": int(d.mem_used),
-                "rate_ppm": int(d.rate_ppm), "seq": int(self.ctl.seq)}
+                "rate_ppm": int(d.rate_ppm), "inflight_ns": int(d.inflight_ns),
+                "seq": int(self.ctl.seq), "heartbeat": int(self.ctl.heartbeat)}
 
     # ---- client-written data ----
 
@@ -184,6 +211,7 @@ class ClientShm:
             launches=int(d.launches), graph_launches=int(d.graph_launches),
             throttled_ns=int(d.throttled_ns), nr_throttled=int(d.nr_throttled),
             busy_ns=int(d.busy_ns), allocs=int(d.allocs), frees=int(d.frees),
+            cost_ns=int(d.cost_ns),
         )
 
     def poll(self, slot: int) -> tuple[Drained, int, int] | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ._config import ConfigError, SliceSetting, canonical_cgroup_path, expand_slice_name
 from ._knobs import (
+    CORES_IDLE,
     CORES_MAX,
     CORES_MIN,
     CORES_WEIGHT,
@@ -104,6 +105,11 @@ class Node:
     @property
     def weight(self) -> int:
         return int(self.get(CORES_WEIGHT))  # type: ignore[arg-type]
+
+    @property
+    def cores_idle(self) -> bool:
+        """``gpu.cores.idle``: best-effort, like cgroup v2's ``cpu.idle``."""
+        return bool(self.get(CORES_IDLE))
 
     @property
     def mem_max(self) -> int | None:
@@ -310,6 +316,13 @@ class SliceTree:
         return Limits(cmax, cmin, node.weight, mmax, mhigh, devs)
 
     # ---------------------------------------------------------------- clients
+
+    def node_at(self, path: str) -> Node:
+        """The node at a canonical path, taken literally; KeyError if none."""
+        node = self._lookup(path)
+        if node is None:
+            raise KeyError(path)
+        return node
 
     def _client(self, client: int) -> ClientState:
         try:
@@ -581,6 +594,7 @@ class SliceTree:
             CORES_MAX: format_knob(CORES_MAX, lim.cores_max),
             CORES_MIN: format_knob(CORES_MIN, lim.cores_min),
             CORES_WEIGHT: format_knob(CORES_WEIGHT, lim.weight),
+            CORES_IDLE: format_knob(CORES_IDLE, int(node.cores_idle)),
             MEMORY_MAX: format_knob(MEMORY_MAX, lim.mem_max),
             MEMORY_HIGH: format_knob(MEMORY_HIGH, lim.mem_high),
             DEVICES: format_knob(DEVICES, lim.devices),

@@ -31,26 +31,46 @@
 
 /* ---- shared memory ---- */
 #define VGPU_SHM_MAGIC 0x55504756u   /* "VGPU" little-endian */
-#define VGPU_ABI_VERSION 1u
+#define VGPU_ABI_VERSION 2u
 #define VGPU_MAX_DEVICES 16u
 #define VGPU_RING_SLOTS 512u         /* busy intervals per device, power of 2 */
 #define VGPU_UNLIMITED UINT64_MAX    /* "max" in a uint64 field */
 
 /* vgpu_ctl_dev.flags */
 #define VGPU_DEV_ACTIVE 0x1u         /* slot assigned to a device */
-#define VGPU_DEV_UNLIMITED 0x2u      /* no gating: launches skip the budget */
+#define VGPU_DEV_UNLIMITED 0x2u      /* no gating: nothing on the device asks for shares */
+#define VGPU_DEV_CONTENDED 0x4u      /* other slices use the device: report idleness fast */
 
 /*
- * Per device, daemon-written. The hook's launch fast path reads tokens_ns
- * and flags with relaxed/acquire atomic loads and nothing else.
+ * vgpu_ctl_dev.grant: the launch gate of a gated slot, and its futex word.
+ * Bits 0-1 are the state, bits 2-31 a generation the daemon bumps with every
+ * change, so a thread that waits on the word it read never misses one.
+ *
+ *   WAIT  another slice owns the device: say so (`want`) and wait
+ *   RUN   this process's slice owns the device: launch
+ *   TAKE  the daemon would hand the device over the moment this slice asks:
+ *         launch at once, and say so (`want`)
+ *
+ * A slice owns a device for a window; the daemon charges it the windows it
+ * owned (docs/design.md, "Compute").
+ */
+#define VGPU_GRANT_WAIT 0u
+#define VGPU_GRANT_RUN 1u
+#define VGPU_GRANT_TAKE 2u
+#define VGPU_GRANT_STATE_MASK 3u
+#define VGPU_GRANT_GEN_SHIFT 2u
+
+/*
+ * Per device, daemon-written. The hook's launch fast path reads flags and
+ * grant with acquire loads, and inflight_ns through the accountant.
  */
 struct vgpu_ctl_dev {
-    int64_t tokens_ns;      /* GPU-time budget; launch allowed while > 0 */
+    uint32_t grant;         /* VGPU_GRANT_* | generation << 2; futex word */
     uint32_t flags;         /* VGPU_DEV_* */
-    uint32_t _pad0;
     uint64_t mem_limit;     /* effective gpu.memory.max over all ancestors */
     uint64_t mem_used;      /* the limiting slice's current usage */
-    uint64_t rate_ppm;      /* granted share of one GPU, parts per million */
+    uint64_t rate_ppm;      /* the slice's current share of one GPU, parts per million */
+    uint64_t inflight_ns;   /* GPU time an owner may keep queued; 0: no bound */
     uint64_t _pad1[3];
 };                          /* 64 bytes */
 
@@ -60,7 +80,10 @@ struct vgpu_ctl_page {
     uint64_t seq;           /* bumped by each control tick that publishes here */
     uint64_t tick_ns;       /* the daemon's control period */
     uint64_t daemon_epoch;  /* changes when the daemon restarts */
-    uint64_t _pad[4];
+    uint64_t heartbeat;     /* the daemon's tick count, written every tick while
+                               a slot of this client waits: a waiting hook that
+                               sees it stop knows the daemon is stalled */
+    uint64_t _pad[3];
     struct vgpu_ctl_dev dev[VGPU_MAX_DEVICES];
 };                          /* 64 + 16*64 = 1088 bytes */
 
@@ -78,14 +101,16 @@ struct vgpu_interval {
 struct vgpu_stat_dev {
     uint64_t launches;        /* kernel launches of every kind, graphs included */
     uint64_t graph_launches;  /* of which cuGraphLaunch */
-    uint64_t throttled_ns;    /* time launching threads spent waiting for budget */
+    uint64_t throttled_ns;    /* time launching threads spent waiting for the device */
     uint64_t nr_throttled;    /* launches that had to wait */
     uint64_t busy_ns;         /* sum of published interval lengths */
     uint64_t ring_head;
     uint64_t allocs;          /* successful allocations on this device */
     uint64_t frees;           /* frees on this device */
+    uint64_t cost_ns;         /* measured GPU time per launch (moving average) */
+    uint64_t _pad[7];
     struct vgpu_interval ring[VGPU_RING_SLOTS];
-};                            /* 64 + 512*16 = 8256 bytes */
+};                            /* 128 + 512*16 = 8320 bytes */
 
 struct vgpu_stat_page {
     uint32_t magic;
@@ -94,6 +119,6 @@ struct vgpu_stat_page {
     uint32_t _pad0;
     uint64_t _pad[6];
     struct vgpu_stat_dev dev[VGPU_MAX_DEVICES];
-};                            /* 64 + 16*8256 bytes */
+};                            /* 64 + 16*8320 bytes */
 
 #endif /* VGPU_ABI_H */
