@@ -205,8 +205,27 @@ int vgpu_client_attach(const char *uuid, uint64_t total, int *slot);
 /* reserve n bytes on device hidx (its current slot); waits up to 10 s for a
  * reconnect if down. */
 int vgpu_client_reserve(int hidx, uint64_t n);
-/* release (no reply); dropped while down (the next hello's held covers it). */
+/* Give back n bytes reserved on device hidx and never counted in its held
+ * (a reservation rolled back): no reply, and never waits behind a round trip
+ * or for a socket with no room (what cannot go now goes with the next frame,
+ * or the next hello's held covers it). */
 void vgpu_client_release(int hidx, uint64_t n);
+/* The same for n bytes counted in vgpu_hdevs[hidx].held (a free): held goes
+ * down with the release, atomically with respect to a reconnect's hello. */
+void vgpu_client_free(int hidx, uint64_t n);
+/* Send one complete, already framed message (4-byte big-endian length, then
+ * that many bytes of msgpack) that expects no reply. Callable from any
+ * thread, hook service threads included (not async-signal-safe). Never
+ * waits behind a pending round trip and takes bounded time (a few µs
+ * normally, at most tens of ms): it writes without blocking, all of the
+ * frame or nothing. false when there is no connection (or a reconnect has
+ * not re-attached the devices yet), when frame is not exactly one frame, or
+ * when the socket cannot take it now (counted in
+ * vgpu_client_oneway_dropped). A frame naming a slot may meet a reconnect
+ * that renumbered it: read the slot just before building the frame. */
+bool vgpu_client_send_oneway(const uint8_t *frame, size_t len);
+/* One-way frames (and attempts to flush releases) that found no room. */
+uint64_t vgpu_client_oneway_dropped(void);
 /* fork child: forget the connection and threads. */
 void vgpu_client_atfork_child(void);
 

@@ -137,10 +137,9 @@ static void forget(int kind, uint64_t key)
     uint64_t n;
     if (!table_take(kind, key, &hidx, &n))
         return;
-    atomic_fetch_sub(&vgpu_hdevs[hidx].held, n);
     int slot = atomic_load(&vgpu_hdevs[hidx].slot);
     VGPU_STAT_ADD(slot, frees, 1);
-    vgpu_client_release(hidx, n);
+    vgpu_client_free(hidx, n);
 }
 
 #define ENTER(name)                                                                        \

@@ -12,8 +12,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -421,3 +423,181 @@ def test_burst_is_fully_measured(sock: str, tmp_path: Path, unlimited: bool) -> 
         assert out["sim_busy_ns"] * 0.97 <= busy <= out["sim_busy_ns"] * 1.3, (busy, out)
     finally:
         p.close()
+
+
+# ---- the hook never stalls its program behind the daemon (issue 16) ----
+
+
+class _Lines:
+    """A child's stdout, one JSON line at a time, each with a deadline (a
+    hook that stalls must fail the test, not hang it)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.q.put(line)
+        self.q.put(None)
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        while True:
+            try:
+                line = self.q.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line from the program within {timeout} s") from None
+            assert line is not None, "the program exited"
+            if line.startswith("{"):
+                return dict(json.loads(line))
+
+    def say(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["reads-no-answers", "reads-nothing"])
+def test_frees_never_wait_behind_a_hung_round_trip(sock: str, tmp_path: Path, reads: bool) -> None:
+    # One thread's reservation waits on a daemon that does not answer (it
+    # would for 30 s); the program's frees meanwhile must return at once.
+    # reads-nothing is a SIGSTOPped daemon: its socket fills after a few
+    # hundred releases, and the rest must wait in the hook, not the program,
+    # and reach the daemon once it reads again, on the same connection.
+    exe = build_c("free_stall", tmp_path)
+    nsmall, small = 3000, 4096
+    p = Peer(sock)
+    proc = subprocess.Popen([str(exe), str(nsmall), str(small)], env=env(sock, tmp_path),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = _Lines(proc)
+        assert lines.next(30) == {"ready": 1, "alloc_err": 0}
+        c = p.wait_conn()
+        p.stall(reads=reads)
+        lines.say()
+        assert lines.next(10) == {"blocked": 1}
+        p.wait_for(lambda: len(msgs(p, "reserve")) == nsmall + 2)  # the late one arrived
+        lines.say()
+        freed = lines.next(20)  # before the fix: the first free waits 30 s
+        assert (freed["freed"], freed["free_err"]) == (nsmall + 1, 0)
+        # "at once": far below the 30 s a round trip may take, with room for
+        # a busy 2-core machine
+        assert freed["max_free_ns"] < 1_000_000_000, freed
+        p.resume()
+        lines.say()
+        done = lines.next(20)
+        assert done == {"done": 1, "late_rc": 0, "late_free": 0}
+        # Every byte came back on the one connection (deferred releases
+        # included), while the process still lives.
+        p.wait_for(lambda: c.used.get(0) == 0, timeout=5)
+        assert len(p.conns) == 1
+        rel = sum(m["n"] for m in msgs(p, "release"))
+        assert rel == sum(m["n"] for m in msgs(p, "reserve")) == 2 * MB + nsmall * small
+        if reads:
+            # the socket really filled: releases were coalesced, not one per free
+            assert len(msgs(p, "release")) < nsmall
+        lines.say()
+        assert proc.wait(timeout=10) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "lost the connection" not in err, err
+        assert "dropping" not in err, err
+    finally:
+        p.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_maximal_denied_frame_keeps_the_connection(bins: dict[str, Path], sock: str,
+                                                   tmp_path: Path) -> None:
+    # A `denied` naming a slice path so long that the frame is the largest
+    # the protocol allows (VGPU_MAX_FRAME bytes of body): the hook reads it,
+    # refuses the allocation, and keeps talking on the same connection.
+    from vgpu_cgroup._protocol import MAX_FRAME, Connection, Denied
+
+    p = Peer(sock, mem_limit=3 * MB)
+    try:
+        frame = Connection().send(Denied(id=2, slice="", limit=3 * MB, current=2 * MB))
+        pad = MAX_FRAME - (len(frame) - 4) - 2  # str8 -> str16 header: 2 more bytes
+        p.denied_slice = "x" * pad
+        body = Connection().send(Denied(id=2, slice=p.denied_slice, limit=3 * MB,
+                                        current=2 * MB))
+        assert len(body) - 4 == MAX_FRAME
+        out, err = run([str(bins["client_basic"]), "1", "1000", str(2 * MB), str(2 * MB),
+                        str(MB)], env(sock, tmp_path))
+        assert out["alloc_rc"] == [0, 2, 0], (out, err)  # granted, denied, granted
+        assert len(p.conns) == 1, err
+        assert "vgpu:" not in err, err
+    finally:
+        p.close()
+
+
+def test_send_oneway_never_waits_and_sends_whole_frames(sock: str, tmp_path: Path) -> None:
+    # vgpu_client_send_oneway, called from a program linked with the hook's
+    # own objects: it goes out while a round trip is pending on a daemon
+    # that does not answer; when the daemon reads nothing at all, it fails
+    # fast once the socket is full (counted) and every frame that did go
+    # reaches the daemon whole; it refuses anything but exactly one frame.
+    build()
+    exe = tmp_path / "oneway_unit"
+    objs = sorted(str(o) for o in (HOOK.parent / ".hook-obj").glob("*.o"))
+    assert len(objs) >= 9
+    subprocess.run(["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE",
+                    f"-I{ROOT / 'libhook'}", f"-I{ROOT / 'libhook' / 'include'}",
+                    str(ROOT / "tests" / "c" / "oneway_unit.c"), *objs, "-o", str(exe),
+                    "-ldl", "-lpthread"], check=True)
+    e = env(sock, tmp_path)
+    del e["LD_PRELOAD"]  # the hook is linked in
+    p = Peer(sock)
+    proc = subprocess.Popen([str(exe)], env=e, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = _Lines(proc)
+
+        def cmd(c: str) -> dict[str, Any]:
+            assert proc.stdin is not None
+            proc.stdin.write(c + "\n")
+            proc.stdin.flush()
+            return lines.next(20)
+
+        assert lines.next(20) == {"init_rc": 0}
+        c = p.wait_conn()
+        p.stall()
+        assert cmd("attach_bg") == {"started": 1}
+        p.wait_for(lambda: bool(msgs(p, "attach")))  # its round trip is pending
+        r = cmd("send 100")
+        assert (r["ok"], r["fail"]) == (100, 0), r
+        assert r["max_ns"] < 500_000_000, r
+        p.wait_for(lambda: len(msgs(p, "note")) == 100)
+        # A SIGSTOPped daemon: nothing is read; the socket takes a few
+        # hundred frames, then sends fail at once instead of waiting.
+        p.stall(reads=True)
+        cmd("send 1")  # read by the peer's loop before it stops reading
+        p.wait_for(lambda: len(msgs(p, "note")) == 101)
+        r = cmd("send 20000")
+        assert r["ok"] + r["fail"] == 20000, r
+        assert min(r["ok"], r["fail"]) > 0, r
+        assert r["max_ns"] < 500_000_000, r
+        assert cmd("dropped") == {"dropped": r["fail"]}
+        p.resume()
+        total = 101 + r["ok"]
+        p.wait_for(lambda: len(msgs(p, "note")) == total)
+        # whole frames, in order: the peer decoded every one
+        assert [m["i"] for m in msgs(p, "note")] == list(range(total))
+        assert not c.closed
+        assert cmd("bad") == {"shorter": 0, "longer": 0, "empty": 0, "null": 0}
+        p.close()  # the daemon goes away: nothing to send to
+        p.wait_for(lambda: c.closed)
+        assert wait_until(lambda: cmd("send 1")["fail"] == 1, timeout=5)
+        assert proc.stdin is not None
+        proc.stdin.write("quit\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        p.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
