@@ -206,6 +206,89 @@ def test_dlsym_and_get_proc_address_return_hooks(bins: dict[str, Path], peer: Pe
     assert out["gpa:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
 
 
+@pytest.mark.parametrize("how", ["dlvsym", "symbol-table", "sysv-next"])
+def test_real_dlsym_is_found_without_version_names(bins: dict[str, Path], peer: Peer, sock: str,
+                                                   tmp_path: Path, how: str) -> None:
+    # The exported dlsym must find the C library's dlsym on any glibc and
+    # architecture. symbol-table: a hook built to skip dlvsym and its
+    # version names, so the lookup through the link map's symbol tables
+    # (what an architecture or glibc with unknown version names gets) is
+    # the only way: every lookup must still work. sysv-next: the same hook
+    # with another dlsym interposer preloaded after it, linked with a SysV
+    # hash table only: that one is next, as for RTLD_NEXT.
+    hook = HOOK
+    elf_only = how != "dlvsym"
+    preload = []
+    if how == "sysv-next":
+        nxt = tmp_path / "dlsym_next.so"
+        subprocess.run(["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE",
+                        "-shared", "-fPIC", "-Wl,--hash-style=sysv",
+                        str(ROOT / "tests" / "c" / "dlsym_next.c"), "-o", str(nxt), "-ldl"],
+                       check=True)
+        dyn = subprocess.run(["readelf", "-d", str(nxt)], capture_output=True, text=True,
+                             check=True).stdout
+        assert "(HASH)" in dyn
+        assert "GNU_HASH" not in dyn
+        preload = [str(nxt)]
+    if elf_only:
+        out_dir = tmp_path / "elf-only"
+        subprocess.run(["make", "-s", "-C", str(ROOT / "libhook"), "hook", f"LIBOUT={out_dir}",
+                        "HOOK_EXTRA_CFLAGS=-DVGPU_DLSYM_ELF_ONLY"], check=True)
+        hook = out_dir / "libvgpu-hook.so"
+        nm = subprocess.run(["nm", "-D", str(hook)], capture_output=True, text=True, check=True)
+        assert "dlvsym" not in nm.stdout
+    e = env(sock, tmp_path, LD_PRELOAD=":".join([str(hook), *preload]), VGPU_DEBUG="getproc")
+    out, err = run([str(bins["hook_interpose"])], e)
+    assert out["dlsym:cuMemAlloc_v2"] == "libvgpu-hook.so:cuMemAlloc_v2"
+    assert out["dlsym:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
+    assert out["dlsym:cuGetProcAddress_v2"] == "libvgpu-hook.so:cuGetProcAddress_v2"
+    assert out["gpa:cuLaunchKernel"] == "libvgpu-hook.so:cuLaunchKernel"
+    found = [ln for ln in err.splitlines() if "real dlsym found by" in ln]
+    assert found, err
+    if how == "sysv-next":
+        assert all("the symbol table of" in ln and "dlsym_next.so" in ln for ln in found), found
+        assert "dlsym_next: called" in err
+    elif elf_only:
+        # glibc 2.34 and later: libc.so.6; before: libdl.so.2
+        assert all("the symbol table of" in ln for ln in found), found
+        assert all("libc.so" in ln or "libdl.so" in ln for ln in found), found
+    else:
+        assert all("dlvsym(dlsym, GLIBC_" in ln for ln in found), found
+    assert "cannot find the C library's dlsym" not in err
+
+
+@pytest.mark.parametrize("elf_only", [False, True], ids=["dlvsym", "symbol-table"])
+def test_rtld_next_answers_as_without_the_hook(sock: str, tmp_path: Path, elf_only: bool) -> None:
+    # dlsym(RTLD_NEXT) from the program and from a plugin it dlopened (whose
+    # libc comes before it in the link map) gets what it gets without the
+    # hook. It crashed in glibc when the hook passed a preloaded library's
+    # link map to dlsym as if it were a handle.
+    plugin = tmp_path / "rtld_next_plugin.so"
+    exe = tmp_path / "rtld_next"
+    cc = ["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
+    subprocess.run([*cc, "-shared", "-fPIC", str(ROOT / "tests" / "c" / "rtld_next_plugin.c"),
+                    "-o", str(plugin), "-ldl"], check=True)
+    subprocess.run([*cc, str(ROOT / "tests" / "c" / "rtld_next.c"), "-o", str(exe), "-ldl"],
+                   check=True)
+    hook = HOOK
+    if elf_only:
+        out_dir = tmp_path / "elf-only"
+        subprocess.run(["make", "-s", "-C", str(ROOT / "libhook"), "hook", f"LIBOUT={out_dir}",
+                        "HOOK_EXTRA_CFLAGS=-DVGPU_DLSYM_ELF_ONLY"], check=True)
+        hook = out_dir / "libvgpu-hook.so"
+    plain, _ = run([str(exe), str(plugin)], {k: v for k, v in os.environ.items()
+                                             if k != "LD_PRELOAD"})
+    hooked, err = run([str(exe), str(plugin)], env(sock, tmp_path, LD_PRELOAD=str(hook)))
+    assert plain["main:puts"] == "libc.so.6:puts"
+    assert plain["plugin:malloc"] == "libc.so.6:malloc"
+    # The one known difference: the public link map does not say which
+    # objects are in the global scope, so an object dlopened RTLD_LOCAL
+    # after the program is searched too (found, where glibc says NULL).
+    assert plain.pop("main:plugin_next") == "null:null"
+    assert hooked.pop("main:plugin_next") == "rtld_next_plugin.so:plugin_next"
+    assert hooked == plain, err
+
+
 @pytest.mark.parametrize("ptsz", [False, True])
 def test_ctypes_client_through_get_proc_address(bins: dict[str, Path], peer: Peer, sock: str,
                                                 tmp_path: Path, ptsz: bool) -> None:
