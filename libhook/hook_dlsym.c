@@ -345,6 +345,17 @@ VGPU_EXPORT void *dlsym(void *handle, const char *name)
     return r;
 }
 
+/* Is p one of our hooks already? (A driver whose table of entry points
+ * takes the addresses of its exported functions gets ours, by interposition:
+ * the simulated one does.) */
+static bool is_hook(const void *p)
+{
+    for (size_t i = 0; i < NENTRIES; i++)
+        if (table[i].hook == p)
+            return true;
+    return false;
+}
+
 /* Swap a driver pointer for our hook if it is one we intercept. */
 static void *swap_for_hook(void *p)
 {
@@ -390,7 +401,7 @@ static void fixup(const char *symbol, void **pfn, int cudaVersion, cuuint64_t fl
                 cudaVersion, (unsigned long long)flags, *pfn, s != *pfn ? " (hooked)" : "");
     if (s == *pfn && symbol && !strcmp(symbol, "cuGetProcAddress"))
         s = cudaVersion >= 12000 ? (void *)&cuGetProcAddress_v2 : (void *)&cuGetProcAddress;
-    if (s == *pfn && *pfn && symbol) {
+    if (s == *pfn && *pfn && symbol && !is_hook(*pfn)) {
         /* The driver handed out an entry point for a function we intercept
          * that is none of its exported symbols: calls through it would not
          * be counted. Say so once (it is a driver the hook does not know). */
@@ -408,10 +419,18 @@ static void fixup(const char *symbol, void **pfn, int cudaVersion, cuuint64_t fl
 
 VGPU_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags)
 {
-    int m = vgpu_ensure();
+    /* Not ENTER: in FAIL mode the pointers are still handed out (each hooked
+     * one refuses by itself; the others are the driver's, as from dlsym).
+     * Re-entered (the driver's cuGetProcAddress calls its _v2 through the
+     * exported name, as the simulated one does): the driver's answer as it
+     * is; the outer call swaps it. */
+    if (__builtin_expect(vgpu_in_hook != 0, 0))
+        return real_cuGetProcAddress ? real_cuGetProcAddress(symbol, pfn, cudaVersion, flags)
+                                     : VGPU_REFUSED_ERROR;
+    int m = vgpu_enter();
     if (m == VGPU_MODE_BROKEN || !real_cuGetProcAddress)
         return VGPU_REFUSED_ERROR;
-    CUresult r = real_cuGetProcAddress(symbol, pfn, cudaVersion, flags);
+    CUresult r = VGPU_DRIVER(real_cuGetProcAddress(symbol, pfn, cudaVersion, flags));
     if (r == CUDA_SUCCESS)
         fixup(symbol, pfn, cudaVersion, flags);
     return r;
@@ -420,10 +439,14 @@ VGPU_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int cudaVe
 VGPU_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags,
                                          CUdriverProcAddressQueryResult *symbolStatus)
 {
-    int m = vgpu_ensure();
+    if (__builtin_expect(vgpu_in_hook != 0, 0)) /* as cuGetProcAddress */
+        return real_cuGetProcAddress_v2
+                   ? real_cuGetProcAddress_v2(symbol, pfn, cudaVersion, flags, symbolStatus)
+                   : VGPU_REFUSED_ERROR;
+    int m = vgpu_enter();
     if (m == VGPU_MODE_BROKEN || !real_cuGetProcAddress_v2)
         return VGPU_REFUSED_ERROR;
-    CUresult r = real_cuGetProcAddress_v2(symbol, pfn, cudaVersion, flags, symbolStatus);
+    CUresult r = VGPU_DRIVER(real_cuGetProcAddress_v2(symbol, pfn, cudaVersion, flags, symbolStatus));
     if (r == CUDA_SUCCESS)
         fixup(symbol, pfn, cudaVersion, flags);
     return r;

@@ -172,9 +172,43 @@ enum {
 uint64_t vgpu_now_ns(void);         /* CLOCK_MONOTONIC */
 uint64_t vgpu_coarse_ns(void);      /* CLOCK_MONOTONIC_COARSE (vDSO) */
 
-/* Thread-local re-entry guard: set while the hook runs driver code that may
- * call back into exported driver names. */
-extern _Thread_local int vgpu_in_hook;
+/* The re-entry guard, per thread: non-zero while this thread runs the
+ * hook's own driver calls (VGPU_DRIVER), registration (which loads the
+ * driver and runs its constructors), or is one of the hook's service
+ * threads. A hooked entry point reached in that state (the driver calling
+ * back into an exported name: its cuMemAllocAsync through our
+ * cuMemAlloc_v2, say) passes straight to the driver: no registration, no
+ * accounting, no gate, so nothing is counted twice and nothing recurses.
+ * Initial-exec TLS: one instruction to read on the launch path. */
+extern _Thread_local int vgpu_in_hook __attribute__((tls_model("initial-exec")));
+
+/* The mode a hooked entry point acts in: PASSTHROUGH when re-entered. */
+static inline __attribute__((always_inline)) int vgpu_enter(void)
+{
+    if (__builtin_expect(vgpu_in_hook != 0, 0))
+        return VGPU_MODE_PASSTHROUGH;
+    return vgpu_ensure_fast();
+}
+
+/* The start of every hooked CUDA entry point `name`: declares mode_ (the
+ * mode to act in: REGISTERED enforces; anything else calls the driver and
+ * accounts nothing), and refuses the call in FAIL/BROKEN or when the driver
+ * lacks the function. */
+#define ENTER(name)                                                                        \
+    int mode_ = vgpu_enter();                                                              \
+    if (__builtin_expect(mode_ >= VGPU_MODE_FAIL, 0) || !real_##name)                      \
+        return VGPU_REFUSED_ERROR;                                                         \
+    (void)mode_
+
+/* Evaluate a driver call with the re-entry guard up (for a call that
+ * returns a value). */
+#define VGPU_DRIVER(call)                                                                  \
+    __extension__({                                                                        \
+        vgpu_in_hook++;                                                                    \
+        __typeof__(call) vgpu_r_ = (call);                                                 \
+        vgpu_in_hook--;                                                                    \
+        vgpu_r_;                                                                           \
+    })
 
 /* ---------------------------------------------------------------------- */
 /* hook_dlsym.c                                                             */

@@ -108,9 +108,22 @@ def test_registration_reserve_release_and_launch_counts(
     assert "vgpu:" not in err
 
 
+@pytest.mark.parametrize("driver", ["sim", "reentering"])
 def test_every_allocation_path_is_reserved_and_released(
-        bins: dict[str, Path], peer: Peer, sock: str, tmp_path: Path) -> None:
-    out, err = run([str(bins["hook_allocs"])], env(sock, tmp_path))
+        bins: dict[str, Path], peer: Peer, sock: str, tmp_path: Path, driver: str) -> None:
+    # reentering: a driver whose managed and stream-ordered allocations and
+    # frees call cuMemAlloc_v2/cuMemFree_v2 by name (tests/c/reenter_driver.c),
+    # which lands on the hook again: the re-entry guard passes the inner
+    # call through, so each allocation is reserved and released once.
+    extra: dict[str, str] = {}
+    if driver == "reentering":
+        shim = tmp_path / "reenter_driver.so"
+        subprocess.run(["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-shared",
+                        "-fPIC", f"-I{ROOT / 'libhook' / 'include'}",
+                        str(ROOT / "tests" / "c" / "reenter_driver.c"), "-o", str(shim),
+                        f"-L{SIMDIR}", "-l:libcuda.so.1"], check=True)
+        extra["VGPU_REAL_LIBCUDA"] = str(shim)
+    out, err = run([str(bins["hook_allocs"])], env(sock, tmp_path, **extra))
     assert out["init"] == 0, err
     assert all(rc == 0 for rc in out["rc"]), (out, err)
     c = peer.wait_conn()
@@ -193,7 +206,9 @@ def test_intervals_match_kernel_durations(bins: dict[str, Path], peer: Peer, soc
 def test_dlsym_and_get_proc_address_return_hooks(bins: dict[str, Path], peer: Peer, sock: str,
                                                  tmp_path: Path) -> None:
     e = env(sock, tmp_path)
-    out, _ = run([str(bins["hook_interpose"])], e)
+    out, err = run([str(bins["hook_interpose"])], e)
+    assert out["gpa1:cuMemAlloc"] == "libvgpu-hook.so:cuMemAlloc_v2"
+    assert "vgpu:" not in err  # no "entry point the hook does not know"
     assert out["dlsym:cuMemAlloc_v2"] == "libvgpu-hook.so:cuMemAlloc_v2"
     assert out["dlsym:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
     assert out["gpa:cuGetProcAddress"] == "libvgpu-hook.so:cuGetProcAddress_v2"
