@@ -288,6 +288,18 @@ static bool parse_reply(const uint8_t *buf, size_t len, struct reply *out)
     return out->t[0] != 0 && !r.err;
 }
 
+/* The code of an error reply, from vgpu_abi.h's one table. One the table
+ * does not have means the daemon and the hook disagree on the protocol: said
+ * once, and the request counts as refused. */
+static int error_code(const struct reply *rep)
+{
+    int c = vgpu_error_code_of(rep->code);
+    if (c < 0)
+        vgpu_warn_once(VGPU_W_CODE, "vgpu: vgpud sent error code '%s', which this hook does not know: %s",
+                       rep->code, rep->msg);
+    return c;
+}
+
 /* ---- connection state ---- */
 
 /* cmu held. */
@@ -480,6 +492,7 @@ static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
         if (rep->id == (int64_t)id)
             return true;
         if (!strcmp(rep->t, "error") && rep->id < 0) {
+            (void)error_code(rep);
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: vgpud error %s: %s", rep->code, rep->msg);
             mark_down_locked();
             return false;
@@ -807,7 +820,7 @@ static int attach_locked(const char *uuid, uint64_t total, int *slot)
         *slot = (int)rep.slot;
         return VGPU_R_OK;
     }
-    if (!strcmp(rep.t, "error") && !strcmp(rep.code, "oom")) {
+    if (!strcmp(rep.t, "error") && error_code(&rep) == VGPU_ERR_OOM) {
         /* No room in the slice for a context: out of memory, and worth
          * trying again once the slice has room (not a refused device). */
         vgpu_warn_once(VGPU_W_CTXMEM, "vgpu: no GPU memory for a context on %s: %s", uuid, rep.msg);
@@ -878,6 +891,8 @@ int vgpu_client_reserve(int hidx, uint64_t n)
         } else if (!strcmp(rep.t, "denied")) {
             res = VGPU_R_DENIED;
         } else {
+            if (!strcmp(rep.t, "error"))
+                (void)error_code(&rep);
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: reserve answered with %s %s: %s", rep.t, rep.code, rep.msg);
             res = VGPU_R_DENIED;
         }

@@ -699,3 +699,23 @@ def test_send_oneway_never_waits_and_sends_whole_frames(sock: str, tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(("code", "ctx_rc", "says"), [
+    ("oom", 2, "no GPU memory for a context"),  # CUDA_ERROR_OUT_OF_MEMORY
+    ("device", 101, "refused device"),  # CUDA_ERROR_INVALID_DEVICE
+    ("no-such-code", 101, "error code 'no-such-code', which this hook does not know"),
+])
+def test_attach_error_codes_from_the_one_table(bins: dict[str, Path], sock: str, tmp_path: Path,
+                                               code: str, ctx_rc: int, says: str) -> None:
+    # The hook reads an attach's error code against vgpu_abi.h's table (the
+    # one the daemon's Error is checked against): oom fails the context with
+    # out-of-memory, a refusal with invalid-device, and a code outside the
+    # table is said to be one (then taken as a refusal).
+    p = Peer(sock, attach_error=code)
+    try:
+        out, err = run([str(bins["client_basic"]), "0", "0", str(MB)], env(sock, tmp_path))
+        assert out["ctx_rc"] == ctx_rc, err
+        assert says in err, err
+    finally:
+        p.close()
