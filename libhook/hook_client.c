@@ -743,6 +743,7 @@ bool vgpu_client_register(void)
 static void *monitor_main(void *arg)
 {
     (void)arg;
+    vgpu_in_hook = 1; /* a service thread (it makes no driver calls anyway) */
     uint64_t backoff_ms = 50;
     for (;;) {
         int fd = atomic_load(&cfd_snapshot);
