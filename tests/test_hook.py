@@ -12,10 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "programs"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _e2e import HOOK, ROOT, SIMDIR, build, build_c
+from _e2e import HOOK, ROOT, SIMDIR, JsonLines, build, build_c
 from hookpeer import Peer, wait_until
 
 MB = 1 << 20
@@ -526,37 +524,6 @@ def test_burst_is_fully_measured(sock: str, tmp_path: Path, unlimited: bool) -> 
 # ---- the hook never stalls its program behind the daemon (issue 16) ----
 
 
-class _Lines:
-    """A child's stdout, one JSON line at a time, each with a deadline (a
-    hook that stalls must fail the test, not hang it)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.q: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.q.put(line)
-        self.q.put(None)
-
-    def next(self, timeout: float) -> dict[str, Any]:
-        while True:
-            try:
-                line = self.q.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no line from the program within {timeout} s") from None
-            assert line is not None, "the program exited"
-            if line.startswith("{"):
-                return dict(json.loads(line))
-
-    def say(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-
 @pytest.mark.parametrize("reads", [False, True], ids=["reads-no-answers", "reads-nothing"])
 def test_frees_never_wait_behind_a_hung_round_trip(sock: str, tmp_path: Path, reads: bool) -> None:
     # One thread's reservation waits on a daemon that does not answer (it
@@ -571,7 +538,7 @@ def test_frees_never_wait_behind_a_hung_round_trip(sock: str, tmp_path: Path, re
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        lines = _Lines(proc)
+        lines = JsonLines(proc)
         assert lines.next(30) == {"ready": 1, "alloc_err": 0}
         c = p.wait_conn()
         p.stall(reads=reads)
@@ -653,7 +620,7 @@ def test_send_oneway_never_waits_and_sends_whole_frames(sock: str, tmp_path: Pat
     proc = subprocess.Popen([str(exe)], env=e, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        lines = _Lines(proc)
+        lines = JsonLines(proc)
 
         def cmd(c: str) -> dict[str, Any]:
             assert proc.stdin is not None
