@@ -532,7 +532,10 @@ def test_frees_never_wait_behind_a_hung_round_trip(sock: str, tmp_path: Path, re
     # hundred releases, and the rest must wait in the hook, not the program,
     # and reach the daemon once it reads again, on the same connection.
     exe = build_c("free_stall", tmp_path)
-    nsmall, small = 3000, 4096
+    # Enough frees to fill the socket's send buffer whatever its size: a
+    # frame takes at least ~600 bytes of it (the kernel's skb overhead).
+    wmem = int(Path("/proc/sys/net/core/wmem_default").read_text())
+    nsmall, small = max(3000, wmem // 300), 4096
     p = Peer(sock)
     proc = subprocess.Popen([str(exe), str(nsmall), str(small)], env=env(sock, tmp_path),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
