@@ -14,8 +14,10 @@ HOOK_DEPS = hook_internal.h include/vgpu_abi.h include/vgpu_cuda.h include/vgpu_
 .PHONY: all clean
 all: $(OUT)/libvgpu-hook.so
 
+# HOOK_EXTRA_CFLAGS: test builds only (tests/test_hook.py builds a copy with
+# -DVGPU_DLSYM_ELF_ONLY into a LIBOUT of its own).
 $(HOOK_OBJDIR)/%.o: %.c $(HOOK_DEPS) | $(HOOK_OBJDIR)
-	$(CC) $(CFLAGS_COMMON) -pthread -c $< -o $@
+	$(CC) $(CFLAGS_COMMON) $(HOOK_EXTRA_CFLAGS) -pthread -c $< -o $@
 
 $(HOOK_OBJDIR):
 	mkdir -p $@

@@ -2,9 +2,20 @@
  * hook_client.c - the connection to vgpud: framing, handshake, requests, and
  * the monitor thread that notices a daemon restart and reconnects.
  *
- * One request is in flight per process (cmu): reservations are not a hot path
- * and a single in-order stream keeps reply matching trivial. The launch fast
- * path never comes here; it only reads the ctl page mapped at registration.
+ * One round trip is in flight per process (cmu): reservations are not a hot
+ * path and a single in-order stream keeps reply matching trivial. cmu is held
+ * while a reply is awaited, which is up to 30 s when the daemon hangs, so
+ * nothing that must not wait takes it: one-way messages (releases, and any
+ * frame given to vgpu_client_send_oneway) take only smu, which is held just
+ * around a non-blocking write of one whole frame. A frame the socket cannot
+ * take now is not waited for: a release is kept in `unsent` and sent with
+ * the next frame that goes out (or by the monitor within 100 ms), and a
+ * reconnect's hello declares what is still held, which covers it.
+ *
+ * Locks, always taken in this order: cmu (round trips, handshakes,
+ * reconnects), smu (writes and changes of cfd), hmu (held/unsent pairs).
+ * The launch fast path never comes here; it only reads the ctl page mapped
+ * at registration.
  */
 #include <errno.h>
 #include <poll.h>
@@ -27,16 +38,34 @@ _Atomic int vgpu_connected;
 _Atomic uint64_t vgpu_conn_gen;
 
 static pthread_mutex_t cmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t smu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t hmu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t up_cv;
-static int cfd = -1;              /* guarded by cmu */
+static int cfd = -1;              /* written under cmu and smu; read under either */
+static bool slots_ok;             /* smu: vgpu_hdevs' slots belong to cfd's connection */
 static uint32_t next_id = 1;      /* guarded by cmu */
 static _Atomic int monitor_started;
 static _Atomic int cfd_snapshot = -1;
 static uint64_t client_id;
 static char client_slice[256];
+/* Bytes freed (or rolled back) but not yet sent to the daemon on the current
+ * connection, per device (hmu). Reset at each (re)connection to what the
+ * daemon adopted from the hello minus what is held now. */
+static uint64_t unsent[VGPU_MAX_HDEV];
+static _Atomic int deferred;      /* some unsent is waiting for the socket */
+static _Atomic uint64_t oneway_dropped;
 
 #define RECONNECT_WAIT_NS (10ull * 1000000000ull)
 #define BUF_CAP 4096
+/* A one-way sender waits at most this long for smu (held only around
+ * non-blocking writes, so this is a bound, not a wait that happens). */
+#define ONEWAY_LOCK_NS 20000000ull
+/* A frame the kernel took in part is finished within this, or the stream is
+ * corrupt and the connection is shut down. */
+#define SEND_PARTIAL_NS 50000000ull
+/* A round trip whose request the socket cannot take polls for room this
+ * often (the daemon may be busy; the reply deadline bounds the whole). */
+#define SEND_ROOM_POLL_MS 10
 
 static void init_cv(void)
 {
@@ -135,20 +164,46 @@ static bool read_full(int fd, uint8_t *p, size_t n, uint64_t deadline, int *fds,
     return true;
 }
 
-static bool recv_frame(int fd, uint8_t *buf, size_t cap, size_t *len, uint64_t deadline, int *fds,
-                       int *nfds)
+/* One received frame: small ones (every reply but a `denied` naming a very
+ * long slice path) in place, larger ones up to VGPU_MAX_FRAME on the heap,
+ * sized from the header. */
+struct rx {
+    uint8_t *p;
+    size_t len;
+    uint8_t small[BUF_CAP];
+};
+
+static void rx_done(struct rx *rx)
+{
+    if (rx->p && rx->p != rx->small)
+        free(rx->p);
+    rx->p = NULL;
+}
+
+static bool recv_frame(int fd, struct rx *rx, uint64_t deadline, int *fds, int *nfds)
 {
     uint8_t hdr[4];
+    rx->p = NULL;
     if (!read_full(fd, hdr, 4, deadline, fds, nfds))
         return false;
     uint32_t n = (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
-    if (n == 0 || n > cap) {
-        vgpu_warn_once(VGPU_W_PROTO, "vgpu: daemon sent a frame of %u bytes; dropping connection", n);
+    if (n == 0 || n > VGPU_MAX_FRAME) {
+        vgpu_warn_once(VGPU_W_PROTO, "vgpu: daemon sent a frame of %u bytes (protocol limit %u); dropping connection",
+                       n, VGPU_MAX_FRAME);
+        errno = EPROTO;
         return false;
     }
-    if (!read_full(fd, buf, n, deadline, fds, nfds))
+    rx->p = n <= sizeof rx->small ? rx->small : malloc(n);
+    if (!rx->p) {
+        vgpu_warn_once(VGPU_W_PROTO, "vgpu: no host memory for a %u-byte frame from vgpud; dropping connection", n);
+        errno = ENOMEM;
         return false;
-    *len = n;
+    }
+    if (!read_full(fd, rx->p, n, deadline, fds, nfds)) {
+        rx_done(rx);
+        return false;
+    }
+    rx->len = n;
     return true;
 }
 
@@ -233,38 +288,203 @@ static bool parse_reply(const uint8_t *buf, size_t len, struct reply *out)
     return out->t[0] != 0 && !r.err;
 }
 
-/* ---- connection state (cmu held) ---- */
+/* The code of an error reply, from vgpu_abi.h's one table. One the table
+ * does not have means the daemon and the hook disagree on the protocol: said
+ * once, and the request counts as refused. */
+static int error_code(const struct reply *rep)
+{
+    int c = vgpu_error_code_of(rep->code);
+    if (c < 0)
+        vgpu_warn_once(VGPU_W_CODE, "vgpu: vgpud sent error code '%s', which this hook does not know: %s",
+                       rep->code, rep->msg);
+    return c;
+}
 
+/* ---- connection state ---- */
+
+/* cmu held. */
 static void mark_down_locked(void)
 {
+    pthread_mutex_lock(&smu);
     if (cfd >= 0) {
         close(cfd);
         cfd = -1;
     }
+    slots_ok = false;
     atomic_store(&cfd_snapshot, -1);
+    pthread_mutex_unlock(&smu);
     if (atomic_exchange(&vgpu_connected, 0))
         vgpu_warn_once(VGPU_W_LOST, "vgpu: lost the connection to vgpud at %s; reconnecting, running on the last budget",
                        vgpu_cfg.socket);
 }
 
-/* Send a request and wait for the reply with the same id. */
+/* smu within ONEWAY_LOCK_NS, for callers that must not wait. smu is only
+ * ever held around non-blocking writes (a partial one is finished within
+ * SEND_PARTIAL_NS), so failing here means something is badly wrong. */
+static bool smu_lock_bounded(void)
+{
+    if (pthread_mutex_trylock(&smu) == 0)
+        return true;
+    uint64_t deadline = vgpu_now_ns() + ONEWAY_LOCK_NS;
+    do {
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+        if (pthread_mutex_trylock(&smu) == 0)
+            return true;
+    } while (vgpu_now_ns() < deadline);
+    return false;
+}
+
+enum { SEND_OK = 0, SEND_DOWN, SEND_FULL, SEND_BROKEN };
+
+/* smu held. Write one whole frame without blocking: all of it or, when the
+ * socket has no room now, none of it (SEND_FULL). A frame the kernel took in
+ * part must be finished, or the daemon would read garbage: it gets
+ * SEND_PARTIAL_NS, then the connection is shut down (not closed: a round
+ * trip may be polling cfd; it and the monitor see the hangup and reconnect,
+ * and the hello re-declares what is held). */
+static int send_whole_locked(const uint8_t *p, size_t n)
+{
+    if (cfd < 0)
+        return SEND_DOWN;
+    size_t done = 0;
+    uint64_t deadline = 0;
+    while (done < n) {
+        ssize_t w = send(cfd, p + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            done += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (done == 0)
+                return SEND_FULL;
+            if (!deadline)
+                deadline = vgpu_now_ns() + SEND_PARTIAL_NS;
+            int ms = remaining_ms(deadline);
+            if (ms == 0)
+                break;
+            struct pollfd pfd = {.fd = cfd, .events = POLLOUT};
+            poll(&pfd, 1, ms);
+            continue;
+        }
+        break; /* EPIPE, ECONNRESET: the daemon is gone */
+    }
+    if (done == n)
+        return SEND_OK;
+    shutdown(cfd, SHUT_RDWR);
+    return SEND_BROKEN;
+}
+
+static size_t frame_header(uint8_t *out, size_t body)
+{
+    out[0] = (uint8_t)(body >> 24);
+    out[1] = (uint8_t)(body >> 16);
+    out[2] = (uint8_t)(body >> 8);
+    out[3] = (uint8_t)body;
+    return 4;
+}
+
+/* smu held: send what was released and not yet sent (oldest first is not
+ * needed: releases of one device add up). Stops at the first frame the
+ * socket cannot take and keeps the rest. */
+static int flush_releases_locked(void)
+{
+    if (cfd < 0 || !slots_ok) { /* (re)connecting: connect_locked flushes */
+        atomic_store(&deferred, 1);
+        return SEND_DOWN;
+    }
+    int nh = atomic_load(&vgpu_nr_hdev);
+    for (int i = 0; i < nh; i++) {
+        pthread_mutex_lock(&hmu);
+        uint64_t x = unsent[i];
+        unsent[i] = 0;
+        pthread_mutex_unlock(&hmu);
+        if (!x)
+            continue;
+        int slot = atomic_load(&vgpu_hdevs[i].slot);
+        if (slot < 0)
+            continue; /* refused on this connection: the daemon booked nothing there */
+        uint8_t out[64];
+        struct mp_w w = {.p = out + 4, .cap = sizeof out - 4};
+        mp_map(&w, 3);
+        mp_str(&w, "t");
+        mp_str(&w, "release");
+        mp_str(&w, "slot");
+        mp_uint(&w, (uint64_t)slot);
+        mp_str(&w, "n");
+        mp_uint(&w, x);
+        frame_header(out, w.len);
+        int r = send_whole_locked(out, 4 + w.len);
+        if (r != SEND_OK) {
+            /* After DOWN/BROKEN the next connection recomputes unsent. */
+            pthread_mutex_lock(&hmu);
+            unsent[i] += x;
+            pthread_mutex_unlock(&hmu);
+            atomic_store(&deferred, 1);
+            return r;
+        }
+    }
+    atomic_store(&deferred, 0);
+    return SEND_OK;
+}
+
+/* Send what is unsent now, without waiting for anything: a free calls this. */
+static void flush_releases_bounded(void)
+{
+    if (!smu_lock_bounded()) {
+        atomic_store(&deferred, 1);
+        atomic_fetch_add(&oneway_dropped, 1);
+        return;
+    }
+    int r = flush_releases_locked();
+    pthread_mutex_unlock(&smu);
+    if (r == SEND_FULL && atomic_load(&vgpu_connected)) {
+        atomic_fetch_add(&oneway_dropped, 1);
+        vgpu_warn_once(VGPU_W_RELEASE, "vgpu: vgpud is not reading its socket; frees are reported to it when it does");
+    }
+}
+
+/* Send a request and wait for the reply with the same id (cmu held). */
 static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
 {
     if (cfd < 0)
         return false;
-    if (!send_frame(cfd, w)) {
-        mark_down_locked();
+    if (w->overflow || w->len == 0 || w->len > BUF_CAP) {
+        vgpu_warn_once(VGPU_W_PROTO, "vgpu: request of %zu bytes too large", w->len);
         return false;
     }
-    uint8_t buf[BUF_CAP];
+    uint8_t frame[4 + BUF_CAP];
+    frame_header(frame, w->len);
+    memcpy(frame + 4, w->p, w->len);
+    /* A live daemon answers in well under a second; 30 s means hung. */
+    uint64_t deadline = vgpu_now_ns() + 30000000000ull;
     for (;;) {
-        size_t len;
-        /* A live daemon answers in well under a second; 30 s means hung. */
-        if (!recv_frame(cfd, buf, sizeof buf, &len, vgpu_now_ns() + 30000000000ull, NULL, NULL)) {
+        pthread_mutex_lock(&smu);
+        /* Releases first, so that admission sees the memory already freed. */
+        flush_releases_locked();
+        int r = send_whole_locked(frame, 4 + w->len);
+        pthread_mutex_unlock(&smu);
+        if (r == SEND_OK)
+            break;
+        if (r != SEND_FULL || remaining_ms(deadline) == 0) {
             mark_down_locked();
             return false;
         }
-        if (!parse_reply(buf, len, rep)) {
+        /* cfd cannot change under us: closing it takes cmu. */
+        struct pollfd pfd = {.fd = cfd, .events = POLLOUT};
+        poll(&pfd, 1, SEND_ROOM_POLL_MS);
+    }
+    for (;;) {
+        struct rx rx;
+        if (!recv_frame(cfd, &rx, deadline, NULL, NULL)) {
+            mark_down_locked();
+            return false;
+        }
+        bool ok = parse_reply(rx.p, rx.len, rep);
+        rx_done(&rx);
+        if (!ok) {
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: undecodable reply from vgpud; dropping connection");
             mark_down_locked();
             return false;
@@ -272,6 +492,7 @@ static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
         if (rep->id == (int64_t)id)
             return true;
         if (!strcmp(rep->t, "error") && rep->id < 0) {
+            (void)error_code(rep);
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: vgpud error %s: %s", rep->code, rep->msg);
             mark_down_locked();
             return false;
@@ -335,9 +556,12 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
             comm[strcspn(comm, "\n")] = 0;
         fclose(f);
     }
+    /* What the process holds now, per device: the daemon books exactly this
+     * for the new connection (nothing before a daemon restart). */
+    uint64_t decl[VGPU_MAX_HDEV] = {0};
     int nheld = 0, nh = atomic_load(&vgpu_nr_hdev);
     for (int i = 0; i < nh; i++)
-        if (atomic_load(&vgpu_hdevs[i].held))
+        if ((decl[i] = atomic_load(&vgpu_hdevs[i].held)) != 0)
             nheld++;
     mp_map(&w, nheld ? 6 : 5);
     mp_str(&w, "t");
@@ -354,14 +578,13 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
         mp_str(&w, "held");
         mp_array(&w, (uint32_t)nheld);
         for (int i = 0; i < nh; i++) {
-            uint64_t h = atomic_load(&vgpu_hdevs[i].held);
-            if (!h)
+            if (!decl[i])
                 continue;
             mp_map(&w, 2);
             mp_str(&w, "dev");
             mp_str(&w, vgpu_hdevs[i].uuid);
             mp_str(&w, "n");
-            mp_uint(&w, h);
+            mp_uint(&w, decl[i]);
         }
     }
     if (!send_frame(fd, &w)) {
@@ -370,17 +593,18 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
         *transient = true;
         return false;
     }
-    uint8_t buf[BUF_CAP];
-    size_t len;
+    struct rx rx;
     int fds[2], nfds = 0;
     struct reply rep;
-    bool ok = recv_frame(fd, buf, sizeof buf, &len, deadline, fds, &nfds);
+    bool ok = recv_frame(fd, &rx, deadline, fds, &nfds);
+    bool parsed = ok && parse_reply(rx.p, rx.len, &rep);
+    rx_done(&rx);
     if (!ok) {
         snprintf(why, whylen, "no welcome from the daemon (%s)",
                  errno == ETIMEDOUT ? "none before the connect timeout"
                  : errno == ECONNRESET ? "it closed the connection" : strerror(errno));
         *transient = true;
-    } else if (!parse_reply(buf, len, &rep)) {
+    } else if (!parsed) {
         snprintf(why, whylen, "undecodable welcome");
         ok = false;
     } else if (strcmp(rep.t, "welcome")) {
@@ -424,12 +648,24 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
     /* Old mappings stay mapped: a launching thread may still hold a pointer. */
     atomic_store_explicit(&vgpu_stat, st, memory_order_release);
     atomic_store_explicit(&vgpu_ctl, ctl, memory_order_release);
+    pthread_mutex_lock(&smu);
     cfd = fd;
-    atomic_store(&cfd_snapshot, fd);
-    /* A new daemon knows nothing of our work: the next launch says `want`. */
-    for (int i = 0; i < atomic_load(&vgpu_nr_hdev) && i < VGPU_MAX_HDEV; i++) {
-        atomic_store(&vgpu_hdevs[i].busy, 0);
+    slots_ok = false; /* until reattach_locked */
+    /* The daemon adopted decl; whatever was freed since the snapshot is
+     * still to be released on this connection, and nothing freed before it
+     * (the old connection's unsent is covered by decl). A free moves held
+     * and unsent together under hmu, so none is lost or sent twice. */
+    pthread_mutex_lock(&hmu);
+    for (int i = 0; i < VGPU_MAX_HDEV; i++) {
+        uint64_t now = i < nh ? atomic_load(&vgpu_hdevs[i].held) : 0;
+        unsent[i] = decl[i] > now ? decl[i] - now : 0;
     }
+    pthread_mutex_unlock(&hmu);
+    atomic_store(&cfd_snapshot, fd);
+    pthread_mutex_unlock(&smu);
+    /* A new daemon knows nothing of our work: the next launch says `want`. */
+    for (int i = 0; i < atomic_load(&vgpu_nr_hdev) && i < VGPU_MAX_HDEV; i++)
+        atomic_store(&vgpu_hdevs[i].busy, 0);
     atomic_store(&vgpu_connected, 1);
     atomic_fetch_add(&vgpu_conn_gen, 1);
     return true;
@@ -452,7 +688,25 @@ static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
 }
 
 static void *monitor_main(void *arg);
-static void reattach_locked(void);
+static bool reattach_locked(void);
+
+/* Handshake, then attach every known device again (slots are per
+ * connection); only then may frames that name a slot go out. cmu held. */
+static bool connect_locked(uint64_t deadline, char *why, size_t whylen)
+{
+    if (!handshake_locked(deadline, why, whylen))
+        return false;
+    if (!reattach_locked()) {
+        snprintf(why, whylen, "the connection dropped while re-attaching devices");
+        return false;
+    }
+    pthread_mutex_lock(&smu);
+    if (cfd >= 0)
+        slots_ok = true;
+    flush_releases_locked();
+    pthread_mutex_unlock(&smu);
+    return true;
+}
 
 static void start_monitor(void)
 {
@@ -469,7 +723,7 @@ bool vgpu_client_register(void)
     char why[256] = "";
     uint64_t deadline = vgpu_now_ns() + (uint64_t)vgpu_cfg.connect_timeout_ms * 1000000ull;
     pthread_mutex_lock(&cmu);
-    bool ok = handshake_locked(deadline, why, sizeof why);
+    bool ok = connect_locked(deadline, why, sizeof why);
     pthread_mutex_unlock(&cmu);
     if (ok) {
         start_monitor();
@@ -492,6 +746,7 @@ bool vgpu_client_register(void)
 static void *monitor_main(void *arg)
 {
     (void)arg;
+    vgpu_in_hook = 1; /* a service thread (it makes no driver calls anyway) */
     uint64_t backoff_ms = 50;
     for (;;) {
         int fd = atomic_load(&cfd_snapshot);
@@ -499,6 +754,9 @@ static void *monitor_main(void *arg)
             backoff_ms = 50;
             struct pollfd p = {.fd = fd, .events = POLLRDHUP};
             int r = poll(&p, 1, 100);
+            /* Frees the socket could not take when they happened. */
+            if (atomic_load(&deferred))
+                flush_releases_bounded();
             if (r > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) {
                 pthread_mutex_lock(&cmu);
                 if (cfd == fd)
@@ -512,10 +770,8 @@ static void *monitor_main(void *arg)
         char why[256];
         pthread_mutex_lock(&cmu);
         bool ok = cfd >= 0;
-        if (!ok && handshake_locked(vgpu_now_ns() + 1000000000ull, why, sizeof why)) {
-            reattach_locked();
+        if (!ok && connect_locked(vgpu_now_ns() + 1000000000ull, why, sizeof why))
             ok = cfd >= 0;
-        }
         if (ok)
             pthread_cond_broadcast(&up_cv);
         pthread_mutex_unlock(&cmu);
@@ -568,7 +824,7 @@ static int attach_locked(const char *uuid, uint64_t total, int *slot)
         *slot = (int)rep.slot;
         return VGPU_R_OK;
     }
-    if (!strcmp(rep.t, "error") && !strcmp(rep.code, "oom")) {
+    if (!strcmp(rep.t, "error") && error_code(&rep) == VGPU_ERR_OOM) {
         /* No room in the slice for a context: out of memory, and worth
          * trying again once the slice has room (not a refused device). */
         vgpu_warn_once(VGPU_W_CTXMEM, "vgpu: no GPU memory for a context on %s: %s", uuid, rep.msg);
@@ -588,7 +844,7 @@ int vgpu_client_attach(const char *uuid, uint64_t total, int *slot)
 
 /* After a reconnect: slots are per connection, so attach every device we
  * knew again before any request uses a slot number (cmu held). */
-static void reattach_locked(void)
+static bool reattach_locked(void)
 {
     int nh = atomic_load(&vgpu_nr_hdev);
     for (int i = 0; i < nh; i++) {
@@ -597,13 +853,13 @@ static void reattach_locked(void)
             continue;
         int slot = -1;
         int r = attach_locked(d->uuid, d->total, &slot);
-        if (r == VGPU_R_OK)
-            atomic_store(&d->slot, slot);
-        else if (r == VGPU_R_REFUSED)
-            atomic_store(&d->slot, -1);
-        else
-            return;
+        if (r == VGPU_R_DOWN)
+            return false;
+        /* Refused, or no room for a context: the old slot number means
+         * nothing on this connection; vgpu_hdev_attach asks again. */
+        atomic_store(&d->slot, r == VGPU_R_OK ? slot : -1);
     }
+    return true;
 }
 
 int vgpu_client_reserve(int hidx, uint64_t n)
@@ -639,6 +895,8 @@ int vgpu_client_reserve(int hidx, uint64_t n)
         } else if (!strcmp(rep.t, "denied")) {
             res = VGPU_R_DENIED;
         } else {
+            if (!strcmp(rep.t, "error"))
+                (void)error_code(&rep);
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: reserve answered with %s %s: %s", rep.t, rep.code, rep.msg);
             res = VGPU_R_DENIED;
         }
@@ -648,36 +906,71 @@ int vgpu_client_reserve(int hidx, uint64_t n)
     return res;
 }
 
+/* Give n bytes back to the daemon on device hidx: queue them in unsent and
+ * send what can go now. Never waits for a round trip, a reply or a socket
+ * with no room. */
+static void release(int hidx, uint64_t n, bool was_held)
+{
+    if (n == 0 || hidx < 0 || hidx >= VGPU_MAX_HDEV)
+        return;
+    pthread_mutex_lock(&hmu);
+    if (was_held)
+        atomic_fetch_sub(&vgpu_hdevs[hidx].held, n);
+    unsent[hidx] += n;
+    pthread_mutex_unlock(&hmu);
+    if (atomic_load(&cfd_snapshot) >= 0)
+        flush_releases_bounded();
+    /* While down: the reconnect's hello declares what is still held. */
+}
+
 void vgpu_client_release(int hidx, uint64_t n)
 {
-    if (n == 0)
-        return;
-    pthread_mutex_lock(&cmu);
-    int slot = atomic_load(&vgpu_hdevs[hidx].slot);
-    if (cfd >= 0 && slot >= 0) {
-        uint8_t out[128];
-        struct mp_w w = {.p = out, .cap = sizeof out};
-        mp_map(&w, 3);
-        mp_str(&w, "t");
-        mp_str(&w, "release");
-        mp_str(&w, "slot");
-        mp_uint(&w, (uint64_t)slot);
-        mp_str(&w, "n");
-        mp_uint(&w, n);
-        if (!send_frame(cfd, &w))
-            mark_down_locked();
+    release(hidx, n, false);
+}
+
+void vgpu_client_free(int hidx, uint64_t n)
+{
+    release(hidx, n, true);
+}
+
+bool vgpu_client_send_oneway(const uint8_t *frame, size_t len)
+{
+    if (!frame || len <= 4 || len > 4 + (size_t)VGPU_MAX_FRAME)
+        return false;
+    size_t body = (size_t)frame[0] << 24 | (size_t)frame[1] << 16 | (size_t)frame[2] << 8 | frame[3];
+    if (body != len - 4)
+        return false; /* not one complete frame: sending it would corrupt the stream */
+    if (atomic_load(&cfd_snapshot) < 0)
+        return false;
+    if (!smu_lock_bounded()) {
+        atomic_fetch_add(&oneway_dropped, 1);
+        return false;
     }
-    /* While down: the hello on reconnect declares what is still held. */
-    pthread_mutex_unlock(&cmu);
+    int r = slots_ok ? send_whole_locked(frame, len) : SEND_DOWN;
+    pthread_mutex_unlock(&smu);
+    if (r != SEND_OK && r != SEND_DOWN)
+        atomic_fetch_add(&oneway_dropped, 1);
+    return r == SEND_OK;
+}
+
+uint64_t vgpu_client_oneway_dropped(void)
+{
+    return atomic_load(&oneway_dropped);
 }
 
 void vgpu_client_atfork_child(void)
 {
     pthread_mutex_init(&cmu, NULL);
+    pthread_mutex_init(&smu, NULL);
+    pthread_mutex_init(&hmu, NULL);
     init_cv();
     if (cfd >= 0)
         close(cfd);
     cfd = -1;
+    slots_ok = false;
+    memset(unsent, 0, sizeof unsent);
+    atomic_store(&deferred, 0);
+    atomic_store(&oneway_dropped, 0);
     atomic_store(&cfd_snapshot, -1);
     atomic_store(&vgpu_connected, 0);
     atomic_store(&monitor_started, 0);
@@ -686,23 +979,8 @@ void vgpu_client_atfork_child(void)
     atomic_store(&vgpu_stat, NULL);
 }
 
-/* One complete frame, never behind a pending round trip: if a round trip
- * holds the connection, the frame is not sent (the caller resends). */
-bool vgpu_client_send_oneway(const uint8_t *frame, size_t len)
-{
-    if (pthread_mutex_trylock(&cmu) != 0)
-        return false;
-    bool ok = false;
-    if (cfd >= 0) {
-        ssize_t w = send(cfd, frame, len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        ok = w == (ssize_t)len;
-        if (w > 0 && !ok)
-            mark_down_locked(); /* a partial frame: the stream is broken */
-    }
-    pthread_mutex_unlock(&cmu);
-    return ok;
-}
-
+/* `want` or `idle` for a device slot: read the slot right before framing
+ * (a reconnect renumbers slots; see vgpu_client_send_oneway). */
 bool vgpu_client_notify(int slot, bool want)
 {
     uint8_t out[32];

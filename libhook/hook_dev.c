@@ -18,11 +18,6 @@ struct vgpu_ctxinfo vgpu_ctxs[VGPU_MAX_CTX];
 static _Atomic int cudev_map[MAX_CUDEV]; /* hidx + 1; 0 unknown */
 static pthread_mutex_t devmu = PTHREAD_MUTEX_INITIALIZER;
 
-#define ENTER(name)                                                                        \
-    int mode_ = vgpu_ensure();                                                             \
-    if (mode_ >= VGPU_MODE_FAIL || !real_##name)                                           \
-        return VGPU_REFUSED_ERROR;
-
 static void format_uuid(char *out, size_t cap, const CUuuid *u)
 {
     const unsigned char *b = (const unsigned char *)u->bytes;
@@ -71,13 +66,13 @@ int vgpu_hdev_of_cudev(CUdevice dev)
     CUuuid u;
     CUresult r = CUDA_ERROR_NOT_FOUND;
     if (real_cuDeviceGetUuid_v2)
-        r = real_cuDeviceGetUuid_v2(&u, dev);
+        r = VGPU_DRIVER(real_cuDeviceGetUuid_v2(&u, dev));
     if (r != CUDA_SUCCESS && real_cuDeviceGetUuid)
-        r = real_cuDeviceGetUuid(&u, dev);
+        r = VGPU_DRIVER(real_cuDeviceGetUuid(&u, dev));
     if (r != CUDA_SUCCESS)
         return -1;
     size_t total = 0;
-    if (!real_cuDeviceTotalMem_v2 || real_cuDeviceTotalMem_v2(&total, dev) != CUDA_SUCCESS)
+    if (!real_cuDeviceTotalMem_v2 || VGPU_DRIVER(real_cuDeviceTotalMem_v2(&total, dev)) != CUDA_SUCCESS)
         return -1;
     char uuid[48];
     format_uuid(uuid, sizeof uuid, &u);
@@ -132,7 +127,7 @@ struct vgpu_ctxinfo *vgpu_ctxinfo_get(CUcontext ctx, bool create)
     /* Unknown context: it must be the current one (made before we were
      * loaded, or through an entry point we do not hook). */
     CUdevice dev;
-    if (!real_cuCtxGetDevice || real_cuCtxGetDevice(&dev) != CUDA_SUCCESS)
+    if (!real_cuCtxGetDevice || VGPU_DRIVER(real_cuCtxGetDevice(&dev)) != CUDA_SUCCESS)
         return NULL;
     int hidx = vgpu_hdev_of_cudev(dev);
     if (hidx < 0)
@@ -162,13 +157,13 @@ struct vgpu_ctxinfo *vgpu_ctxinfo_get(CUcontext ctx, bool create)
 int vgpu_current_hdev(void)
 {
     CUcontext ctx = NULL;
-    if (real_cuCtxGetCurrent && real_cuCtxGetCurrent(&ctx) == CUDA_SUCCESS && ctx) {
+    if (real_cuCtxGetCurrent && VGPU_DRIVER(real_cuCtxGetCurrent(&ctx)) == CUDA_SUCCESS && ctx) {
         struct vgpu_ctxinfo *ci = vgpu_ctxinfo_get(ctx, true);
         if (ci)
             return ci->hidx;
     }
     CUdevice dev;
-    if (real_cuCtxGetDevice && real_cuCtxGetDevice(&dev) == CUDA_SUCCESS)
+    if (real_cuCtxGetDevice && VGPU_DRIVER(real_cuCtxGetDevice(&dev)) == CUDA_SUCCESS)
         return vgpu_hdev_of_cudev(dev);
     return -1;
 }
@@ -212,15 +207,15 @@ void vgpu_dev_atfork_child(void)
 VGPU_EXPORT CUresult cuInit(unsigned int Flags)
 {
     ENTER(cuInit);
-    return real_cuInit(Flags);
+    return VGPU_DRIVER(real_cuInit(Flags));
 }
 
 /* Attach before the context exists: a device the slice may not use must
  * fail here, with nothing allocated. */
-static CUresult admit_device(CUdevice dev, int *hidx)
+static CUresult admit_device(int mode, CUdevice dev, int *hidx)
 {
     *hidx = -1;
-    if (atomic_load(&vgpu_mode) != VGPU_MODE_REGISTERED)
+    if (mode != VGPU_MODE_REGISTERED)
         return CUDA_SUCCESS;
     *hidx = vgpu_hdev_of_cudev(dev);
     if (*hidx < 0)
@@ -262,10 +257,10 @@ VGPU_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
 {
     ENTER(cuDevicePrimaryCtxRetain);
     int hidx;
-    CUresult a = admit_device(dev, &hidx);
+    CUresult a = admit_device(mode_, dev, &hidx);
     if (a != CUDA_SUCCESS)
         return a;
-    CUresult r = real_cuDevicePrimaryCtxRetain(pctx, dev);
+    CUresult r = VGPU_DRIVER(real_cuDevicePrimaryCtxRetain(pctx, dev));
     if (r == CUDA_SUCCESS && pctx)
         note_ctx(*pctx, hidx);
     return r;
@@ -275,10 +270,10 @@ VGPU_EXPORT CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevic
 {
     ENTER(cuCtxCreate_v2);
     int hidx;
-    CUresult a = admit_device(dev, &hidx);
+    CUresult a = admit_device(mode_, dev, &hidx);
     if (a != CUDA_SUCCESS)
         return a;
-    CUresult r = real_cuCtxCreate_v2(pctx, flags, dev);
+    CUresult r = VGPU_DRIVER(real_cuCtxCreate_v2(pctx, flags, dev));
     vgpu_launch_ctx_changed(); /* the new context is current now */
     if (r == CUDA_SUCCESS && pctx)
         note_ctx(*pctx, hidx);
@@ -289,10 +284,10 @@ VGPU_EXPORT CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *params, 
 {
     ENTER(cuCtxCreate_v4);
     int hidx;
-    CUresult a = admit_device(dev, &hidx);
+    CUresult a = admit_device(mode_, dev, &hidx);
     if (a != CUDA_SUCCESS)
         return a;
-    CUresult r = real_cuCtxCreate_v4(pctx, params, flags, dev);
+    CUresult r = VGPU_DRIVER(real_cuCtxCreate_v4(pctx, params, flags, dev));
     vgpu_launch_ctx_changed(); /* the new context is current now */
     if (r == CUDA_SUCCESS && pctx)
         note_ctx(*pctx, hidx);
@@ -304,19 +299,22 @@ VGPU_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx)
     ENTER(cuCtxDestroy_v2);
     struct vgpu_ctxinfo *ci = vgpu_ctxinfo_get(ctx, false);
     if (ci) {
-        /* Our events and stream die with the context: stop using them first. */
+        /* Our events and stream die with the context: stop using them first
+         * (the accountant's driver calls, made from this thread). */
+        vgpu_in_hook++;
         vgpu_account_forget_ctx(ctx);
         vgpu_capture_forget_ctx(ctx);
+        vgpu_in_hook--;
         atomic_store(&ci->ctx, NULL);
     }
     vgpu_launch_ctx_changed();
-    return real_cuCtxDestroy_v2(ctx);
+    return VGPU_DRIVER(real_cuCtxDestroy_v2(ctx));
 }
 
 VGPU_EXPORT CUresult cuMemGetInfo_v2(size_t *free_b, size_t *total_b)
 {
     ENTER(cuMemGetInfo_v2);
-    CUresult r = real_cuMemGetInfo_v2(free_b, total_b);
+    CUresult r = VGPU_DRIVER(real_cuMemGetInfo_v2(free_b, total_b));
     if (r != CUDA_SUCCESS || mode_ != VGPU_MODE_REGISTERED || !free_b || !total_b)
         return r;
     int hidx = vgpu_current_hdev();
@@ -332,7 +330,7 @@ VGPU_EXPORT CUresult cuMemGetInfo_v2(size_t *free_b, size_t *total_b)
 VGPU_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
 {
     ENTER(cuDeviceTotalMem_v2);
-    CUresult r = real_cuDeviceTotalMem_v2(bytes, dev);
+    CUresult r = VGPU_DRIVER(real_cuDeviceTotalMem_v2(bytes, dev));
     if (r != CUDA_SUCCESS || mode_ != VGPU_MODE_REGISTERED || !bytes)
         return r;
     int hidx = vgpu_hdev_of_cudev(dev);

@@ -31,12 +31,11 @@ VGPU_USED_NVML(VGPU_DEF_REAL)
 
 struct vgpu_config vgpu_cfg;
 _Atomic int vgpu_mode;
-_Thread_local int vgpu_in_hook;
+_Thread_local int vgpu_in_hook __attribute__((tls_model("initial-exec")));
 
 static pthread_once_t resolve_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t init_mu = PTHREAD_MUTEX_INITIALIZER;
 static bool resolved_ok;
-static _Thread_local int in_init;
 static _Atomic uint64_t warned;
 
 uint64_t vgpu_now_ns(void)
@@ -204,7 +203,9 @@ bool vgpu_resolve_nvml(void)
         return s == 1;
     pthread_mutex_lock(&nvml_mu);
     if (!atomic_load(&nvml_state)) {
+        vgpu_in_hook++; /* NVML's constructors may call back into us */
         void *h = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+        vgpu_in_hook--;
         if (h) {
 #define VGPU_RESOLVE(name) real_##name = (__typeof__(&name))vgpu_real_dlsym(h, #name);
             VGPU_HOOKED_NVML(VGPU_RESOLVE)
@@ -234,9 +235,9 @@ static void resolve(void)
 
 static int slow_init(void)
 {
-    if (in_init) /* the driver called back into us during init */
+    if (vgpu_in_hook) /* the driver called back into us during init */
         return VGPU_MODE_PASSTHROUGH;
-    in_init = 1;
+    vgpu_in_hook++; /* dlopen runs the driver's constructors */
     pthread_once(&resolve_once, resolve);
     pthread_mutex_lock(&init_mu);
     int m = atomic_load(&vgpu_mode);
@@ -255,7 +256,7 @@ static int slow_init(void)
             vgpu_account_start();
     }
     pthread_mutex_unlock(&init_mu);
-    in_init = 0;
+    vgpu_in_hook--;
     return m;
 }
 

@@ -165,15 +165,50 @@ void vgpu_warn_once(int kind, const char *fmt, ...)
 enum {
     VGPU_W_CONNECT = 0, VGPU_W_LIBCUDA, VGPU_W_NVML, VGPU_W_PROTO, VGPU_W_LOST,
     VGPU_W_REGIONS, VGPU_W_TABLE, VGPU_W_ACCOUNT, VGPU_W_DEVICE, VGPU_W_THREAD,
-    VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH, VGPU_W_CTXMEM, VGPU_W_GETPROC, VGPU_W_STALL,
+    VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH, VGPU_W_CTXMEM, VGPU_W_GETPROC,
+    VGPU_W_DLSYM, VGPU_W_CODE, VGPU_W_STALL,
 };
 
 uint64_t vgpu_now_ns(void);         /* CLOCK_MONOTONIC */
 uint64_t vgpu_coarse_ns(void);      /* CLOCK_MONOTONIC_COARSE (vDSO) */
 
-/* Thread-local re-entry guard: set while the hook runs driver code that may
- * call back into exported driver names. */
-extern _Thread_local int vgpu_in_hook;
+/* The re-entry guard, per thread: non-zero while this thread runs the
+ * hook's own driver calls (VGPU_DRIVER), registration (which loads the
+ * driver and runs its constructors), or is one of the hook's service
+ * threads. A hooked entry point reached in that state (the driver calling
+ * back into an exported name: its cuMemAllocAsync through our
+ * cuMemAlloc_v2, say) passes straight to the driver: no registration, no
+ * accounting, no gate, so nothing is counted twice and nothing recurses.
+ * Initial-exec TLS: one instruction to read on the launch path. */
+extern _Thread_local int vgpu_in_hook __attribute__((tls_model("initial-exec")));
+
+/* The mode a hooked entry point acts in: PASSTHROUGH when re-entered. */
+static inline __attribute__((always_inline)) int vgpu_enter(void)
+{
+    if (__builtin_expect(vgpu_in_hook != 0, 0))
+        return VGPU_MODE_PASSTHROUGH;
+    return vgpu_ensure_fast();
+}
+
+/* The start of every hooked CUDA entry point `name`: declares mode_ (the
+ * mode to act in: REGISTERED enforces; anything else calls the driver and
+ * accounts nothing), and refuses the call in FAIL/BROKEN or when the driver
+ * lacks the function. */
+#define ENTER(name)                                                                        \
+    int mode_ = vgpu_enter();                                                              \
+    if (__builtin_expect(mode_ >= VGPU_MODE_FAIL, 0) || !real_##name)                      \
+        return VGPU_REFUSED_ERROR;                                                         \
+    (void)mode_
+
+/* Evaluate a driver call with the re-entry guard up (for a call that
+ * returns a value). */
+#define VGPU_DRIVER(call)                                                                  \
+    __extension__({                                                                        \
+        vgpu_in_hook++;                                                                    \
+        __typeof__(call) vgpu_r_ = (call);                                                 \
+        vgpu_in_hook--;                                                                    \
+        vgpu_r_;                                                                           \
+    })
 
 /* ---------------------------------------------------------------------- */
 /* hook_dlsym.c                                                             */
@@ -205,11 +240,27 @@ int vgpu_client_attach(const char *uuid, uint64_t total, int *slot);
 /* reserve n bytes on device hidx (its current slot); waits up to 10 s for a
  * reconnect if down. */
 int vgpu_client_reserve(int hidx, uint64_t n);
-/* release (no reply); dropped while down (the next hello's held covers it). */
+/* Give back n bytes reserved on device hidx and never counted in its held
+ * (a reservation rolled back): no reply, and never waits behind a round trip
+ * or for a socket with no room (what cannot go now goes with the next frame,
+ * or the next hello's held covers it). */
 void vgpu_client_release(int hidx, uint64_t n);
-/* Send one complete, already framed message without waiting behind a
- * pending round trip; false if down or it could not be sent at once. */
+/* The same for n bytes counted in vgpu_hdevs[hidx].held (a free): held goes
+ * down with the release, atomically with respect to a reconnect's hello. */
+void vgpu_client_free(int hidx, uint64_t n);
+/* Send one complete, already framed message (4-byte big-endian length, then
+ * that many bytes of msgpack) that expects no reply. Callable from any
+ * thread, hook service threads included (not async-signal-safe). Never
+ * waits behind a pending round trip and takes bounded time (a few µs
+ * normally, at most tens of ms): it writes without blocking, all of the
+ * frame or nothing. false when there is no connection (or a reconnect has
+ * not re-attached the devices yet), when frame is not exactly one frame, or
+ * when the socket cannot take it now (counted in
+ * vgpu_client_oneway_dropped). A frame naming a slot may meet a reconnect
+ * that renumbered it: read the slot just before building the frame. */
 bool vgpu_client_send_oneway(const uint8_t *frame, size_t len);
+/* One-way frames (and attempts to flush releases) that found no room. */
+uint64_t vgpu_client_oneway_dropped(void);
 /* fork child: forget the connection and threads. */
 void vgpu_client_atfork_child(void);
 

@@ -593,11 +593,6 @@ static inline __attribute__((always_inline)) void gate_leave(struct launch *l)
         batch_leave(l);
 }
 
-#define ENTER(name)                                                                        \
-    int mode_ = vgpu_ensure_fast();                                                             \
-    if (__builtin_expect(mode_ >= VGPU_MODE_FAIL, 0) || !real_##name)                      \
-        return VGPU_REFUSED_ERROR;
-
 #define GATED(name, stream, ptsz, graph, call)                                             \
     {                                                                                      \
         ENTER(name);                                                                       \

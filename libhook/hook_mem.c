@@ -86,11 +86,13 @@ struct resv {
     uint64_t n;
 };
 
-static CUresult reserve(int hidx, uint64_t n, struct resv *rv)
+/* mode: the entry point's mode_ (nothing is accounted unless REGISTERED:
+ * not registered, or re-entered from the driver). */
+static CUresult reserve(int mode, int hidx, uint64_t n, struct resv *rv)
 {
     rv->hidx = -1;
     rv->n = 0;
-    if (atomic_load(&vgpu_mode) != VGPU_MODE_REGISTERED || hidx < 0)
+    if (mode != VGPU_MODE_REGISTERED || hidx < 0)
         return CUDA_SUCCESS;
     int slot = vgpu_hdev_attach(hidx);
     if (slot == -1)
@@ -137,21 +139,14 @@ static void forget(int kind, uint64_t key)
     uint64_t n;
     if (!table_take(kind, key, &hidx, &n))
         return;
-    atomic_fetch_sub(&vgpu_hdevs[hidx].held, n);
     int slot = atomic_load(&vgpu_hdevs[hidx].slot);
     VGPU_STAT_ADD(slot, frees, 1);
-    vgpu_client_release(hidx, n);
+    vgpu_client_free(hidx, n);
 }
 
-#define ENTER(name)                                                                        \
-    int mode_ = vgpu_ensure();                                                             \
-    if (mode_ >= VGPU_MODE_FAIL || !real_##name)                                           \
-        return VGPU_REFUSED_ERROR;                                                         \
-    (void)mode_;
-
-static int cur_hdev(void)
+static int cur_hdev(int mode)
 {
-    return atomic_load(&vgpu_mode) == VGPU_MODE_REGISTERED ? vgpu_current_hdev() : -1;
+    return mode == VGPU_MODE_REGISTERED ? vgpu_current_hdev() : -1;
 }
 
 /* ---- linear allocations ---- */
@@ -160,10 +155,10 @@ VGPU_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
 {
     ENTER(cuMemAlloc_v2);
     struct resv rv;
-    CUresult r = reserve(cur_hdev(), bytesize, &rv);
+    CUresult r = reserve(mode_, cur_hdev(mode_), bytesize, &rv);
     if (r != CUDA_SUCCESS)
         return r;
-    r = real_cuMemAlloc_v2(dptr, bytesize);
+    r = VGPU_DRIVER(real_cuMemAlloc_v2(dptr, bytesize));
     if (r != CUDA_SUCCESS)
         rollback(&rv);
     else
@@ -175,10 +170,10 @@ VGPU_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsig
 {
     ENTER(cuMemAllocManaged);
     struct resv rv;
-    CUresult r = reserve(cur_hdev(), bytesize, &rv);
+    CUresult r = reserve(mode_, cur_hdev(mode_), bytesize, &rv);
     if (r != CUDA_SUCCESS)
         return r;
-    r = real_cuMemAllocManaged(dptr, bytesize, flags);
+    r = VGPU_DRIVER(real_cuMemAllocManaged(dptr, bytesize, flags));
     if (r != CUDA_SUCCESS)
         rollback(&rv);
     else
@@ -198,10 +193,10 @@ VGPU_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_
     if (pitch < WidthInBytes || __builtin_mul_overflow(pitch, (uint64_t)Height, &est))
         return CUDA_ERROR_OUT_OF_MEMORY;
     struct resv rv;
-    CUresult r = reserve(cur_hdev(), est, &rv);
+    CUresult r = reserve(mode_, cur_hdev(mode_), est, &rv);
     if (r != CUDA_SUCCESS)
         return r;
-    r = real_cuMemAllocPitch_v2(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
+    r = VGPU_DRIVER(real_cuMemAllocPitch_v2(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes));
     if (r != CUDA_SUCCESS) {
         rollback(&rv);
         return r;
@@ -211,7 +206,7 @@ VGPU_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_
         if (actual > rv.n) {
             if (vgpu_client_reserve(rv.hidx, actual - rv.n) != VGPU_R_OK) {
                 if (real_cuMemFree_v2)
-                    real_cuMemFree_v2(*dptr);
+                    (void)VGPU_DRIVER(real_cuMemFree_v2(*dptr));
                 rollback(&rv);
                 return CUDA_ERROR_OUT_OF_MEMORY;
             }
@@ -228,7 +223,7 @@ VGPU_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_
 VGPU_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
 {
     ENTER(cuMemFree_v2);
-    CUresult r = real_cuMemFree_v2(dptr);
+    CUresult r = VGPU_DRIVER(real_cuMemFree_v2(dptr));
     if (r == CUDA_SUCCESS && dptr)
         forget(K_PTR, dptr);
     return r;
@@ -271,10 +266,10 @@ VGPU_EXPORT CUresult cuArrayCreate_v2(CUarray *pHandle, const CUDA_ARRAY_DESCRIP
     if (desc && !array_bytes(desc->Width, desc->Height, 1, elem_bytes(desc->Format, desc->NumChannels), &n))
         return CUDA_ERROR_OUT_OF_MEMORY;
     struct resv rv;
-    CUresult r = reserve(cur_hdev(), n, &rv);
+    CUresult r = reserve(mode_, cur_hdev(mode_), n, &rv);
     if (r != CUDA_SUCCESS)
         return r;
-    r = real_cuArrayCreate_v2(pHandle, desc);
+    r = VGPU_DRIVER(real_cuArrayCreate_v2(pHandle, desc));
     if (r != CUDA_SUCCESS)
         rollback(&rv);
     else
@@ -290,10 +285,10 @@ VGPU_EXPORT CUresult cuArray3DCreate_v2(CUarray *pHandle, const CUDA_ARRAY3D_DES
                              elem_bytes(desc->Format, desc->NumChannels), &n))
         return CUDA_ERROR_OUT_OF_MEMORY;
     struct resv rv;
-    CUresult r = reserve(cur_hdev(), n, &rv);
+    CUresult r = reserve(mode_, cur_hdev(mode_), n, &rv);
     if (r != CUDA_SUCCESS)
         return r;
-    r = real_cuArray3DCreate_v2(pHandle, desc);
+    r = VGPU_DRIVER(real_cuArray3DCreate_v2(pHandle, desc));
     if (r != CUDA_SUCCESS)
         rollback(&rv);
     else
@@ -304,7 +299,7 @@ VGPU_EXPORT CUresult cuArray3DCreate_v2(CUarray *pHandle, const CUDA_ARRAY3D_DES
 VGPU_EXPORT CUresult cuArrayDestroy(CUarray hArray)
 {
     ENTER(cuArrayDestroy);
-    CUresult r = real_cuArrayDestroy(hArray);
+    CUresult r = VGPU_DRIVER(real_cuArrayDestroy(hArray));
     if (r == CUDA_SUCCESS)
         forget(K_ARRAY, (uint64_t)(uintptr_t)hArray);
     return r;
@@ -328,10 +323,10 @@ VGPU_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *pHandle, const CUD
         }
     }
     struct resv rv;
-    CUresult r = reserve(cur_hdev(), n, &rv);
+    CUresult r = reserve(mode_, cur_hdev(mode_), n, &rv);
     if (r != CUDA_SUCCESS)
         return r;
-    r = real_cuMipmappedArrayCreate(pHandle, desc, levels);
+    r = VGPU_DRIVER(real_cuMipmappedArrayCreate(pHandle, desc, levels));
     if (r != CUDA_SUCCESS)
         rollback(&rv);
     else
@@ -342,7 +337,7 @@ VGPU_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *pHandle, const CUD
 VGPU_EXPORT CUresult cuMipmappedArrayDestroy(CUmipmappedArray h)
 {
     ENTER(cuMipmappedArrayDestroy);
-    CUresult r = real_cuMipmappedArrayDestroy(h);
+    CUresult r = VGPU_DRIVER(real_cuMipmappedArrayDestroy(h));
     if (r == CUDA_SUCCESS)
         forget(K_MIPMAP, (uint64_t)(uintptr_t)h);
     return r;
@@ -355,17 +350,17 @@ VGPU_EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t si
 {
     ENTER(cuMemCreate);
     int hidx = -1;
-    if (atomic_load(&vgpu_mode) == VGPU_MODE_REGISTERED) {
+    if (mode_ == VGPU_MODE_REGISTERED) {
         if (prop && prop->location.type == CU_MEM_LOCATION_TYPE_DEVICE)
             hidx = vgpu_hdev_of_cudev(prop->location.id);
         else if (!prop || prop->location.type != CU_MEM_LOCATION_TYPE_HOST)
             hidx = vgpu_current_hdev();
     }
     struct resv rv;
-    CUresult r = reserve(hidx, size, &rv);
+    CUresult r = reserve(mode_, hidx, size, &rv);
     if (r != CUDA_SUCCESS)
         return r;
-    r = real_cuMemCreate(handle, size, prop, flags);
+    r = VGPU_DRIVER(real_cuMemCreate(handle, size, prop, flags));
     if (r != CUDA_SUCCESS)
         rollback(&rv);
     else
@@ -376,7 +371,7 @@ VGPU_EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t si
 VGPU_EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
 {
     ENTER(cuMemRelease);
-    CUresult r = real_cuMemRelease(handle);
+    CUresult r = VGPU_DRIVER(real_cuMemRelease(handle));
     if (r == CUDA_SUCCESS)
         forget(K_VMM, handle);
     return r;
@@ -388,10 +383,10 @@ VGPU_EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
     {                                                                                      \
         ENTER(name);                                                                       \
         struct resv rv;                                                                    \
-        CUresult r = reserve(cur_hdev(), bytesize, &rv);                                   \
+        CUresult r = reserve(mode_, cur_hdev(mode_), bytesize, &rv);                       \
         if (r != CUDA_SUCCESS)                                                             \
             return r;                                                                      \
-        r = call;                                                                          \
+        r = VGPU_DRIVER(call);                                                             \
         if (r != CUDA_SUCCESS)                                                             \
             rollback(&rv);                                                                 \
         else                                                                               \
@@ -417,7 +412,7 @@ VGPU_EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t byte
 VGPU_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)
 {
     ENTER(cuMemFreeAsync);
-    CUresult r = real_cuMemFreeAsync(dptr, hStream);
+    CUresult r = VGPU_DRIVER(real_cuMemFreeAsync(dptr, hStream));
     if (r == CUDA_SUCCESS && dptr)
         forget(K_PTR, dptr);
     return r;
@@ -426,7 +421,7 @@ VGPU_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)
 VGPU_EXPORT CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)
 {
     ENTER(cuMemFreeAsync_ptsz);
-    CUresult r = real_cuMemFreeAsync_ptsz(dptr, hStream);
+    CUresult r = VGPU_DRIVER(real_cuMemFreeAsync_ptsz(dptr, hStream));
     if (r == CUDA_SUCCESS && dptr)
         forget(K_PTR, dptr);
     return r;

@@ -14,16 +14,17 @@ static int nvml_hdev(nvmlDevice_t device, uint64_t total)
     if (!real_nvmlDeviceGetUUID)
         return -1;
     char uuid[NVML_DEVICE_UUID_V2_BUFFER_SIZE];
-    if (real_nvmlDeviceGetUUID(device, uuid, sizeof uuid) != NVML_SUCCESS)
+    if (VGPU_DRIVER(real_nvmlDeviceGetUUID(device, uuid, sizeof uuid)) != NVML_SUCCESS)
         return -1;
     return vgpu_hdev_of_uuid(uuid, total);
 }
 
 /* Registration happens through the CUDA side (it owns the real-driver
- * resolution); NVML without a reachable daemon is reported unclamped. */
+ * resolution); NVML without a reachable daemon is reported unclamped, and so
+ * is a call the drivers make back into us (the re-entry guard). */
 static bool registered(void)
 {
-    return vgpu_ensure() == VGPU_MODE_REGISTERED;
+    return vgpu_enter() == VGPU_MODE_REGISTERED;
 }
 
 /* The slice's view of a device's memory: total and free clamped to its
@@ -47,7 +48,7 @@ VGPU_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory
 {
     if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetMemoryInfo)
         return NVML_ERROR_DRIVER_NOT_LOADED;
-    nvmlReturn_t r = real_nvmlDeviceGetMemoryInfo(device, memory);
+    nvmlReturn_t r = VGPU_DRIVER(real_nvmlDeviceGetMemoryInfo(device, memory));
     if (r == NVML_SUCCESS && memory && clamp(device, &memory->total, &memory->free))
         memory->used = memory->total - memory->free;
     return r;
@@ -57,7 +58,7 @@ VGPU_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMem
 {
     if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetMemoryInfo_v2)
         return NVML_ERROR_DRIVER_NOT_LOADED;
-    nvmlReturn_t r = real_nvmlDeviceGetMemoryInfo_v2(device, memory);
+    nvmlReturn_t r = VGPU_DRIVER(real_nvmlDeviceGetMemoryInfo_v2(device, memory));
     if (r != NVML_SUCCESS || !memory || !clamp(device, &memory->total, &memory->free))
         return r;
     /* used excludes the driver's reserved part, as NVML reports it */

@@ -11,9 +11,11 @@ import contextlib
 import itertools
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -240,3 +242,35 @@ def sim_mem_sum(shm: str, pids: Sequence[int]) -> int:
         else:
             os.environ["VGPU_SIM_SHM"] = old
     return int(out.value)
+
+
+class JsonLines:
+    """A child's stdout, one JSON line at a time, each with a deadline (a
+    program that stalls must fail the test, not hang it), and its stdin for
+    the go-ahead lines such programs wait for."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.q.put(line)
+        self.q.put(None)
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        while True:
+            try:
+                line = self.q.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line from the program within {timeout} s") from None
+            assert line is not None, "the program exited"
+            if line.startswith("{"):
+                return dict(json.loads(line))
+
+    def say(self, line: str = "go") -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()

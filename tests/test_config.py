@@ -92,6 +92,8 @@ def test_missing_dirs_are_empty(tmp_path: Path) -> None:
         ("gpu.memory.current = 5\n", 1, "read-only"),
         ("slice = 5\n", 1, "slice: expected a string"),
         ("slice = 'a/../b'\n", 1, "invalid slice"),
+        ('slice = "-.slice"\n\ngpu.cores.max = 10\n', 3, "root slice (-.slice) takes no knobs"),
+        ("gpu.memory.events.local = 1\n", 1, "read-only"),
     ],
 )
 def test_bad_slice_files(tmp_path: Path, text: str, line: int, needle: str) -> None:
@@ -196,3 +198,15 @@ def test_write_runtime_setting_merges_atomically(tmp_path: Path) -> None:
     with pytest.raises(KnobError):
         write_runtime_setting(str(run), "x.slice", {"gpu.cores.max": "lots"})
     assert not (run / "x.slice.conf").exists()
+
+
+def test_root_slice_file_is_refused(tmp_path: Path) -> None:
+    # -.slice.conf names the root, which takes no knobs (as in cgroup v2)
+    p = write(tmp_path / "etc" / "-.slice.conf", "# the node\ngpu.memory.max = \"8G\"\n")
+    with pytest.raises(ConfigError) as ei:
+        load_slice_layers(str(tmp_path / "etc"), str(tmp_path / "run"))
+    assert (ei.value.path, ei.value.line) == (p, 2)
+    assert "set them on a slice below it" in ei.value.msg
+    with pytest.raises(ConfigError, match="root slice"):
+        write_runtime_setting(str(tmp_path / "run"), "-.slice", {"gpu.cores.max": "50"})
+    assert not (tmp_path / "run").exists()

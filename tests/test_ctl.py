@@ -122,3 +122,36 @@ def test_run_bad_command(vgpud: RunningDaemon, capfd: pytest.CaptureFixture[str]
     assert _ctl.main(["--socket", vgpud.socket, "run", "--", "/nonexistent/cmd"]) == 127
     assert "cannot run" in capfd.readouterr().err
     assert _ctl.main(["--socket", vgpud.socket, "run"]) == 1
+
+
+def test_events_hierarchical_local_and_a_read_only_root(
+        vgpud: RunningDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    ctl_json(capsys, vgpud, "set", "ev.slice", "gpu.memory.max=1M")
+    hook = FakeHook(vgpud, slice="ev.slice/job1")
+    try:
+        slot = hook.attach()["slot"]
+        assert hook.reserve(slot, 2 << 20)["t"] == "denied"
+        data = ctl_json(capsys, vgpud, "events")["slices"]
+        assert data["ev.slice"]["gpu.memory.events"] == {"high": 0, "max": 1, "oom": 1}
+        assert data["ev.slice"]["gpu.memory.events.local"] == {"high": 0, "max": 1, "oom": 0}
+        assert data[""]["gpu.memory.events"] == {"high": 0, "max": 1, "oom": 1}
+        assert data[""]["gpu.memory.events.local"] == {"high": 0, "max": 0, "oom": 0}
+
+        def row(argv: list[str], slc: str) -> list[str]:
+            assert _ctl.main(["--socket", vgpud.socket, "events", *argv]) == 0
+            lines = capsys.readouterr().out.splitlines()
+            return next(ln.split() for ln in lines if ln.split()[0] == slc)
+
+        assert row([], "-.slice")[1:4] == ["0", "1", "1"]  # HIGH MAX OOM
+        assert row(["--local"], "-.slice")[1:4] == ["0", "0", "0"]
+        assert row(["--local"], "ev.slice/job1")[1:4] == ["0", "0", "1"]
+        assert _ctl.main(["--socket", vgpud.socket, "show", "ev.slice"]) == 0
+        text = capsys.readouterr().out
+        assert "gpu.memory.events high 0 max 1 oom 1" in text
+        assert "gpu.memory.events.local high 0 max 1 oom 0" in text
+    finally:
+        hook.close()
+    assert _ctl.main(["--socket", vgpud.socket, "set", "-.slice", "gpu.cores.max=50"]) == 2
+    assert "root slice (-.slice) takes no knobs" in capsys.readouterr().err
+    assert _ctl.main(["--socket", vgpud.socket, "show", "-.slice"]) == 0  # not an option
+    assert capsys.readouterr().out.startswith("# -.slice\n")

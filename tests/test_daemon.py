@@ -261,6 +261,26 @@ def test_ctl_errors(vgpud: RunningDaemon) -> None:
         assert [d["uuid"] for d in st["devices"]] == [d.uuid for d in FAKE_DEVICES]
 
 
+def test_root_slice_is_read_only_for_knobs(vgpud: RunningDaemon) -> None:
+    # As cgroup v2's root: no knobs (a clear error, nothing written), but
+    # every statistic.
+    with vgpud.client() as c:
+        for name in ("", "-.slice"):
+            for runtime in (False, True):
+                with pytest.raises(ClientError) as info:
+                    c.ctl("set", slice=name, runtime=runtime, knobs={"gpu.memory.max": "1G"})
+                assert info.value.code == "invalid"
+                assert "root slice (-.slice) takes no knobs" in str(info.value)
+        show = c.ctl("show", slice="")
+        assert show["knobs"]["gpu.memory.max"]["source"] == "default"
+        assert "gpu.memory.events.local" in show
+        assert c.ctl("events")["slices"][""]["gpu.memory.events.local"] == {
+            "high": 0, "max": 0, "oom": 0}
+    cfg = vgpud.daemon.cfg
+    for d in (cfg.run_slices_dir, cfg.control_slices_dir):
+        assert not Path(d).exists() or not list(Path(d).iterdir())
+
+
 def test_set_needs_root() -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to drop privileges")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from _e2e import (
     Cgroups,
+    JsonLines,
     VgpudProc,
     build,
     build_c,
@@ -36,6 +37,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bin")
     build_c("mem_race", out)
     build_c("client_basic", out)
+    build_c("free_stall", out)
     return out
 
 
@@ -251,3 +253,48 @@ def test_nvml_inside_a_slice_shows_the_slice(vgpud: VgpudProc, cgroups: Cgroups)
     assert r["total"] == GiB
     assert r["free"] <= GiB
     assert r["used"] == r["total"] - r["free"]
+
+
+def test_frees_return_at_once_while_vgpud_is_stopped(vgpud: VgpudProc, cgroups: Cgroups,
+                                                    built: Path) -> None:
+    # vgpud SIGSTOPped while a thread's reservation is on its way and the
+    # program frees 2,001 buffers: every free returns at once (the socket
+    # fills after a few hundred releases; the rest wait in the hook), and
+    # once vgpud runs again its books are the device's, on the same
+    # connection. (tests/test_hook.py has the same with a scripted daemon
+    # that provably holds the reservation.)
+    slc = cgroups.make("stall")
+    p = spawn([str(built / "free_stall"), "2000", str(64 << 10)], vgpud.client_env(), slc,
+              cgroups, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert vgpud.proc is not None
+    stopped = False
+    try:
+        lines = JsonLines(p)
+        assert lines.next(30) == {"ready": 1, "alloc_err": 0}
+        vgpud.proc.send_signal(signal.SIGSTOP)
+        stopped = True
+        lines.say()
+        assert lines.next(10) == {"blocked": 1}
+        time.sleep(0.2)  # the late reservation goes out meanwhile (not relied on)
+        lines.say()
+        freed = lines.next(20)  # before the fix: the frees waited for the 30 s round trip
+        assert (freed["freed"], freed["free_err"]) == (2001, 0)
+        assert freed["max_free_ns"] < 1_000_000_000, freed
+        vgpud.proc.send_signal(signal.SIGCONT)
+        stopped = False
+        lines.say()
+        assert lines.next(30) == {"done": 1, "late_rc": 0, "late_free": 0}
+        # the process holds only its context now; the daemon's books agree
+        _wait(lambda: vgpud.ctl("show", slc)["gpu.memory.current"]["total"]
+              == sim_stats(vgpud.shm, p.pid)[1])
+        assert vgpud.ctl("show", slc)["gpu.memory.current"]["total"] < 64 * MiB
+        lines.say()
+        assert p.wait(timeout=10) == 0
+        err = p.stderr.read() if p.stderr else ""
+        assert "lost the connection" not in err, err
+    finally:
+        if stopped:
+            vgpud.proc.send_signal(signal.SIGCONT)
+        if p.poll() is None:
+            p.kill()
+            p.wait()

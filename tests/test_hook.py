@@ -24,7 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "programs"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _e2e import HOOK, ROOT, SIMDIR, build, build_c
+from _e2e import HOOK, ROOT, SIMDIR, JsonLines, build, build_c
 from hookpeer import Peer, wait_until
 
 MB = 1 << 20
@@ -106,9 +106,22 @@ def test_registration_reserve_release_and_launch_counts(
     assert "vgpu:" not in err
 
 
+@pytest.mark.parametrize("driver", ["sim", "reentering"])
 def test_every_allocation_path_is_reserved_and_released(
-        bins: dict[str, Path], peer: Peer, sock: str, tmp_path: Path) -> None:
-    out, err = run([str(bins["hook_allocs"])], env(sock, tmp_path))
+        bins: dict[str, Path], peer: Peer, sock: str, tmp_path: Path, driver: str) -> None:
+    # reentering: a driver whose managed and stream-ordered allocations and
+    # frees call cuMemAlloc_v2/cuMemFree_v2 by name (tests/c/reenter_driver.c),
+    # which lands on the hook again: the re-entry guard passes the inner
+    # call through, so each allocation is reserved and released once.
+    extra: dict[str, str] = {}
+    if driver == "reentering":
+        shim = tmp_path / "reenter_driver.so"
+        subprocess.run(["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-shared",
+                        "-fPIC", f"-I{ROOT / 'libhook' / 'include'}",
+                        str(ROOT / "tests" / "c" / "reenter_driver.c"), "-o", str(shim),
+                        f"-L{SIMDIR}", "-l:libcuda.so.1"], check=True)
+        extra["VGPU_REAL_LIBCUDA"] = str(shim)
+    out, err = run([str(bins["hook_allocs"])], env(sock, tmp_path, **extra))
     assert out["init"] == 0, err
     assert all(rc == 0 for rc in out["rc"]), (out, err)
     c = peer.wait_conn()
@@ -191,7 +204,9 @@ def test_intervals_match_kernel_durations(bins: dict[str, Path], peer: Peer, soc
 def test_dlsym_and_get_proc_address_return_hooks(bins: dict[str, Path], peer: Peer, sock: str,
                                                  tmp_path: Path) -> None:
     e = env(sock, tmp_path)
-    out, _ = run([str(bins["hook_interpose"])], e)
+    out, err = run([str(bins["hook_interpose"])], e)
+    assert out["gpa1:cuMemAlloc"] == "libvgpu-hook.so:cuMemAlloc_v2"
+    assert "vgpu:" not in err  # no "entry point the hook does not know"
     assert out["dlsym:cuMemAlloc_v2"] == "libvgpu-hook.so:cuMemAlloc_v2"
     assert out["dlsym:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
     assert out["gpa:cuGetProcAddress"] == "libvgpu-hook.so:cuGetProcAddress_v2"
@@ -202,6 +217,89 @@ def test_dlsym_and_get_proc_address_return_hooks(bins: dict[str, Path], peer: Pe
     assert out["gpa_ptsz:cuMemAllocAsync"] == "libvgpu-hook.so:cuMemAllocAsync_ptsz"
     assert out["gpa:cuMemGetInfo"] == "libvgpu-hook.so:cuMemGetInfo_v2"
     assert out["gpa:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
+
+
+@pytest.mark.parametrize("how", ["dlvsym", "symbol-table", "sysv-next"])
+def test_real_dlsym_is_found_without_version_names(bins: dict[str, Path], peer: Peer, sock: str,
+                                                   tmp_path: Path, how: str) -> None:
+    # The exported dlsym must find the C library's dlsym on any glibc and
+    # architecture. symbol-table: a hook built to skip dlvsym and its
+    # version names, so the lookup through the link map's symbol tables
+    # (what an architecture or glibc with unknown version names gets) is
+    # the only way: every lookup must still work. sysv-next: the same hook
+    # with another dlsym interposer preloaded after it, linked with a SysV
+    # hash table only: that one is next, as for RTLD_NEXT.
+    hook = HOOK
+    elf_only = how != "dlvsym"
+    preload = []
+    if how == "sysv-next":
+        nxt = tmp_path / "dlsym_next.so"
+        subprocess.run(["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE",
+                        "-shared", "-fPIC", "-Wl,--hash-style=sysv",
+                        str(ROOT / "tests" / "c" / "dlsym_next.c"), "-o", str(nxt), "-ldl"],
+                       check=True)
+        dyn = subprocess.run(["readelf", "-d", str(nxt)], capture_output=True, text=True,
+                             check=True).stdout
+        assert "(HASH)" in dyn
+        assert "GNU_HASH" not in dyn
+        preload = [str(nxt)]
+    if elf_only:
+        out_dir = tmp_path / "elf-only"
+        subprocess.run(["make", "-s", "-C", str(ROOT / "libhook"), "hook", f"LIBOUT={out_dir}",
+                        "HOOK_EXTRA_CFLAGS=-DVGPU_DLSYM_ELF_ONLY"], check=True)
+        hook = out_dir / "libvgpu-hook.so"
+        nm = subprocess.run(["nm", "-D", str(hook)], capture_output=True, text=True, check=True)
+        assert "dlvsym" not in nm.stdout
+    e = env(sock, tmp_path, LD_PRELOAD=":".join([str(hook), *preload]), VGPU_DEBUG="getproc")
+    out, err = run([str(bins["hook_interpose"])], e)
+    assert out["dlsym:cuMemAlloc_v2"] == "libvgpu-hook.so:cuMemAlloc_v2"
+    assert out["dlsym:cuDeviceGetCount"] == "libcuda.so.1:cuDeviceGetCount"
+    assert out["dlsym:cuGetProcAddress_v2"] == "libvgpu-hook.so:cuGetProcAddress_v2"
+    assert out["gpa:cuLaunchKernel"] == "libvgpu-hook.so:cuLaunchKernel"
+    found = [ln for ln in err.splitlines() if "real dlsym found by" in ln]
+    assert found, err
+    if how == "sysv-next":
+        assert all("the symbol table of" in ln and "dlsym_next.so" in ln for ln in found), found
+        assert "dlsym_next: called" in err
+    elif elf_only:
+        # glibc 2.34 and later: libc.so.6; before: libdl.so.2
+        assert all("the symbol table of" in ln for ln in found), found
+        assert all("libc.so" in ln or "libdl.so" in ln for ln in found), found
+    else:
+        assert all("dlvsym(dlsym, GLIBC_" in ln for ln in found), found
+    assert "cannot find the C library's dlsym" not in err
+
+
+@pytest.mark.parametrize("elf_only", [False, True], ids=["dlvsym", "symbol-table"])
+def test_rtld_next_answers_as_without_the_hook(sock: str, tmp_path: Path, elf_only: bool) -> None:
+    # dlsym(RTLD_NEXT) from the program and from a plugin it dlopened (whose
+    # libc comes before it in the link map) gets what it gets without the
+    # hook. It crashed in glibc when the hook passed a preloaded library's
+    # link map to dlsym as if it were a handle.
+    plugin = tmp_path / "rtld_next_plugin.so"
+    exe = tmp_path / "rtld_next"
+    cc = ["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
+    subprocess.run([*cc, "-shared", "-fPIC", str(ROOT / "tests" / "c" / "rtld_next_plugin.c"),
+                    "-o", str(plugin), "-ldl"], check=True)
+    subprocess.run([*cc, str(ROOT / "tests" / "c" / "rtld_next.c"), "-o", str(exe), "-ldl"],
+                   check=True)
+    hook = HOOK
+    if elf_only:
+        out_dir = tmp_path / "elf-only"
+        subprocess.run(["make", "-s", "-C", str(ROOT / "libhook"), "hook", f"LIBOUT={out_dir}",
+                        "HOOK_EXTRA_CFLAGS=-DVGPU_DLSYM_ELF_ONLY"], check=True)
+        hook = out_dir / "libvgpu-hook.so"
+    plain, _ = run([str(exe), str(plugin)], {k: v for k, v in os.environ.items()
+                                             if k != "LD_PRELOAD"})
+    hooked, err = run([str(exe), str(plugin)], env(sock, tmp_path, LD_PRELOAD=str(hook)))
+    assert plain["main:puts"] == "libc.so.6:puts"
+    assert plain["plugin:malloc"] == "libc.so.6:malloc"
+    # The one known difference: the public link map does not say which
+    # objects are in the global scope, so an object dlopened RTLD_LOCAL
+    # after the program is searched too (found, where glibc says NULL).
+    assert plain.pop("main:plugin_next") == "null:null"
+    assert hooked.pop("main:plugin_next") == "rtld_next_plugin.so:plugin_next"
+    assert hooked == plain, err
 
 
 @pytest.mark.parametrize("ptsz", [False, True])
@@ -419,5 +517,175 @@ def test_burst_is_fully_measured(sock: str, tmp_path: Path, unlimited: bool) -> 
         assert c.stat(0, "launches") == n
         busy = c.stat(0, "busy_ns")
         assert out["sim_busy_ns"] * 0.97 <= busy <= out["sim_busy_ns"] * 1.3, (busy, out)
+    finally:
+        p.close()
+
+
+# ---- the hook never stalls its program behind the daemon (issue 16) ----
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["reads-no-answers", "reads-nothing"])
+def test_frees_never_wait_behind_a_hung_round_trip(sock: str, tmp_path: Path, reads: bool) -> None:
+    # One thread's reservation waits on a daemon that does not answer (it
+    # would for 30 s); the program's frees meanwhile must return at once.
+    # reads-nothing is a SIGSTOPped daemon: its socket fills after a few
+    # hundred releases, and the rest must wait in the hook, not the program,
+    # and reach the daemon once it reads again, on the same connection.
+    exe = build_c("free_stall", tmp_path)
+    # Enough frees to fill the socket's send buffer whatever its size: a
+    # frame takes at least ~600 bytes of it (the kernel's skb overhead).
+    wmem = int(Path("/proc/sys/net/core/wmem_default").read_text())
+    nsmall, small = max(3000, wmem // 300), 4096
+    p = Peer(sock)
+    proc = subprocess.Popen([str(exe), str(nsmall), str(small)], env=env(sock, tmp_path),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = JsonLines(proc)
+        assert lines.next(30) == {"ready": 1, "alloc_err": 0}
+        c = p.wait_conn()
+        p.stall(reads=reads)
+        lines.say()
+        assert lines.next(10) == {"blocked": 1}
+        p.wait_for(lambda: len(msgs(p, "reserve")) == nsmall + 2)  # the late one arrived
+        lines.say()
+        freed = lines.next(20)  # before the fix: the first free waits 30 s
+        assert (freed["freed"], freed["free_err"]) == (nsmall + 1, 0)
+        # "at once": far below the 30 s a round trip may take, with room for
+        # a busy 2-core machine
+        assert freed["max_free_ns"] < 1_000_000_000, freed
+        p.resume()
+        lines.say()
+        done = lines.next(20)
+        assert done == {"done": 1, "late_rc": 0, "late_free": 0}
+        # Every byte came back on the one connection (deferred releases
+        # included), while the process still lives.
+        p.wait_for(lambda: c.used.get(0) == 0, timeout=5)
+        assert len(p.conns) == 1
+        rel = sum(m["n"] for m in msgs(p, "release"))
+        assert rel == sum(m["n"] for m in msgs(p, "reserve")) == 2 * MB + nsmall * small
+        if reads:
+            # the socket really filled: releases were coalesced, not one per free
+            assert len(msgs(p, "release")) < nsmall
+        lines.say()
+        assert proc.wait(timeout=10) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "lost the connection" not in err, err
+        assert "dropping" not in err, err
+    finally:
+        p.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_maximal_denied_frame_keeps_the_connection(bins: dict[str, Path], sock: str,
+                                                   tmp_path: Path) -> None:
+    # A `denied` naming a slice path so long that the frame is the largest
+    # the protocol allows (VGPU_MAX_FRAME bytes of body): the hook reads it,
+    # refuses the allocation, and keeps talking on the same connection.
+    from vgpu_cgroup._protocol import MAX_FRAME, Connection, Denied
+
+    p = Peer(sock, mem_limit=3 * MB)
+    try:
+        frame = Connection().send(Denied(id=2, slice="", limit=3 * MB, current=2 * MB))
+        pad = MAX_FRAME - (len(frame) - 4) - 2  # str8 -> str16 header: 2 more bytes
+        p.denied_slice = "x" * pad
+        body = Connection().send(Denied(id=2, slice=p.denied_slice, limit=3 * MB,
+                                        current=2 * MB))
+        assert len(body) - 4 == MAX_FRAME
+        out, err = run([str(bins["client_basic"]), "1", "1000", str(2 * MB), str(2 * MB),
+                        str(MB)], env(sock, tmp_path))
+        assert out["alloc_rc"] == [0, 2, 0], (out, err)  # granted, denied, granted
+        assert len(p.conns) == 1, err
+        assert "vgpu:" not in err, err
+    finally:
+        p.close()
+
+
+def test_send_oneway_never_waits_and_sends_whole_frames(sock: str, tmp_path: Path) -> None:
+    # vgpu_client_send_oneway, called from a program linked with the hook's
+    # own objects: it goes out while a round trip is pending on a daemon
+    # that does not answer; when the daemon reads nothing at all, it fails
+    # fast once the socket is full (counted) and every frame that did go
+    # reaches the daemon whole; it refuses anything but exactly one frame.
+    build()
+    exe = tmp_path / "oneway_unit"
+    objs = sorted(str(o) for o in (HOOK.parent / ".hook-obj").glob("*.o"))
+    assert len(objs) >= 9
+    subprocess.run(["cc", "-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE",
+                    f"-I{ROOT / 'libhook'}", f"-I{ROOT / 'libhook' / 'include'}",
+                    str(ROOT / "tests" / "c" / "oneway_unit.c"), *objs, "-o", str(exe),
+                    "-ldl", "-lpthread"], check=True)
+    e = env(sock, tmp_path)
+    del e["LD_PRELOAD"]  # the hook is linked in
+    p = Peer(sock)
+    proc = subprocess.Popen([str(exe)], env=e, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = JsonLines(proc)
+
+        def cmd(c: str) -> dict[str, Any]:
+            assert proc.stdin is not None
+            proc.stdin.write(c + "\n")
+            proc.stdin.flush()
+            return lines.next(20)
+
+        assert lines.next(20) == {"init_rc": 0}
+        c = p.wait_conn()
+        p.stall()
+        assert cmd("attach_bg") == {"started": 1}
+        p.wait_for(lambda: bool(msgs(p, "attach")))  # its round trip is pending
+        r = cmd("send 100")
+        assert (r["ok"], r["fail"]) == (100, 0), r
+        assert r["max_ns"] < 500_000_000, r
+        p.wait_for(lambda: len(msgs(p, "note")) == 100)
+        # A SIGSTOPped daemon: nothing is read; the socket takes a few
+        # hundred frames, then sends fail at once instead of waiting.
+        p.stall(reads=True)
+        cmd("send 1")  # read by the peer's loop before it stops reading
+        p.wait_for(lambda: len(msgs(p, "note")) == 101)
+        r = cmd("send 20000")
+        assert r["ok"] + r["fail"] == 20000, r
+        assert min(r["ok"], r["fail"]) > 0, r
+        assert r["max_ns"] < 500_000_000, r
+        assert cmd("dropped") == {"dropped": r["fail"]}
+        p.resume()
+        total = 101 + r["ok"]
+        p.wait_for(lambda: len(msgs(p, "note")) == total)
+        # whole frames, in order: the peer decoded every one
+        assert [m["i"] for m in msgs(p, "note")] == list(range(total))
+        assert not c.closed
+        assert cmd("bad") == {"shorter": 0, "longer": 0, "empty": 0, "null": 0}
+        p.close()  # the daemon goes away: nothing to send to
+        p.wait_for(lambda: c.closed)
+        assert wait_until(lambda: cmd("send 1")["fail"] == 1, timeout=5)
+        assert proc.stdin is not None
+        proc.stdin.write("quit\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        p.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(("code", "ctx_rc", "says"), [
+    ("oom", 2, "no GPU memory for a context"),  # CUDA_ERROR_OUT_OF_MEMORY
+    ("device", 101, "refused device"),  # CUDA_ERROR_INVALID_DEVICE
+    ("no-such-code", 101, "error code 'no-such-code', which this hook does not know"),
+])
+def test_attach_error_codes_from_the_one_table(bins: dict[str, Path], sock: str, tmp_path: Path,
+                                               code: str, ctx_rc: int, says: str) -> None:
+    # The hook reads an attach's error code against vgpu_abi.h's table (the
+    # one the daemon's Error is checked against): oom fails the context with
+    # out-of-memory, a refusal with invalid-device, and a code outside the
+    # table is said to be one (then taken as a refusal).
+    p = Peer(sock, attach_error=code)
+    try:
+        out, err = run([str(bins["client_basic"]), "0", "0", str(MB)], env(sock, tmp_path))
+        assert out["ctx_rc"] == ctx_rc, err
+        assert says in err, err
     finally:
         p.close()

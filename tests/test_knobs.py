@@ -114,7 +114,7 @@ def test_format() -> None:
 
 @pytest.mark.parametrize("bad", [2, -1, "yes", "1.0", 0.5, None])
 def test_idle_is_zero_or_one(bad: object) -> None:
-    with pytest.raises(KnobError, match="gpu.cores.idle"):
+    with pytest.raises(KnobError, match=r"gpu\.cores\.idle"):
         parse_knob("gpu.cores.idle", bad)
     assert parse_knob("gpu.cores.idle", True) == 1
     assert parse_knob("gpu.cores.idle", "0") == 0

@@ -48,11 +48,13 @@ def _fake_source() -> dict[str, Any]:
     leaf = {"slice": "a.slice", "processes": [{"pid": 1}], "children": [],
             "cores": {"usage_usec": 2_500_000, "throttled_usec": 500_000, "nr_throttled": 7},
             "memory": {"total": 10, "devices": {dev: 10}}, "peak": {dev: 20},
-            "events": {"high": 1, "max": 2, "oom": 3}}
+            "events": {"high": 1, "max": 2, "oom": 3},
+            "events_local": {"high": 1, "max": 1, "oom": 3}}
     root = {"slice": "", "processes": [], "children": [leaf],
             "cores": {"usage_usec": 2_500_000, "throttled_usec": 500_000, "nr_throttled": 7},
             "memory": {"total": 10, "devices": {dev: 10}}, "peak": {dev: 20},
-            "events": {"high": 0, "max": 0, "oom": 0}}
+            "events": {"high": 1, "max": 2, "oom": 3},
+            "events_local": {"high": 0, "max": 0, "oom": 0}}
     return {"tree": root, "mem_max": {"": None, "a.slice": 4096}, "devices": [dev],
             "connections": 4}
 
@@ -73,6 +75,10 @@ def test_collector_and_http_responses() -> None:
             frozenset({("slice", "-.slice"), ("device", "GPU-0")})) not in s
     assert s[("vgpu_slice_memory_events_total",
               frozenset({("slice", "a.slice"), ("type", "oom")}))] == 3
+    assert s[("vgpu_slice_memory_events_local_total",
+              frozenset({("slice", "a.slice"), ("type", "max")}))] == 1
+    assert s[("vgpu_slice_memory_events_local_total",
+              frozenset({("slice", "-.slice"), ("type", "max")}))] == 0
     assert s[("vgpu_slice_clients", a)] == 1
     assert s[("vgpu_slice_clients", frozenset({("slice", "-.slice")}))] == 1
     assert s[("vgpu_connections", frozenset())] == 4
@@ -133,8 +139,17 @@ def test_scrape_running_daemon(tmp_path: Path) -> None:
         assert s[("vgpu_slice_memory_current_bytes", ad)] == 300 << 20
         assert s[("vgpu_slice_memory_peak_bytes", ad)] == 300 << 20
         assert s[("vgpu_slice_memory_max_bytes", ad)] == 1 << 30
-        assert s[("vgpu_slice_memory_events_total",
-                  frozenset({("slice", alice), ("type", "max")}))] == 1
+        def ev(kind: str, slc: str, typ: str) -> float:
+            return s[(f"vgpu_slice_memory_events{kind}_total",
+                      frozenset({("slice", slc), ("type", typ)}))]
+
+        # refused by alice's max: counted there and above it (cgroup v2's
+        # hierarchical events); the oom at the process's own slice, job1
+        assert [ev("", x, "max") for x in (alice, "tenants.slice", "-.slice")] == [1, 1, 1]
+        assert ev("_local", alice, "max") == 1
+        assert ev("_local", "tenants.slice", "max") == 0
+        assert ev("", alice, "oom") == ev("_local", alice + "/job1", "oom") == 1
+        assert ev("_local", alice, "oom") == 0
         assert s[("vgpu_slice_clients", frozenset({("slice", alice)}))] == 1
         assert ("vgpu_slice_gpu_time_seconds_total", frozenset({("slice", alice)})) in s
         # The hook is gone: its memory too, at a next scrape.

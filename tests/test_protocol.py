@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import struct
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -293,3 +295,43 @@ def test_fuzz_truncated_frames(cut: int) -> None:
     assert len(got) <= 2
     c.feed(data[cut:])
     assert len(got) + len(c.events()) == 2
+
+
+# ---- error codes: one table for both sides (issue 16) ----
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_error_codes_come_from_the_header_and_match_the_docs() -> None:
+    # vgpu_abi.h's VGPU_ERROR_CODES is the list; the daemon's ERROR_CODES is
+    # read from it, and docs/protocol.md names the same codes.
+    header = (ROOT / "libhook" / "include" / "vgpu_abi.h").read_text()
+    table = re.search(r"#define VGPU_ERROR_CODES\(X\)(.*?)\n\n", header, re.S)
+    assert table is not None
+    in_header = set(re.findall(r'X\(\w+, "(\w+)"\)', table.group(1)))
+    assert in_header == ERROR_CODES
+    assert "oom" in ERROR_CODES  # the daemon sends it for a context that does not fit
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    errors = doc[doc.index("Errors: "):]
+    in_docs = set(re.findall(r"^\| `(\w+)` \|", errors, re.M))
+    assert in_docs == ERROR_CODES
+
+
+def test_error_validates_its_code() -> None:
+    assert Error(code="oom", msg="no room for a context", id=3).code == "oom"
+    with pytest.raises(ValueError, match="not one of"):
+        Error(code="no-memory", msg="x")
+    for code in ERROR_CODES:
+        assert Connection().send(Error(code=code, msg="m"))
+
+
+def test_daemon_sends_only_codes_of_the_table() -> None:
+    # Every code the daemon's sources put in an error is in the table (a
+    # static check: the ValueError above would come only when one is sent).
+    used: set[str] = set()
+    for src in (ROOT / "vgpu_cgroup").glob("*.py"):
+        text = src.read_text()
+        used |= set(re.findall(r"(?<![A-Za-z])(?:Error|ProtocolError)\(\s*(?:code=)?\"(\w+)\"",
+                               text))
+    assert used
+    assert used <= ERROR_CODES, used - ERROR_CODES

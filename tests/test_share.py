@@ -7,6 +7,8 @@ ownership.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,7 @@ from vgpu_cgroup._share import ShareModel, _Unit, water_fill
 from vgpu_cgroup._tree import SliceTree
 
 
-def model(**slices: dict[str, object]) -> tuple[SliceTree, ShareModel]:
+def model(**slices: Mapping[str, object]) -> tuple[SliceTree, ShareModel]:
     tree = SliceTree()
     for i, (path, knobs) in enumerate(slices.items()):
         path = path.replace("__", "/")

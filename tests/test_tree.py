@@ -62,8 +62,12 @@ def test_reserve_hierarchical_max_and_events() -> None:
     assert t.show("tenants.slice")["gpu.memory.current"] == {"total": 1000, "devices": {D: 1000}}
     ev_a = t.show(ALICE)["gpu.memory.events"]
     assert ev_a == {"high": 1, "max": 1, "oom": 1}
-    assert t.show("tenants.slice")["gpu.memory.events"]["max"] == 1
-    assert t.show("tenants-bob.slice")["gpu.memory.events"]["oom"] == 1
+    # hierarchical, as cgroup v2: the parent counts its own refusal of bob
+    # and alice's; the local file only its own
+    assert t.show("tenants.slice")["gpu.memory.events"] == {"high": 1, "max": 2, "oom": 2}
+    assert t.show("tenants.slice")["gpu.memory.events.local"] == {"high": 0, "max": 1, "oom": 0}
+    assert t.show("tenants-bob.slice")["gpu.memory.events"] == {"high": 0, "max": 0, "oom": 1}
+    assert t.show("tenants-bob.slice")["gpu.memory.events.local"]["oom"] == 1
     # other devices are accounted separately
     assert t.reserve(1, "GPU-1", 600) == Grant(600)
     assert t.held(1) == {D: 500, "GPU-1": 600}
@@ -253,3 +257,86 @@ def test_admission_never_exceeds_any_max(
             assert cur == below
             if lim is not None:
                 assert cur <= lim
+
+
+# ---- cgroup v2 semantics: hierarchical events, a read-only root (issue 16) ----
+
+
+def test_events_are_hierarchical_and_local_is_the_slices_own() -> None:
+    # a/b/c with a max on a and a high on b and c: every event counts where
+    # it happened (events.local) and at each ancestor (events), so a slice's
+    # events include its descendants' as its usage does.
+    t = SliceTree()
+    t.set_knobs("a", {"gpu.memory.max": "100"}, "v")
+    t.set_knobs("a/b", {"gpu.memory.high": "50"}, "v")
+    t.set_knobs("a/b/c", {"gpu.memory.high": "30"}, "v")
+    t.attach(1, "a/b/c", 1, "x")
+    t.attach(2, "a/d", 2, "y")
+    assert t.reserve(1, D, 40) == Grant(40)  # c over its high (b is not)
+    assert t.reserve(1, D, 20) == Grant(20)  # c and b over theirs
+    assert isinstance(t.reserve(1, D, 50), Denial)  # a's max; oom at c
+    assert isinstance(t.reserve(2, D, 50), Denial)  # a's max; oom at d
+
+    def ev(slc: str, local: bool = False) -> dict[str, int]:
+        return dict(t.show(slc)["gpu.memory.events.local" if local else "gpu.memory.events"])
+
+    assert ev("a/b/c", local=True) == {"high": 2, "max": 0, "oom": 1}
+    assert ev("a/b/c") == {"high": 2, "max": 0, "oom": 1}
+    assert ev("a/b", local=True) == {"high": 1, "max": 0, "oom": 0}
+    assert ev("a/b") == {"high": 3, "max": 0, "oom": 1}
+    assert ev("a/d", local=True) == ev("a/d") == {"high": 0, "max": 0, "oom": 1}
+    assert ev("a", local=True) == {"high": 0, "max": 2, "oom": 0}
+    assert ev("a") == {"high": 3, "max": 2, "oom": 2}
+    assert ev("", local=True) == {"high": 0, "max": 0, "oom": 0}
+    assert ev("") == {"high": 3, "max": 2, "oom": 2}
+    # An ancestor keeps what its descendants counted after they are gone.
+    t.detach(2)
+    assert "a/d" not in t.slices()
+    assert ev("a") == {"high": 3, "max": 2, "oom": 2}
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 60)), max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_hierarchical_events_are_sums_of_local_ones(ops: list[tuple[int, int]]) -> None:
+    # For any sequence of reservations in a small tree, each slice's events
+    # are its own plus those of every slice below it.
+    t = SliceTree()
+    t.set_knobs("p", {"gpu.memory.max": "150", "gpu.memory.high": "90"}, "v")
+    t.set_knobs("p/q", {"gpu.memory.max": "100", "gpu.memory.high": "40"}, "v")
+    t.set_knobs("r", {"gpu.memory.max": "70"}, "v")
+    leaves = ["p/q/x", "p/q", "p/y", "r/z"]
+    for i, leaf in enumerate(leaves):
+        t.attach(i, leaf, i, "c")
+    for who, n in ops:
+        t.reserve(who, D, n)
+    for slc in t.slices():
+        below = [s for s in t.slices() if slc == "" or s == slc or s.startswith(slc + "/")]
+        total = {k: sum(t.show(s)["gpu.memory.events.local"][k] for s in below)
+                 for k in ("high", "max", "oom")}
+        assert t.show(slc)["gpu.memory.events"] == total, slc
+
+
+def test_root_takes_no_knobs_but_has_statistics() -> None:
+    from vgpu_cgroup._config import ConfigError
+
+    t = SliceTree()
+    for name in ("", "-.slice", "/"):
+        with pytest.raises(ConfigError, match="root slice"):
+            t.set_knobs(name, {"gpu.memory.max": "1G"}, "vgpuctl")
+        with pytest.raises(ConfigError, match="root slice"):
+            t.check_knobs(name, {"gpu.cores.max": "50"})
+    with pytest.raises(ConfigError, match="root slice"):
+        t.apply_settings([setting("", "gpu.cores.max", 50, "/etc/vgpu/slices/-.slice.conf")])
+    assert t.show("")["knobs"]["gpu.memory.max"] == {"value": "max", "source": "default"}
+    assert t.check_knobs("a.slice", {"gpu.cores.max": "50"}) == ("a.slice", {"gpu.cores.max": 50.0})
+    # the root's statistics are the node's
+    t.set_knobs("a.slice", {"gpu.memory.max": "10"}, "v")
+    t.attach(1, "a.slice", 1, "x")
+    t.attach(2, "", 2, "y")  # a process in the root cgroup
+    assert t.reserve(1, D, 8) == Grant(8)
+    assert t.reserve(2, D, 5) == Grant(5)
+    assert isinstance(t.reserve(1, D, 5), Denial)
+    root = t.show("")
+    assert root["gpu.memory.current"] == {"total": 13, "devices": {D: 13}}
+    assert root["gpu.memory.events"] == {"high": 0, "max": 1, "oom": 1}
+    assert root["processes"] == [{"pid": 2, "comm": "y", "client": 2}]

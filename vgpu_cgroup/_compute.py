@@ -66,9 +66,8 @@ class ComputeService:
         trace = os.environ.get("VGPU_DEBUG_ARBITER")
         self._trace = open(trace, "a", buffering=1 << 16) if trace else None  # noqa: SIM115
         if self._trace is not None:
-            out = self._trace
             for a in self.arbiters.values():
-                a.debug = lambda m: out.write(m + "\n") and None
+                a.debug = self._note_line
         #: (tick time, {(slice, dev): charged ns}) for ``top``
         self.window: collections.deque[tuple[int, dict[tuple[str, str], int]]] = (
             collections.deque())
@@ -108,6 +107,10 @@ class ComputeService:
             self.arbiters[uuid].idle(peer.id, now)
             self.publish(uuid)
             self._note(now, "idle", peer.id, uuid)
+
+    def _note_line(self, line: str) -> None:
+        if self._trace is not None:
+            self._trace.write(line + "\n")
 
     def _note(self, now: int, what: str, client: int, uuid: str) -> None:
         """VGPU_DEBUG_ARBITER=FILE: every event and the owner after it (tuning)."""

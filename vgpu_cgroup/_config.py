@@ -47,6 +47,10 @@ class ConfigError(Exception):
         return f"{self.path}:{self.line}: {self.msg}"
 
 
+#: The root slice takes no knobs, as the root cgroup has no limit files.
+ROOT_KNOBS = ("the root slice (-.slice) takes no knobs, as in cgroup v2 (its limits are the "
+              "node's): set them on a slice below it")
+
 IDENTITY_MODES = ("cgroup", "declared")
 LOG_FORMATS = ("auto", "json", "console")
 
@@ -366,6 +370,8 @@ def parse_slice_file(path: str, text: str) -> list[SliceSetting]:
         line = _find_line(text, key)
         if key in READONLY_KNOBS:
             raise ConfigError(path, line, f"{key} is read-only")
+        if slice == "" and key in KNOBS:
+            raise ConfigError(path, line, ROOT_KNOBS)
         if key not in KNOBS:
             raise ConfigError(
                 path, line, f"unknown knob {key!r}; valid knobs: {', '.join(KNOBS)}"

@@ -54,7 +54,7 @@ commands:
   show [SLICE]            knobs, effective values, usage, and which file set each
   tree                    slices and their processes (like systemd-cgls)
   top                     GPU time and memory per slice (like systemd-cgtop)
-  events                  gpu.memory.events and gpu.cores.stat per slice
+  events [--local] [SLICE]  gpu.memory.events (--local: .local) and gpu.cores.stat
   set [--runtime] SLICE KNOB=VALUE...   change knobs live (root)
   reset [--runtime] SLICE              drop what vgpuctl set put on SLICE (root)
   run [--slice S] [-p KNOB=VALUE]... -- CMD...   run CMD under the hook
@@ -109,10 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--iterations", type=int, default=None, metavar="N",
                    help="stop after N iterations (default: 1 off a terminal, else forever)")
     s = add("events", "memory events and throttling counters per slice",
-            "high: allocations above gpu.memory.high; max: refused by gpu.memory.max\n"
-            "(counted on the limiting slice); oom: refused allocations of the slice's\n"
-            "own processes; nr_throttled/throttled_usec: launches that waited for budget.\n"
-            "\nexamples:\n  vgpuctl events\n  vgpuctl events tenants-alice.slice")
+            "high: allocations that left a slice above its gpu.memory.high; max:\n"
+            "allocations a slice's gpu.memory.max refused; oom: refused allocations\n"
+            "of processes in the slice; nr_throttled/throttled_usec: launches that\n"
+            "waited for budget. As in cgroup v2 a slice's counts include those of\n"
+            "the slices below it; --local shows only its own (gpu.memory.events.local).\n"
+            "\nexamples:\n  vgpuctl events\n  vgpuctl events --local tenants-alice.slice")
+    s.add_argument("--local", action="store_true",
+                   help="memory events of each slice itself, without its descendants")
     s.add_argument("slice", nargs="?", default=None, metavar="SLICE")
     add("status", "daemon version, devices, clients, configuration layers",
         "examples:\n  vgpuctl status\n  vgpuctl status --json")
@@ -223,8 +227,10 @@ def print_show(d: dict[str, Any], out: TextIO) -> None:
         m = d[key]
         devs = " ".join(f"{k}={v}" for k, v in m["devices"].items())
         print(f"{key} {m['total']}" + (f" ({devs})" if devs else ""), file=out)
-    ev = d["gpu.memory.events"]
-    print("gpu.memory.events " + " ".join(f"{k} {v}" for k, v in ev.items()), file=out)
+    for key in ("gpu.memory.events", "gpu.memory.events.local"):
+        ev = d.get(key)
+        if ev is not None:  # .local: not from a daemon older than it
+            print(f"{key} " + " ".join(f"{k} {v}" for k, v in ev.items()), file=out)
     st = d["gpu.cores.stat"]
     print("gpu.cores.stat " + " ".join(f"{k} {v}" for k, v in st.items()), file=out)
     for p in d["processes"]:
@@ -269,11 +275,12 @@ def print_top(d: dict[str, Any], out: TextIO) -> None:
               f"{_bytes(s['memory_current']):>10}", file=out)
 
 
-def print_events(d: dict[str, Any], out: TextIO) -> None:
+def print_events(d: dict[str, Any], out: TextIO, local: bool = False) -> None:
+    key = "gpu.memory.events.local" if local else "gpu.memory.events"
     print(f"{'SLICE':<48} {'HIGH':>6} {'MAX':>6} {'OOM':>6} {'NR_THROTTLED':>12} "
           f"{'THROTTLED_S':>11}", file=out)
     for path, e in sorted(d["slices"].items()):
-        m, c = e["gpu.memory.events"], e["gpu.cores.stat"]
+        m, c = e[key], e["gpu.cores.stat"]
         print(f"{_name(path):<48} {m['high']:>6} {m['max']:>6} {m['oom']:>6} "
               f"{c['nr_throttled']:>12} {c['throttled_usec'] / 1e6:>11.3f}", file=out)
 
@@ -502,7 +509,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                 if want not in data["slices"]:
                     raise DaemonError(f"no such slice: {args.slice} (see vgpuctl tree)")
                 data = {"slices": {want: data["slices"][want]}}
-            _emit(args, data, print_events, out)
+            _emit(args, data, lambda d, o: print_events(d, o, local=args.local), out)
         else:
             _emit(args, _ctl(c, "status"), print_status, out)
     return 0
@@ -514,9 +521,17 @@ def _warn_config(data: dict[str, Any]) -> None:
               f"configuration: {data['config_error']}", file=sys.stderr)
 
 
+def _root_names(argv: Sequence[str]) -> list[str]:
+    """``-.slice`` (the root's unit name) as ``/``: argparse would take it
+    for an option. Only before ``--``: what follows is run's command."""
+    out = list(argv)
+    end = out.index("--") if "--" in out else len(out)
+    return [("/" if a == "-.slice" and i < end else a) for i, a in enumerate(out)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(_root_names(sys.argv[1:] if argv is None else argv))
         return run(args, sys.stdout)
     except UsageError as exc:
         print(f"vgpuctl: {exc}", file=sys.stderr)

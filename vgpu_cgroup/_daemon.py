@@ -777,8 +777,9 @@ class Daemon:
             return proto.Error(code="permission", id=ev.id,
                                msg="setting knobs needs root (peer uid is not 0)")
         assert ev.slice is not None
-        path = self.tree.resolve(ev.slice)
-        # Persist first: a failed write leaves the live tree untouched.
+        # Check first (the root takes no knobs), then persist: a bad value
+        # or a failed write leaves both the files and the live tree untouched.
+        path, _ = self.tree.check_knobs(ev.slice, ev.knobs)
         try:
             if ev.runtime:
                 source = write_runtime_setting(self.cfg.run_slices_dir, path, ev.knobs)
@@ -883,11 +884,13 @@ class Daemon:
         return snap
 
     def events(self) -> dict[str, Any]:
-        """Per slice: ``gpu.memory.events`` and ``gpu.cores.stat`` counters."""
+        """Per slice: ``gpu.memory.events`` (descendants included),
+        ``gpu.memory.events.local`` and ``gpu.cores.stat`` counters."""
         out: dict[str, Any] = {}
         for path in self.tree.slices():
             show = self.tree.show(path)
             out[path] = {"gpu.memory.events": show["gpu.memory.events"],
+                         "gpu.memory.events.local": show["gpu.memory.events.local"],
                          "gpu.cores.stat": show["gpu.cores.stat"]}
         return {"slices": out}
 

@@ -30,6 +30,7 @@ READONLY_KNOBS: tuple[str, ...] = (
     "gpu.memory.current",
     "gpu.memory.peak",
     "gpu.memory.events",
+    "gpu.memory.events.local",
     "gpu.cores.stat",
 )
 

@@ -116,7 +116,11 @@ class VgpuCollector:
                                  "Effective gpu.memory.max (absent when unlimited)",
                                  labels=["slice", "device"])
         events = CounterMetricFamily("vgpu_slice_memory_events",
-                                     "gpu.memory.events counters", labels=["slice", "type"])
+                                     "gpu.memory.events counters (descendants included)",
+                                     labels=["slice", "type"])
+        local = CounterMetricFamily("vgpu_slice_memory_events_local",
+                                    "gpu.memory.events.local counters (the slice's own)",
+                                    labels=["slice", "type"])
         clients = GaugeMetricFamily("vgpu_slice_clients",
                                     "Hooked processes connected in the slice (descendants "
                                     "included)", labels=["slice"])
@@ -134,8 +138,10 @@ class VgpuCollector:
                     mmax.add_metric([slc, dev], lim)
             for typ, n in node["events"].items():
                 events.add_metric([slc, typ], n)
+            for typ, n in node["events_local"].items():
+                local.add_metric([slc, typ], n)
             clients.add_metric([slc], _count_procs(node))
-        yield from (gpu, thr, nthr, cur, peak, mmax, events, clients)
+        yield from (gpu, thr, nthr, cur, peak, mmax, events, local, clients)
         conns = GaugeMetricFamily("vgpu_connections", "Open connections to vgpud (hooks and "
                                   "vgpuctl)")
         conns.add_metric([], data["connections"])
@@ -152,6 +158,7 @@ def daemon_source(daemon: Daemon) -> Callable[[], dict[str, Any]]:
             show = daemon.tree.show(node["slice"])
             node["peak"] = show["gpu.memory.peak"]["devices"]
             node["events"] = show["gpu.memory.events"]
+            node["events_local"] = show["gpu.memory.events.local"]
             mem_max[node["slice"]] = daemon.tree.effective_limits(node["slice"]).mem_max
         return {"tree": snap, "mem_max": mem_max, "devices": sorted(daemon.devices),
                 "connections": daemon.connections}

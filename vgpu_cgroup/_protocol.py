@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgpack
 
-from vgpu_cgroup._abi import lib
+from vgpu_cgroup._abi import ffi, lib
 
 PROTO_VERSION: Final[int] = int(lib.VGPU_PROTO_VERSION)
 FRAME_HEADER: Final[int] = int(lib.VGPU_FRAME_HEADER)
@@ -38,10 +38,16 @@ MAX_STR: Final[int] = 4096
 #: Most entries of ``hello.held`` and ``set.knobs``.
 MAX_ITEMS: Final[int] = 64
 
-ERROR_CODES: Final[frozenset[str]] = frozenset(
-    {"frame", "decode", "order", "type", "version", "device", "permission",
-     "notfound", "invalid", "internal"}
-)
+
+def _error_codes() -> tuple[str, ...]:
+    """The codes of ``error`` messages, from vgpu_abi.h's VGPU_ERROR_CODES:
+    the hook matches what it receives against the same table, so a code the
+    daemon sends is one the hook knows."""
+    return tuple(ffi.string(lib.vgpu_error_code_name(i)).decode("ascii")
+                 for i in range(int(lib.VGPU_NR_ERROR_CODES)))
+
+
+ERROR_CODES: Final[frozenset[str]] = frozenset(_error_codes())
 CTL_OPS: Final[frozenset[str]] = frozenset(
     {"status", "show", "tree", "top", "events", "set", "reset", "reload"})
 
@@ -52,7 +58,8 @@ class ProtocolError(Exception):
     """A peer broke the protocol; reply ``error`` and close."""
 
     def __init__(self, code: str, msg: str, *, id: int | None = None) -> None:
-        assert code in ERROR_CODES, code
+        if code not in ERROR_CODES:
+            raise ValueError(f"error code {code!r} is not one of vgpu_abi.h's VGPU_ERROR_CODES")
         super().__init__(f"{code}: {msg}")
         self.code = code
         self.msg = msg
@@ -175,10 +182,18 @@ class Ok:
 
 @dataclass(frozen=True, slots=True)
 class Error:
+    """``{t:"error", code, msg}``: ``code`` must be one of ERROR_CODES (the
+    header's table), or the hook would not know what it means."""
+
     code: str
     msg: str
     id: int | None = None
     supported: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.code not in ERROR_CODES:
+            raise ValueError(f"error code {self.code!r} is not one of vgpu_abi.h's "
+                             f"VGPU_ERROR_CODES ({', '.join(sorted(ERROR_CODES))})")
 
 
 Reply = Welcome | Attached | Granted | Denied | Ok | Error

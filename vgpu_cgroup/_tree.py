@@ -7,6 +7,12 @@ what makes admission exact under any concurrency of clients.
 Slices are cgroup v2 paths relative to the root (``""``). A slice exists when
 configuration names it (*configured*) or when a client lives at or below it
 (*implicit*); implicit slices disappear when their last client leaves.
+
+As in cgroup v2, every value a slice shows includes its descendants: usage,
+peaks and ``gpu.memory.events`` (an event counts at the slice where it
+happened and at each ancestor; ``gpu.memory.events.local`` has only the
+slice's own), and the root takes no knobs (its limits are the node's) but
+has every statistic.
 """
 
 from __future__ import annotations
@@ -15,7 +21,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._config import ConfigError, SliceSetting, canonical_cgroup_path, expand_slice_name
+from ._config import (
+    ROOT_KNOBS,
+    ConfigError,
+    SliceSetting,
+    canonical_cgroup_path,
+    expand_slice_name,
+)
 from ._knobs import (
     CORES_IDLE,
     CORES_MAX,
@@ -77,9 +89,14 @@ class Node:
     clients: set[int] = field(default_factory=set)
     current: dict[str, int] = field(default_factory=dict)
     peak: dict[str, int] = field(default_factory=dict)
+    #: gpu.memory.events: this slice's events and its descendants'
     ev_high: int = 0
     ev_max: int = 0
     ev_oom: int = 0
+    #: gpu.memory.events.local: this slice's own
+    lev_high: int = 0
+    lev_max: int = 0
+    lev_oom: int = 0
     usage_ns: int = 0
     throttled_ns: int = 0
     nr_throttled: int = 0
@@ -259,6 +276,8 @@ class SliceTree:
         for s in settings:
             if s.knob not in KNOBS:
                 raise ValueError(f"unknown knob {s.knob!r} from {s.source}")
+            if canonical_cgroup_path(s.slice) == "":
+                raise ConfigError(s.source, None, ROOT_KNOBS)
         old = list(self.root.subtree())
         for n in old:
             n.knobs.clear()
@@ -275,17 +294,27 @@ class SliceTree:
     def set_knobs(self, slice: str, knobs: Mapping[str, object], source: str) -> str:
         """Live change of one slice's knobs; returns the slice's canonical path.
 
-        Every value is validated before any is applied, so a KnobError leaves
-        the tree unchanged. Takes effect at the scheduler's next tick.
+        Every value is validated before any is applied, so a KnobError (or a
+        ConfigError for the root, which takes no knobs) leaves the tree
+        unchanged. Takes effect at the scheduler's next tick.
         """
-        path = self.resolve(slice)
-        parsed = {k: parse_knob(k, v) for k, v in knobs.items()}
+        path, parsed = self.check_knobs(slice, knobs)
         node = self._ensure(path)
         node.configured = True
         for k, v in parsed.items():
             node.knobs[k] = (v, knobs[k], source)
         self.generation += 1
         return path
+
+    def check_knobs(self, slice: str, knobs: Mapping[str, object]
+                    ) -> tuple[str, dict[str, KnobValue]]:
+        """What :meth:`set_knobs` would apply: the canonical path and the
+        parsed values. Raises as it does, changing nothing, so a caller can
+        check before it persists anything."""
+        path = self.resolve(slice)
+        if path == "":
+            raise ConfigError("-.slice", None, ROOT_KNOBS)
+        return path, {k: parse_knob(k, v) for k, v in knobs.items()}
 
     def effective_limits(self, slice: str) -> Limits:
         """Tightest limits along the slice's path (KeyError if unknown).
@@ -416,16 +445,21 @@ class SliceTree:
 
         On success the bytes are booked on the client and every slice on its
         path (``peak`` and the ``high`` event updated). On refusal nothing is
-        booked; the refusing slice counts ``max`` and the leaf counts ``oom``.
+        booked; the refusing slice has a ``max`` event and the leaf an
+        ``oom`` event, each counted there (local) and on every ancestor.
         """
         n = _check_bytes(n)
         st = self._client(client)
         path = self._chain(st)
-        for node, lim, _high in path:
+        for i, (node, lim, _high) in enumerate(path):
             cur = node.current.get(dev, 0)
             if lim is not None and cur + n > lim:
-                node.ev_max += 1
-                st.node.ev_oom += 1
+                node.lev_max += 1
+                st.node.lev_oom += 1
+                for j, (up, _l, _h) in enumerate(path):
+                    up.ev_oom += 1
+                    if j >= i:
+                        up.ev_max += 1
                 return Denial(node.path, lim, cur)
         self._book(st, path, dev, n)
         return Grant(n)
@@ -459,14 +493,21 @@ class SliceTree:
 
     def _book(self, st: ClientState, path: list[tuple[Node, int | None, int | None]],
               dev: str, n: int) -> None:
-        """Book admitted bytes on the client and every slice of its path."""
+        """Book admitted bytes on the client and every slice of its path.
+
+        A slice left above its own ``gpu.memory.high`` has a ``high`` event;
+        each slice counts those of itself and of the slices below it on the
+        path (leaf first, so ``over`` is how many there were so far)."""
+        over = 0
         for node, _lim, high in path:
             cur = node.current.get(dev, 0) + n
             node.current[dev] = cur
             if cur > node.peak.get(dev, 0):
                 node.peak[dev] = cur
             if high is not None and cur > high:
-                node.ev_high += 1
+                node.lev_high += 1
+                over += 1
+            node.ev_high += over
         st.held[dev] = st.held.get(dev, 0) + n
         self.mem_version += 1
         if dev not in st.devices:
@@ -607,6 +648,8 @@ class SliceTree:
             "gpu.memory.current": self._mem(node.current),
             "gpu.memory.peak": self._mem(node.peak),
             "gpu.memory.events": {"high": node.ev_high, "max": node.ev_max, "oom": node.ev_oom},
+            "gpu.memory.events.local": {"high": node.lev_high, "max": node.lev_max,
+                                        "oom": node.lev_oom},
             "gpu.cores.stat": self._stat(node),
             "processes": self._procs(node),
             "children": sorted(node.children),

@@ -29,6 +29,56 @@
 #define VGPU_DEFAULT_SOCKET "/run/vgpu/vgpud.sock"
 #define VGPU_HOOK_CONF "/etc/vgpu/hook.conf"
 
+/*
+ * The codes an {t:"error", code} may carry, X(NAME, "code"): the one list.
+ * The daemon reads it through cffi (vgpu_cgroup._protocol.ERROR_CODES, which
+ * its Error messages are checked against) and the hook matches what it
+ * receives against it; docs/protocol.md says what each means.
+ */
+#define VGPU_ERROR_CODES(X)                                                    \
+    X(FRAME, "frame")                                                          \
+    X(DECODE, "decode")                                                        \
+    X(ORDER, "order")                                                          \
+    X(TYPE, "type")                                                            \
+    X(VERSION, "version")                                                      \
+    X(DEVICE, "device")                                                        \
+    X(OOM, "oom")                                                              \
+    X(PERMISSION, "permission")                                                \
+    X(NOTFOUND, "notfound")                                                    \
+    X(INVALID, "invalid")                                                      \
+    X(INTERNAL, "internal")
+
+enum vgpu_error_code {
+#define VGPU_ERR_ENUM_(name, text) VGPU_ERR_##name,
+    VGPU_ERROR_CODES(VGPU_ERR_ENUM_)
+#undef VGPU_ERR_ENUM_
+    VGPU_NR_ERROR_CODES
+};
+
+/* The text of a code; NULL outside 0..VGPU_NR_ERROR_CODES-1. */
+static inline const char *vgpu_error_code_name(int code)
+{
+    switch (code) {
+#define VGPU_ERR_CASE_(name, text) case VGPU_ERR_##name: return text;
+    VGPU_ERROR_CODES(VGPU_ERR_CASE_)
+#undef VGPU_ERR_CASE_
+    default: return (const char *)0;
+    }
+}
+
+/* The code of a text (NUL-terminated); -1 if it is none of them. */
+static inline int vgpu_error_code_of(const char *text)
+{
+    for (int i = 0; text && i < VGPU_NR_ERROR_CODES; i++) {
+        const char *a = vgpu_error_code_name(i), *b = text;
+        while (*a && *a == *b)
+            a++, b++;
+        if (!*a && !*b)
+            return i;
+    }
+    return -1;
+}
+
 /* ---- shared memory ---- */
 #define VGPU_SHM_MAGIC 0x55504756u   /* "VGPU" little-endian */
 #define VGPU_ABI_VERSION 2u

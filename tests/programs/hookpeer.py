@@ -74,12 +74,22 @@ class Peer:
     """Listens on `path`; policy knobs are plain attributes set by the test."""
 
     def __init__(self, path: str, *, mem_limit: int = UNLIMITED, unlimited: bool = True,
-                 tokens: int = 10**12, refuse: tuple[str, ...] = ()) -> None:
+                 tokens: int = 10**12, refuse: tuple[str, ...] = (),
+                 attach_error: str | None = None) -> None:
         self.path = path
         self.mem_limit = mem_limit
         self.unlimited = unlimited
         self.tokens = tokens
         self.refuse = refuse
+        #: answer every attach with {t:"error", code: attach_error}
+        self.attach_error = attach_error
+        #: the slice a `denied` names (long ones make large frames)
+        self.denied_slice = "test.slice"
+        #: a hung daemon: requests are read (unless stall_reads) but not
+        #: answered until resume()
+        self.stalled = False
+        self.stall_reads = False
+        self.withheld: list[tuple[Conn, dict[str, Any]]] = []
         self.conns: list[Conn] = []
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
@@ -91,7 +101,10 @@ class Peer:
         self.thread.start()
 
     def close(self) -> None:
-        self._stop = True
+        with self.cv:
+            self._stop = True
+            self.stall_reads = False
+            self.cv.notify_all()
         with contextlib.suppress(OSError):
             self.srv.shutdown(socket.SHUT_RDWR)
         self.srv.close()
@@ -111,6 +124,23 @@ class Peer:
     def wait_for(self, pred: Any, timeout: float = 10.0) -> None:
         with self.cv:
             assert self.cv.wait_for(pred, timeout), "condition not reached"
+
+    def stall(self, *, reads: bool = False) -> None:
+        """Hang like a SIGSTOPped daemon: stop answering requests, and with
+        ``reads`` stop reading the sockets too (after the message being read)."""
+        with self.cv:
+            self.stalled = True
+            self.stall_reads = reads
+            self.cv.notify_all()
+
+    def resume(self) -> None:
+        """Read again and answer what was withheld, in order."""
+        with self.cv:
+            self.stalled = self.stall_reads = False
+            for c, m in self.withheld:
+                self._handle(c, m)
+            self.withheld.clear()
+            self.cv.notify_all()
 
     # ---- protocol ----
     def _accept(self) -> None:
@@ -172,6 +202,8 @@ class Peer:
             self.conns.append(conn)
             self.cv.notify_all()
         while True:
+            with self.cv:
+                self.cv.wait_for(lambda: not self.stall_reads or self._stop)
             try:
                 msg = self._recv(s)
             except OSError:
@@ -180,7 +212,10 @@ class Peer:
                 break
             with self.cv:
                 conn.msgs.append(msg)
-                self._handle(conn, msg)
+                if self.stalled and "id" in msg:
+                    self.withheld.append((conn, msg))
+                else:
+                    self._handle(conn, msg)
                 self.cv.notify_all()
         with self.cv:
             conn.closed = True
@@ -190,6 +225,10 @@ class Peer:
         t = m.get("t")
         if t == "attach":
             dev = m["dev"]
+            if self.attach_error is not None:
+                self._send(c.sock, {"t": "error", "id": m["id"], "code": self.attach_error,
+                                    "msg": "no room"})
+                return
             if dev in self.refuse:
                 self._send(c.sock, {"t": "error", "id": m["id"], "code": "device",
                                     "msg": "not allowed"})
@@ -209,7 +248,7 @@ class Peer:
             slot, n = m["slot"], m["n"]
             cur = c.used.get(slot, 0)
             if cur + n > self.mem_limit:
-                self._send(c.sock, {"t": "denied", "id": m["id"], "slice": "test.slice",
+                self._send(c.sock, {"t": "denied", "id": m["id"], "slice": self.denied_slice,
                                     "limit": self.mem_limit, "current": cur})
             else:
                 c.used[slot] = cur + n
