@@ -23,6 +23,7 @@ CORES_WEIGHT = "gpu.cores.weight"
 MEMORY_MAX = "gpu.memory.max"
 MEMORY_HIGH = "gpu.memory.high"
 DEVICES = "gpu.devices"
+CLIENTS_MAX = "gpu.clients.max"
 
 #: Knobs that can be read but never set (``show`` reports them).
 READONLY_KNOBS: tuple[str, ...] = (
@@ -30,6 +31,8 @@ READONLY_KNOBS: tuple[str, ...] = (
     "gpu.memory.peak",
     "gpu.memory.events",
     "gpu.cores.stat",
+    "gpu.clients.current",
+    "gpu.clients.events",
 )
 
 WEIGHT_MIN = 1
@@ -182,6 +185,22 @@ def _parse_devices(name: str, value: object) -> KnobValue:
     return tuple(out)
 
 
+def _parse_count(name: str, value: object) -> KnobValue:
+    accepts = "a whole number >= 0, or 'max'"
+    if _is_max(value):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        f = _number(name, value, accepts)
+        if f != int(f):
+            raise KnobError(name, value, f"expected {accepts}")
+        n = int(f)
+    if not 0 <= n <= _U64_MAX:
+        raise KnobError(name, value, f"out of range: expected {accepts}")
+    return n
+
+
 def _fmt_percent(v: KnobValue) -> str:
     if v is None:
         return "max"
@@ -220,6 +239,7 @@ KNOBS: Mapping[str, KnobSpec] = {
         KnobSpec(MEMORY_MAX, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
         KnobSpec(MEMORY_HIGH, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
         KnobSpec(DEVICES, "'all' or GPU indices/UUIDs", None, _parse_devices, _fmt_devices),
+        KnobSpec(CLIENTS_MAX, "integer >= 0 or 'max'", None, _parse_count, _fmt_int),
     )
 }
 
@@ -232,6 +252,15 @@ def knob_spec(name: str) -> KnobSpec:
     if name in READONLY_KNOBS:
         raise KnobError(name, None, "read-only knob; writable: " + ", ".join(KNOBS))
     raise KnobError(name, None, "unknown knob; valid knobs: " + ", ".join(KNOBS))
+
+
+def check_knob_slice(path: str, knob: str, value: object) -> None:
+    """KnobError for a knob that the slice cannot have: like ``pids.max``,
+    ``gpu.clients.max`` does not exist on the root (the node-wide bound is
+    ``limits.clients`` in vgpud.toml, and uid 0's vgpuctl goes beyond it)."""
+    if knob == CLIENTS_MAX and path == "":
+        raise KnobError(knob, value, "cannot be set on -.slice; the node-wide bound is "
+                        "limits.clients in vgpud.toml")
 
 
 def parse_knob(name: str, value: object) -> KnobValue:

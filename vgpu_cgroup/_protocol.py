@@ -40,7 +40,7 @@ MAX_ITEMS: Final[int] = 64
 
 ERROR_CODES: Final[frozenset[str]] = frozenset(
     {"frame", "decode", "order", "type", "version", "device", "permission",
-     "notfound", "invalid", "internal"}
+     "notfound", "invalid", "internal", "limit"}
 )
 CTL_OPS: Final[frozenset[str]] = frozenset(
     {"status", "show", "tree", "top", "events", "set", "reset"})
@@ -164,6 +164,8 @@ class Error:
     msg: str
     id: int | None = None
     supported: list[int] | None = None
+    #: more fields of the frame (a ``limit`` error's bound, slice, limit, current)
+    extra: dict[str, Any] | None = None
 
 
 Reply = Welcome | Attached | Granted | Denied | Ok | Error
@@ -187,6 +189,8 @@ def _reply_map(msg: Reply) -> dict[str, Any]:
         out["id"] = msg.id
     if msg.supported is not None:
         out["supported"] = msg.supported
+    if msg.extra:
+        out.update({k: v for k, v in msg.extra.items() if k not in out})
     return out
 
 
@@ -385,6 +389,12 @@ class Connection:
     @property
     def role(self) -> str | None:
         return None if self.hello is None else self.hello.role
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken out as events (the daemon bounds
+        what one slice's connections may leave here)."""
+        return self._frames.pending
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the peer."""
