@@ -386,6 +386,10 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
     } else if (strcmp(rep.t, "welcome")) {
         snprintf(why, whylen, "daemon said %s: %s %s", rep.t, rep.code, rep.msg);
         ok = false;
+        /* Refused for capacity (a bound of our slice or of the node): a slot
+         * may free up, so try again until the connect timeout. */
+        if (!strcmp(rep.code, "limit"))
+            *transient = true;
     } else if (nfds != 2) {
         snprintf(why, whylen, "welcome carried %d descriptors, not 2", nfds);
         ok = false;

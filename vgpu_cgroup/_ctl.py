@@ -54,7 +54,7 @@ commands:
   show [SLICE]            knobs, effective values, usage, and which file set each
   tree                    slices and their processes (like systemd-cgls)
   top                     GPU time and memory per slice (like systemd-cgtop)
-  events                  gpu.memory.events and gpu.cores.stat per slice
+  events                  gpu.memory.events, gpu.cores.stat, gpu.clients.events per slice
   set [--runtime] SLICE KNOB=VALUE...   change knobs live (root)
   reset [--runtime] SLICE              drop what vgpuctl set put on SLICE (root)
   run [--slice S] [-p KNOB=VALUE]... -- CMD...   run CMD under the hook
@@ -111,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     s = add("events", "memory events and throttling counters per slice",
             "high: allocations above gpu.memory.high; max: refused by gpu.memory.max\n"
             "(counted on the limiting slice); oom: refused allocations of the slice's\n"
-            "own processes; nr_throttled/throttled_usec: launches that waited for budget.\n"
+            "own processes; nr_throttled/throttled_usec: launches that waited for budget;\n"
+            "refused: connections refused for capacity (gpu.clients.events, counted on\n"
+            "the slice whose bound it was; -.slice for the node-wide limits.clients).\n"
             "\nexamples:\n  vgpuctl events\n  vgpuctl events tenants-alice.slice")
     s.add_argument("slice", nargs="?", default=None, metavar="SLICE")
     add("status", "daemon version, devices, clients, configuration layers",
@@ -122,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
             "until reboot and wins over both. Running processes get it within a tick.\n\n"
             "knobs: gpu.cores.max, gpu.cores.min (percent of one GPU, or max),\n"
             "gpu.cores.weight (1-10000), gpu.memory.max, gpu.memory.high (bytes with\n"
-            "K/M/G, or max), gpu.devices (indices or UUIDs, comma-separated)\n\n"
+            "K/M/G, or max), gpu.devices (indices or UUIDs, comma-separated),\n"
+            "gpu.clients.max (connections to vgpud from the slice and its descendants,\n"
+            "or max; not on -.slice)\n\n"
             "examples:\n  vgpuctl set tenants-alice.slice gpu.cores.max=30 gpu.memory.max=8G\n"
             "  vgpuctl set --runtime tenants-bob.slice gpu.cores.weight=200\n"
             "  vgpuctl set tenants-alice.slice gpu.cores.min=50 gpu.cores.max=50  "
@@ -227,6 +231,10 @@ def print_show(d: dict[str, Any], out: TextIO) -> None:
     print("gpu.memory.events " + " ".join(f"{k} {v}" for k, v in ev.items()), file=out)
     st = d["gpu.cores.stat"]
     print("gpu.cores.stat " + " ".join(f"{k} {v}" for k, v in st.items()), file=out)
+    if "gpu.clients.current" in d:
+        print(f"gpu.clients.current {d['gpu.clients.current']}", file=out)
+        ce = d["gpu.clients.events"]
+        print("gpu.clients.events " + " ".join(f"{k} {v}" for k, v in ce.items()), file=out)
     for p in d["processes"]:
         print(f"process {p['pid']} {p['comm']}", file=out)
 
@@ -270,12 +278,16 @@ def print_top(d: dict[str, Any], out: TextIO) -> None:
 
 
 def print_events(d: dict[str, Any], out: TextIO) -> None:
+    """REFUSED: connections refused for capacity, counted on the slice whose
+    bound it was (gpu.clients.events, all keys; --json has each)."""
     print(f"{'SLICE':<48} {'HIGH':>6} {'MAX':>6} {'OOM':>6} {'NR_THROTTLED':>12} "
-          f"{'THROTTLED_S':>11}", file=out)
+          f"{'THROTTLED_S':>11} {'REFUSED':>8}", file=out)
     for path, e in sorted(d["slices"].items()):
         m, c = e["gpu.memory.events"], e["gpu.cores.stat"]
+        refused = sum(e.get("gpu.clients.events", {}).values())
         print(f"{_name(path):<48} {m['high']:>6} {m['max']:>6} {m['oom']:>6} "
-              f"{c['nr_throttled']:>12} {c['throttled_usec'] / 1e6:>11.3f}", file=out)
+              f"{c['nr_throttled']:>12} {c['throttled_usec'] / 1e6:>11.3f} {refused:>8}",
+              file=out)
 
 
 def print_status(d: dict[str, Any], out: TextIO) -> None:
@@ -290,6 +302,12 @@ def print_status(d: dict[str, Any], out: TextIO) -> None:
     hooks = [c for c in d["clients"] if c["role"] == "hook"]
     print(f"clients: {len(hooks)} hooked process(es), "
           f"{len(d['clients']) - len(hooks)} control connection(s)", file=out)
+    conns = d.get("connections")
+    if conns:
+        lim = conns["limits"]
+        print(f"connections: {conns['open']} open, {conns['counted']} of limits.clients="
+              f"{lim['clients']} (per slice: {lim['slice_clients']} connections, "
+              f"{lim['slice_hooks']} hooked, {lim['slice_handshakes']} handshakes)", file=out)
     for name, path in d.get("layers", {}).items():
         print(f"slice files ({name}): {path}", file=out)
     if d.get("config_error"):
