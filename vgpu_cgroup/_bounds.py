@@ -249,7 +249,9 @@ class ClientBounds:
         return 0 if r is None else r.subtree
 
     def local(self, path: str) -> dict[str, int]:
-        """The slice's own counts (those the per-slice limits bound)."""
+        """``gpu.clients.stat``: the slice's own counts, descendants not
+        included (what the per-slice limits bound): connections of every
+        role, handshakes in progress, hooked processes."""
         r = self._records.get(path) or _Record()
         return {"clients": r.clients, "handshakes": r.handshakes, "hooks": r.hooks}
 

@@ -233,6 +233,8 @@ def print_show(d: dict[str, Any], out: TextIO) -> None:
     print("gpu.cores.stat " + " ".join(f"{k} {v}" for k, v in st.items()), file=out)
     if "gpu.clients.current" in d:
         print(f"gpu.clients.current {d['gpu.clients.current']}", file=out)
+        cs = d.get("gpu.clients.stat", {})
+        print("gpu.clients.stat " + " ".join(f"{k} {v}" for k, v in cs.items()), file=out)
         ce = d["gpu.clients.events"]
         print("gpu.clients.events " + " ".join(f"{k} {v}" for k, v in ce.items()), file=out)
     for p in d["processes"]:

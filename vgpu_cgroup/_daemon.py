@@ -1006,6 +1006,7 @@ class Daemon:
                 raise
         path = d["slice"]
         d["gpu.clients.current"] = self.bounds.current(path)
+        d["gpu.clients.stat"] = self.bounds.local(path)
         d["gpu.clients.events"] = self.bounds.events(path)
         return d
 

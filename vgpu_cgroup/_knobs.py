@@ -32,6 +32,7 @@ READONLY_KNOBS: tuple[str, ...] = (
     "gpu.memory.events",
     "gpu.cores.stat",
     "gpu.clients.current",
+    "gpu.clients.stat",
     "gpu.clients.events",
 )
 

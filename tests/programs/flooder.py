@@ -2,7 +2,7 @@
 bench/flood_bench.py.
 
     python3 tests/programs/flooder.py SOCKET [--uid UID] [--hooks N] [--ctls N]
-                                      [--half N] [--fill-only]
+                                      [--half N] [--fill-only | --hold]
 
 From the cgroup it is started in (and, with ``--uid``, as that user: the
 interpreter starts as root, then drops to UID before the first connect, as
@@ -18,6 +18,8 @@ the daemon answers, and keeps every one it gets:
   as soon as it is answered (welcomed: kept; refused: counted) or dropped
   (a half-open closed by the daemon without a frame: its handshake timed
   out). Then prints the totals (``"phase": "done"``) and exits, closing all.
+  ``--fill-only`` exits after the fill, ``--hold`` holds what it got until
+  stdin says ``stop``.
 
 Each JSON line counts: ``hooks`` and ``ctls`` welcomed (and held),
 ``refused`` per bound named in the ``limit`` error frames, one example
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctls", type=int, default=0)
     ap.add_argument("--half", type=int, default=0)
     ap.add_argument("--fill-only", action="store_true", help="exit after the fill phase")
+    ap.add_argument("--hold", action="store_true",
+                    help="after the fill phase, hold what it got until stdin says stop")
     args = ap.parse_args(argv)
     if args.uid is not None:
         os.setgroups([])
@@ -178,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         f.start("half")
     f.report("filled")
     if args.fill_only:
+        return 0
+    if args.hold:
+        sys.stdin.readline()
         return 0
     f.sel.register(sys.stdin, selectors.EVENT_READ, None)
     while True:
