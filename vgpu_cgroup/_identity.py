@@ -87,8 +87,20 @@ def cgroup_of_pid(pid: int, proc: str = "/proc") -> str:
 
     Raises OSError if the process is gone, LookupError if it has no v2 line.
     """
-    with open(f"{proc}/{pid}/cgroup", encoding="utf-8") as f:
-        return parse_proc_cgroup(f.read())
+    # Plain os calls: this runs at every accept, and a buffered text file
+    # costs several times the read itself.
+    fd = os.open(f"{proc}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise LookupError(f"the cgroup path of pid {pid} is not UTF-8") from None
+    return parse_proc_cgroup(text)
 
 
 def _exited(pidfd: int) -> bool:
