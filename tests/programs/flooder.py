@@ -17,7 +17,8 @@ the daemon answers, and keeps every one it gets:
   handshakes and one hook and one control hello in flight, replacing each
   as soon as it is answered (welcomed: kept; refused: counted) or dropped
   (a half-open closed by the daemon without a frame: its handshake timed
-  out). Then prints the totals (``"phase": "done"``) and exits, closing all.
+  out). A line ``report`` prints the counts so far (``"phase": "flooding"``).
+  Then prints the totals (``"phase": "done"``) and exits, closing all.
   ``--fill-only`` exits after the fill, ``--hold`` holds what it got until
   stdin says ``stop``.
 
@@ -73,6 +74,7 @@ class Flood:
 
     def start(self, kind: str) -> bool:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        t0 = time.monotonic()  # before connect: the daemon's clock starts after it
         try:
             s.connect(self.path)
         except OSError:
@@ -88,7 +90,7 @@ class Flood:
                 s.send(_hello(kind))
         except OSError:
             pass
-        self.sel.register(s, selectors.EVENT_READ, _Attempt(kind, s, time.monotonic()))
+        self.sel.register(s, selectors.EVENT_READ, _Attempt(kind, s, t0))
         self.inflight[kind] += 1
         return True
 
@@ -191,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind, want in (("hook", 1), ("ctl", 1), ("half", args.half)):
             while f.inflight[kind] < want and f.start(kind):
                 pass
-        if "stop" in f.step(0.5):
+        lines = f.step(0.5)
+        if "report" in lines:
+            f.report("flooding")
+        if "stop" in lines:
             break
     f.report("done")
     return 0
