@@ -124,9 +124,13 @@ def _echo_floor(path: str, ready: Any) -> None:
 
 
 def _worker(sock_path: str, exe: str, start: float, seconds: float, rate: float, seed: int,
-            out: str, floor: bool) -> None:
+            out: str, floor: bool, cgroup_procs: str | None = None) -> None:
     """One client process: hello and attach here, then exec the C client on
-    the same connection (same pid, so the daemon's view of it holds)."""
+    the same connection (same pid, so the daemon's view of it holds).
+    ``cgroup_procs``: move into that cgroup first (its slice is read at connect)."""
+    if cgroup_procs is not None:
+        with open(cgroup_procs, "w") as f:
+            f.write(str(os.getpid()))
     if floor:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(sock_path)
@@ -156,14 +160,17 @@ def _cpu_s(pid: int) -> float:
 
 
 def run_phase(sock_path: str, server_pid: int, exe: str, clients: int, seconds: float,
-              rate_total: float, tmp: Path, name: str, *, floor: bool = False) -> dict[str, Any]:
-    """One closed-loop (rate 0) or open-loop run; returns its figures."""
+              rate_total: float, tmp: Path, name: str, *, floor: bool = False,
+              cgroup_procs: str | None = None) -> dict[str, Any]:
+    """One closed-loop (rate 0) or open-loop run; returns its figures.
+    ``cgroup_procs``: the clients run in that cgroup (bench/flood_bench.py)."""
     ctx = multiprocessing.get_context("fork")
     start = time.monotonic() + 1.0 + clients * 0.01
     outs = [str(tmp / f"{name}-{i}.lat") for i in range(clients)]
     per = rate_total / clients if rate_total else 0.0
     procs = [ctx.Process(target=_worker,
-                         args=(sock_path, exe, start, seconds, per, i, outs[i], floor))
+                         args=(sock_path, exe, start, seconds, per, i, outs[i], floor,
+                               cgroup_procs))
              for i in range(clients)]
     for p in procs:
         p.start()

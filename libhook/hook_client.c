@@ -610,6 +610,10 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
     } else if (strcmp(rep.t, "welcome")) {
         snprintf(why, whylen, "daemon said %s: %s %s", rep.t, rep.code, rep.msg);
         ok = false;
+        /* Refused for capacity (a bound of our slice or of the node): a slot
+         * may free up, so try again until the connect timeout. */
+        if (!strcmp(rep.code, "limit"))
+            *transient = true;
     } else if (nfds != 2) {
         snprintf(why, whylen, "welcome carried %d descriptors, not 2", nfds);
         ok = false;
@@ -673,15 +677,24 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
 
 /* The handshake, tried again while the deadline allows when the daemon
  * closed on us before its welcome (it was restarting, or so loaded that our
- * hello waited past its handshake timeout): that is no reason to fail CUDA. */
+ * hello waited past its handshake timeout), or refused us for capacity:
+ * that is no reason to fail CUDA. If it comes to failing, a capacity
+ * refusal is the reason given (it names the bound), not the last attempt's
+ * running out of time. */
 static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
 {
+    char refused[256] = "";
     for (;;) {
         bool transient = false;
         if (handshake_once_locked(deadline, why, whylen, &transient))
             return true;
-        if (!transient || remaining_ms(deadline) == 0)
+        if (!strncmp(why, "daemon said error: limit ", 25))
+            snprintf(refused, sizeof refused, "%s", why);
+        if (!transient || remaining_ms(deadline) == 0) {
+            if (refused[0])
+                snprintf(why, whylen, "%s", refused);
             return false;
+        }
         struct timespec ts = {0, 50 * 1000000};
         nanosleep(&ts, NULL);
     }

@@ -16,6 +16,7 @@ import trio
 from _e2e import Cgroups
 from vgpu_cgroup._abi import ffi
 
+from vgpu_cgroup._bounds import ClientLimits
 from vgpu_cgroup._client import Client
 from vgpu_cgroup._config import DaemonConfig
 from vgpu_cgroup._daemon import Daemon
@@ -59,7 +60,8 @@ def start_daemon(tmp: Path, **kw: Any) -> tuple[RunningDaemon, Callable[[], None
     etc = tmp / "etc-slices"
     etc.mkdir(exist_ok=True)
     cfg = DaemonConfig(socket=str(runtime / "vgpud.sock"), runtime_dir=str(runtime),
-                       etc_slices_dir=str(etc), identity=kw.pop("identity", "declared"))
+                       etc_slices_dir=str(etc), identity=kw.pop("identity", "declared"),
+                       limits=kw.pop("limits", ClientLimits()))
     configure("json")
     daemon = Daemon(cfg, list(kw.pop("devices", FAKE_DEVICES)), simulated=True, **kw)
     daemon.load_slices()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vgpu_cgroup._bounds import ClientLimits
 from vgpu_cgroup._config import (
     ConfigError,
     DaemonConfig,
@@ -141,6 +142,13 @@ def test_daemon_config_defaults_and_file(tmp_path: Path) -> None:
     assert c.simulate is True
     assert c.log_format == "json"
     assert c.metrics_listen == "127.0.0.1:9400"
+    assert c.limits == ClientLimits()
+    p = write(tmp_path / "limits.toml",
+              "[limits]\nclients = 100\nslice_clients = 50\nslice_handshakes = 4\n"
+              "slice_hooks = 20\nmax_depth = 8\nhandshake_timeout_ms = 1500\n")
+    assert load_daemon_config(p).limits == ClientLimits(
+        clients=100, slice_clients=50, slice_handshakes=4, slice_hooks=20, max_depth=8,
+        handshake_timeout_s=1.5)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +163,9 @@ def test_daemon_config_defaults_and_file(tmp_path: Path) -> None:
         ('simulate = "yes"\n', 1, "expected bool"),
         ("[metrics]\nlisten = 9400\n", 2, "metrics.listen"),
         ("tick_ms = \n", 1, "TOML syntax error"),
+        ("[limits]\nclients = 0\n", 2, "limits.clients: 0 out of range"),
+        ("[limits]\nslice_hooks = 1.5\n", 2, "expected int"),
+        ("[limits]\nslice_hook = 5\n", 2, "unknown setting 'limits.slice_hook'"),
     ],
 )
 def test_bad_daemon_config(tmp_path: Path, text: str, line: int, needle: str) -> None:
@@ -209,4 +220,16 @@ def test_root_slice_file_is_refused(tmp_path: Path) -> None:
     assert "set them on a slice below it" in ei.value.msg
     with pytest.raises(ConfigError, match="root slice"):
         write_runtime_setting(str(tmp_path / "run"), "-.slice", {"gpu.cores.max": "50"})
+
+
+def test_clients_max_cannot_be_set_on_the_root(tmp_path: Path) -> None:
+    # Like pids.max (and like every knob: the root takes none), with the
+    # node-wide bound in vgpud.toml instead.
+    write(tmp_path / "-.slice.conf", "gpu.clients.max = 10\n")
+    with pytest.raises(ConfigError) as ei:
+        load_slice_layers(str(tmp_path), str(tmp_path / "run"))
+    assert ei.value.line == 1
+    assert "root slice" in ei.value.msg
+    with pytest.raises(ConfigError, match="root slice"):
+        write_runtime_setting(str(tmp_path / "run"), "", {"gpu.clients.max": "10"})
     assert not (tmp_path / "run").exists()

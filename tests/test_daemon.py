@@ -172,17 +172,25 @@ def test_silent_client_dropped_after_handshake_timeout(tmp_path: Path) -> None:
 
 
 def test_connection_cap(tmp_path: Path) -> None:
+    """The node-wide bound (limits.clients): a hook past it is refused with
+    an error that names it; uid 0's control connections are not, so the
+    operator's vgpuctl answers on a full node."""
+    if os.getuid() != 0:
+        pytest.skip("the operator's allowance is uid 0's")
     rd, stop = start_daemon(tmp_path, max_connections=2)
     try:
-        a, b = rd.client(), rd.client()
-        c = Client(rd.socket, timeout=5)
-        c.send({"t": "hello", "v": 1, "role": "ctl", "pid": 1, "comm": "x"})
-        assert c.recv()["msg"] == "too many connections"
-        for x in (a, b, c):
+        a, b = FakeHook(rd), FakeHook(rd)
+        with pytest.raises(ClientError) as err:
+            rd.client("hook")
+        assert err.value.code == "limit"
+        assert err.value.msg.startswith("limits.clients=2 reached: 2 connections")
+        with rd.client() as root:  # uid 0, role ctl: beyond the bound
+            assert len(root.ctl("status")["clients"]) == 3
+            assert root.ctl("show")["gpu.clients.events"]["node"] == 1
+        for x in (a, b):
             x.close()
         wait_for(lambda: rd.daemon.connections == 0)
-        with rd.client() as d:
-            d.ctl("status")
+        FakeHook(rd).close()
     finally:
         stop()
 

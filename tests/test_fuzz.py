@@ -456,7 +456,11 @@ def test_daemon_memory_stays_bounded_under_floods(tmp_path: Path) -> None:
 
         def round_() -> None:
             socks = []
-            for _ in range(200):  # connections that never speak, then vanish
+            # Connections that never speak, then vanish: fewer than the
+            # slice may have in progress (limits.slice_handshakes, 128), as
+            # the hooks below come from the same cgroup (test_bounds has
+            # floods past it).
+            for _ in range(100):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(d.socket)
                 socks.append(s)

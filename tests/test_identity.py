@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from vgpu_cgroup._identity import (
+    SO_PEERPIDFD,
     cgroup2_mount,
     cgroup_of_pid,
     find_cgroup2_mount,
     parse_proc_cgroup,
+    peer_cgroup,
     peer_pid_uid,
 )
 
@@ -94,3 +99,42 @@ def test_real_process_in_created_cgroup(scratch_cgroup: tuple[str, str]) -> None
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_peer_cgroup_checks_the_peer_is_still_there(tmp_path: Path) -> None:
+    """A peer that is gone by the time its cgroup is read may have had its
+    pid reused: with a pidfd (Linux 6.5+) that is refused, not trusted."""
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(tmp_path / "s"))
+    lst.listen(4)
+    with lst:
+        alive = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        alive.connect(str(tmp_path / "s"))
+        conn, _ = lst.accept()
+        with alive, conn:
+            pid = peer_pid_uid(conn)[0]
+            assert peer_cgroup(conn, pid) == cgroup_of_pid(os.getpid())
+        # A child that connects and exits, left unreaped: its /proc entry
+        # still reads, but it is not the process that connected any more.
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+             "s.connect(sys.argv[1])", str(tmp_path / "s")])
+        conn, _ = lst.accept()
+        try:
+            pid = peer_pid_uid(conn)[0]
+            assert pid == child.pid
+            try:
+                conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+            except OSError:
+                pytest.skip("no SO_PEERPIDFD on this kernel")
+            deadline = time.monotonic() + 30
+            stat = Path(f"/proc/{pid}/stat")
+            while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert cgroup_of_pid(pid) is not None  # readable, but...
+            with pytest.raises(ProcessLookupError, match="exited before"):
+                peer_cgroup(conn, pid)
+        finally:
+            conn.close()
+            child.wait()

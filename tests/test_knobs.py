@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vgpu_cgroup._knobs import KNOBS, KnobError, format_knob, parse_knob
+from vgpu_cgroup._knobs import (
+    KNOBS,
+    KnobError,
+    format_knob,
+    knob_spec,
+    parse_knob,
+)
 
 G = 1024**3
 
@@ -136,6 +142,8 @@ def test_roundtrip(name: str, data: st.DataObject) -> None:
         "gpu.devices": st.one_of(
             st.just("all"), st.lists(st.integers(0, 15).map(str), min_size=1, max_size=4)
         ),
+        "gpu.clients.max": st.one_of(st.just("max"), st.integers(0, 2**40),
+                                     st.integers(0, 10**6).map(str)),
     }
     v = parse_knob(name, data.draw(strategies[name]))
     again = parse_knob(name, format_knob(name, v))
@@ -143,3 +151,15 @@ def test_roundtrip(name: str, data: st.DataObject) -> None:
         assert again == pytest.approx(v, rel=1e-5)
     else:
         assert again == v
+
+
+def test_clients_max() -> None:
+    assert parse_knob("gpu.clients.max", "max") is None
+    assert parse_knob("gpu.clients.max", "64") == 64
+    assert parse_knob("gpu.clients.max", 0) == 0
+    assert parse_knob("gpu.clients.max", 8.0) == 8
+    for bad in (-1, "-1", 2.5, "lots", True, [1]):
+        with pytest.raises(KnobError, match=r"gpu\.clients\.max"):
+            parse_knob("gpu.clients.max", bad)
+    with pytest.raises(KnobError, match="read-only"):
+        knob_spec("gpu.clients.events")

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 from vgpu_cgroup import _protocol as proto
-from vgpu_cgroup._lane import MAX_OUTBUF, Lane
+from vgpu_cgroup._lane import MAX_OUTBUF, PAUSE_EVENTS, Lane
 
 HELLO = proto.encode_frame({"t": "hello", "v": proto.PROTO_VERSION, "role": "hook", "pid": 1,
                             "comm": "t"})
@@ -26,13 +26,14 @@ def reserve(rid: int, n: int = 1) -> bytes:
 
 
 class Harness:
-    def __init__(self, *, send_timeout: float = 5.0) -> None:
+    def __init__(self, *, send_timeout: float = 5.0, **groups: int) -> None:
         self.handled: list[tuple[str, proto.Event]] = []
         self.closed: list[tuple[str, str | None]] = []
         self.failed: list[tuple[str, BaseException]] = []
         self.after: list[tuple[str, int]] = []  # (client, requests handled by then)
         self.lane: Lane[str] = Lane(self._handle, self._closed, self._failed,
-                                    after=self._after, send_timeout=send_timeout)
+                                    after=self._after, send_timeout=send_timeout,
+                                    **groups)
         self.peers: list[socket.socket] = []
 
     def _handle(self, client: str, ev: proto.Event) -> proto.Reply | None:
@@ -40,6 +41,8 @@ class Harness:
         if isinstance(ev, proto.Reserve):
             if ev.n == 666:
                 raise RuntimeError("handler bug")
+            if ev.n == 777:  # a large reply, as a control request's can be
+                return proto.Error(code="invalid", msg="x" * 60_000, id=ev.id)
             return proto.Granted(id=ev.id)
         return None
 
@@ -54,12 +57,12 @@ class Harness:
     def _failed(self, client: str, exc: BaseException) -> None:
         self.failed.append((client, exc))
 
-    def connect(self, name: str, pending: bytes = b"") -> socket.socket:
+    def connect(self, name: str, pending: bytes = b"", group: str = "") -> socket.socket:
         ours, theirs = socket.socketpair()
         conn = proto.Connection()
         conn.feed(HELLO + pending)
         assert isinstance(conn.next_event(), proto.Hello)
-        self.lane.add(ours, conn, name)
+        self.lane.add(ours, conn, name, group)
         theirs.settimeout(2)
         self.peers.append(theirs)
         return theirs
@@ -172,8 +175,9 @@ def test_a_peer_that_does_not_read_is_not_read_either() -> None:
         # The kernel's buffers filled up both ways and the lane stopped
         # reading: what it holds stays within one read's replies.
         conn = next(iter(h.lane._conns.values()))
-        assert 0 < len(conn.out) <= MAX_OUTBUF
-        assert len(conn.out) < 4 * 65536
+        assert conn.out or conn.paused
+        assert len(conn.out) <= MAX_OUTBUF
+        assert len(conn.out) + conn.conn.buffered < 4 * 65536
         assert not h.closed
     finally:
         h.lane.close_all("test over")
@@ -225,3 +229,74 @@ def test_watched_fd_is_reported_and_connections_served_in_one_poll(h: Harness) -
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_pipelined_requests_are_served_a_pass_at_a_time(h: Harness) -> None:
+    """A read of thousands of requests is handled PAUSE_EVENTS per pass,
+    the rest kept in the buffer; another connection is served in between,
+    and all of them are answered, in order, in the end."""
+    a = h.connect("a")
+    b = h.connect("b")
+    n = 3 * PAUSE_EVENTS + 7
+    a.sendall(b"".join(reserve(i) for i in range(n)))
+    h.pump(1)
+    assert len(h.handled) == PAUSE_EVENTS
+    b.sendall(reserve(99_999))
+    h.pump(1)
+    assert read_frame(b)["id"] == 99_999
+    got = [read_frame(a)["id"] for _ in range(PAUSE_EVENTS)]
+    for _ in range(10):
+        h.pump(1)
+    got += [read_frame(a)["id"] for _ in range(n - PAUSE_EVENTS)]
+    assert got == list(range(n))
+    assert not h.closed
+    assert h.lane.group_usage("") == (0, 0)
+
+
+def test_a_group_cannot_hold_more_unread_replies_than_its_bound() -> None:
+    """Connections of one group that never read their replies: the one that
+    takes the group past group_out_max is closed; another group is served
+    and the group's usage goes back to nothing once they are gone."""
+    h = Harness(send_timeout=60.0, group_out_max=300_000)
+    try:
+        peers = [h.connect(f"a{i}", group="flood") for i in range(8)]
+        other = h.connect("b", group="other")
+        for p in peers:
+            p.setblocking(False)
+        for _ in range(50):
+            for p in peers:
+                with contextlib.suppress(BlockingIOError):
+                    p.send(reserve(1, n=777) * 16)
+            h.pump(1)
+            if h.closed:
+                break
+        assert h.closed
+        assert "bytes of replies unread" in str(h.closed[0][1])
+        assert {c for c, _ in h.closed} <= {f"a{i}" for i in range(8)}
+        assert h.lane.group_usage("flood")[1] <= 300_000
+        other.sendall(reserve(5))
+        h.pump()
+        assert read_frame(other)["id"] == 5
+    finally:
+        h.lane.close_all("test over")
+        for p in h.peers:
+            p.close()
+    assert h.lane.group_usage("flood") == (0, 0)
+
+
+def test_a_group_cannot_hold_more_partial_frames_than_its_bound() -> None:
+    h = Harness(group_in_max=100_000)
+    try:
+        peers = [h.connect(f"a{i}", group="flood") for i in range(4)]
+        part = struct.pack(">I", 65536) + b"\x81" + b"x" * 40_000  # a frame never finished
+        for p in peers:
+            p.sendall(part)
+            h.pump(1)
+        assert len(h.closed) == 2  # the third and fourth went past 100_000 bytes
+        assert all("requests unhandled" in str(why) for _c, why in h.closed)
+        assert h.lane.group_usage("flood")[0] == 2 * 40_005
+    finally:
+        h.lane.close_all("test over")
+        for p in h.peers:
+            p.close()
+    assert h.lane.group_usage("flood") == (0, 0)

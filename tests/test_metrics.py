@@ -55,8 +55,11 @@ def _fake_source() -> dict[str, Any]:
             "memory": {"total": 10, "devices": {dev: 10}}, "peak": {dev: 20},
             "events": {"high": 1, "max": 2, "oom": 3},
             "events_local": {"high": 0, "max": 0, "oom": 0}}
+    ev = {"max": 0, "clients": 0, "hooks": 5, "handshakes": 0, "node": 0, "depth": 0}
     return {"tree": root, "mem_max": {"": None, "a.slice": 4096}, "devices": [dev],
-            "connections": 4}
+            "connections": 4,
+            "clients": {"": (4, {**ev, "hooks": 0}), "a.slice": (3, ev),
+                        "flood.slice": (0, {**ev, "hooks": 0, "clients": 9})}}
 
 
 def test_collector_and_http_responses() -> None:
@@ -82,6 +85,12 @@ def test_collector_and_http_responses() -> None:
     assert s[("vgpu_slice_clients", a)] == 1
     assert s[("vgpu_slice_clients", frozenset({("slice", "-.slice")}))] == 1
     assert s[("vgpu_connections", frozenset())] == 4
+    assert s[("vgpu_slice_connections", a)] == 3
+    assert s[("vgpu_slice_clients_events_total",
+              frozenset({("slice", "a.slice"), ("type", "hooks")}))] == 5
+    # A slice with refusals and no connection left (not in the tree) too.
+    assert s[("vgpu_slice_clients_events_total",
+              frozenset({("slice", "flood.slice"), ("type", "clients")}))] == 9
     ok = response_for(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", reg)
     assert ok.startswith(b"HTTP/1.0 200 OK\r\n")
     assert b"Content-Type: text/plain; version=0.0.4" in ok
@@ -152,6 +161,11 @@ def test_scrape_running_daemon(tmp_path: Path) -> None:
         assert ev("_local", alice, "oom") == 0
         assert s[("vgpu_slice_clients", frozenset({("slice", alice)}))] == 1
         assert ("vgpu_slice_gpu_time_seconds_total", frozenset({("slice", alice)})) in s
+        # Connections are charged to this process's own cgroup (identity is
+        # declared here, the charge is not): the root sees all of them.
+        assert s[("vgpu_slice_connections", frozenset({("slice", "-.slice")}))] >= 1
+        assert s[("vgpu_slice_clients_events_total",
+                  frozenset({("slice", "-.slice"), ("type", "node")}))] == 0
         # The hook is gone: its memory too, at a next scrape.
         for _ in range(100):
             with urllib.request.urlopen(url, timeout=10) as resp:

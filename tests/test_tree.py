@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vgpu_cgroup._config import SliceSetting
+from vgpu_cgroup._config import ConfigError, SliceSetting
 from vgpu_cgroup._knobs import KnobError, parse_knob
 from vgpu_cgroup._tree import Denial, Grant, SliceTree
 
@@ -340,3 +340,33 @@ def test_root_takes_no_knobs_but_has_statistics() -> None:
     assert root["gpu.memory.current"] == {"total": 13, "devices": {D: 13}}
     assert root["gpu.memory.events"] == {"high": 0, "max": 1, "oom": 1}
     assert root["processes"] == [{"pid": 2, "comm": "y", "client": 2}]
+
+
+def test_clients_max_chain_show_and_root() -> None:
+    t = SliceTree()
+    t.set_knobs("ten.slice", {"gpu.clients.max": "10"}, "test")
+    t.set_knobs("ten.slice/ten-a.slice", {"gpu.clients.max": "50"}, "test")
+    assert t.clients_max_chain("ten.slice/ten-a.slice/job") == [
+        ("ten.slice", 10), ("ten.slice/ten-a.slice", 50)]
+    assert t.clients_max_chain("other.slice") == []
+    assert t.clients_max_chain("") == []
+    shown = t.show("ten.slice/ten-a.slice")
+    assert shown["knobs"]["gpu.clients.max"] == {"value": "50", "source": "test"}
+    assert shown["effective"]["gpu.clients.max"] == "10"
+    assert t.show("")["effective"]["gpu.clients.max"] == "max"
+    with pytest.raises(ConfigError, match="root slice"):
+        t.set_knobs("-.slice", {"gpu.clients.max": "5"}, "test")
+    with pytest.raises(ConfigError, match="root slice"):
+        t.apply_settings([SliceSetting("", "gpu.clients.max", 5, 5, "f.conf")])
+
+
+def test_show_missing_ok_views_a_slice_the_tree_does_not_have() -> None:
+    t = SliceTree()
+    t.set_knobs("ten.slice", {"gpu.clients.max": "10", "gpu.memory.max": "1G"}, "test")
+    with pytest.raises(KeyError):
+        t.show("ten.slice/ghost.scope/x")
+    shown = t.show("ten.slice/ghost.scope/x", missing_ok=True)
+    assert shown["slice"] == "ten.slice/ghost.scope/x"
+    assert shown["effective"]["gpu.clients.max"] == "10"
+    assert shown["effective"]["gpu.memory.max"] == str(1 << 30)
+    assert "ten.slice/ghost.scope/x" not in t.slices()  # the view added nothing

@@ -17,9 +17,10 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ._bounds import ClientLimits
 from ._knobs import KNOBS, READONLY_KNOBS, KnobError, KnobValue, parse_knob
 
 DEFAULT_CONFIG = "/etc/vgpu/vgpud.toml"
@@ -76,6 +77,8 @@ class DaemonConfig:
     # `vgpuctl set` without --runtime: persistent, wins over etc_slices_dir
     # (like systemd's /etc/systemd/system.control for set-property).
     control_slices_dir: str = ""  # "": <etc_slices_dir>.control
+    #: ``[limits]``: what one slice's connections may make vgpud hold (_bounds)
+    limits: ClientLimits = field(default_factory=ClientLimits)
 
     def __post_init__(self) -> None:
         if not self.run_slices_dir:
@@ -266,6 +269,7 @@ def load_daemon_config(path: str | None) -> DaemonConfig:
     text, doc = _load_toml(path)
     flat = _flatten(doc)
     kw: dict[str, Any] = {}
+    limits: dict[str, int] = {}
     str_keys = {
         "socket": "socket",
         "runtime_dir": "runtime_dir",
@@ -313,9 +317,33 @@ def load_daemon_config(path: str | None) -> DaemonConfig:
         elif key == "metrics.listen_any":
             _want(path, text, key, v, bool)
             kw["metrics_listen_any"] = v
+        elif key in LIMIT_KEYS:
+            _want(path, text, key, v, int)
+            assert isinstance(v, int)
+            lo, hi = LIMIT_KEYS[key]
+            if not lo <= v <= hi:
+                raise ConfigError(path, line, f"{key}: {v} out of range {lo}..{hi}")
+            limits[key] = v
         else:
             raise ConfigError(path, line, f"unknown setting {key!r}")
-    return DaemonConfig(**kw)
+    cfg = DaemonConfig(**kw)
+    if limits:
+        fields = {k.removeprefix("limits."): v for k, v in limits.items()}
+        if "handshake_timeout_ms" in fields:
+            fields["handshake_timeout_s"] = fields.pop("handshake_timeout_ms") / 1000  # type: ignore[assignment]
+        cfg.limits = replace(cfg.limits, **fields)
+    return cfg
+
+
+#: ``[limits]`` keys of vgpud.toml and their ranges (see _bounds).
+LIMIT_KEYS: dict[str, tuple[int, int]] = {
+    "limits.clients": (1, 1 << 20),
+    "limits.slice_clients": (1, 1 << 20),
+    "limits.slice_handshakes": (1, 1 << 20),
+    "limits.slice_hooks": (1, 1 << 20),
+    "limits.max_depth": (1, 1024),
+    "limits.handshake_timeout_ms": (1, 600_000),
+}
 
 
 # --------------------------------------------------------------------------

@@ -54,7 +54,7 @@ commands:
   show [SLICE]            knobs, effective values, usage, and which file set each
   tree                    slices and their processes (like systemd-cgls)
   top                     GPU time and memory per slice (like systemd-cgtop)
-  events [--local] [SLICE]  gpu.memory.events (--local: .local) and gpu.cores.stat
+  events [--local] [SLICE]  gpu.memory.events (--local: .local), gpu.cores.stat, gpu.clients.events
   set [--runtime] SLICE KNOB=VALUE...   change knobs live (root)
   reset [--runtime] SLICE              drop what vgpuctl set put on SLICE (root)
   run [--slice S] [-p KNOB=VALUE]... -- CMD...   run CMD under the hook
@@ -112,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
             "high: allocations that left a slice above its gpu.memory.high; max:\n"
             "allocations a slice's gpu.memory.max refused; oom: refused allocations\n"
             "of processes in the slice; nr_throttled/throttled_usec: launches that\n"
-            "waited for budget. As in cgroup v2 a slice's counts include those of\n"
+            "waited for the GPU. As in cgroup v2 a slice's counts include those of\n"
             "the slices below it; --local shows only its own (gpu.memory.events.local).\n"
+            "refused: connections refused for capacity (gpu.clients.events, counted on\n"
+            "the slice whose bound it was; -.slice for the node-wide limits.clients).\n"
             "\nexamples:\n  vgpuctl events\n  vgpuctl events --local tenants-alice.slice")
     s.add_argument("--local", action="store_true",
                    help="memory events of each slice itself, without its descendants")
@@ -126,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
             "until reboot and wins over both. Running processes get it within a tick.\n\n"
             "knobs: gpu.cores.max, gpu.cores.min (percent of one GPU, or max),\n"
             "gpu.cores.weight (1-10000), gpu.memory.max, gpu.memory.high (bytes with\n"
-            "K/M/G, or max), gpu.devices (indices or UUIDs, comma-separated)\n\n"
+            "K/M/G, or max), gpu.devices (indices or UUIDs, comma-separated),\n"
+            "gpu.clients.max (connections to vgpud from the slice and its descendants,\n"
+            "or max; not on -.slice)\n\n"
             "examples:\n  vgpuctl set tenants-alice.slice gpu.cores.max=30 gpu.memory.max=8G\n"
             "  vgpuctl set --runtime tenants-bob.slice gpu.cores.weight=200\n"
             "  vgpuctl set tenants-alice.slice gpu.cores.min=50 gpu.cores.max=50  "
@@ -233,6 +237,12 @@ def print_show(d: dict[str, Any], out: TextIO) -> None:
             print(f"{key} " + " ".join(f"{k} {v}" for k, v in ev.items()), file=out)
     st = d["gpu.cores.stat"]
     print("gpu.cores.stat " + " ".join(f"{k} {v}" for k, v in st.items()), file=out)
+    if "gpu.clients.current" in d:
+        print(f"gpu.clients.current {d['gpu.clients.current']}", file=out)
+        cs = d.get("gpu.clients.stat", {})
+        print("gpu.clients.stat " + " ".join(f"{k} {v}" for k, v in cs.items()), file=out)
+        ce = d["gpu.clients.events"]
+        print("gpu.clients.events " + " ".join(f"{k} {v}" for k, v in ce.items()), file=out)
     for p in d["processes"]:
         print(f"process {p['pid']} {p['comm']}", file=out)
 
@@ -276,13 +286,17 @@ def print_top(d: dict[str, Any], out: TextIO) -> None:
 
 
 def print_events(d: dict[str, Any], out: TextIO, local: bool = False) -> None:
+    """REFUSED: connections refused for capacity, counted on the slice whose
+    bound it was (gpu.clients.events, all keys; --json has each)."""
     key = "gpu.memory.events.local" if local else "gpu.memory.events"
     print(f"{'SLICE':<48} {'HIGH':>6} {'MAX':>6} {'OOM':>6} {'NR_THROTTLED':>12} "
-          f"{'THROTTLED_S':>11}", file=out)
+          f"{'THROTTLED_S':>11} {'REFUSED':>8}", file=out)
     for path, e in sorted(d["slices"].items()):
         m, c = e[key], e["gpu.cores.stat"]
+        refused = sum(e.get("gpu.clients.events", {}).values())
         print(f"{_name(path):<48} {m['high']:>6} {m['max']:>6} {m['oom']:>6} "
-              f"{c['nr_throttled']:>12} {c['throttled_usec'] / 1e6:>11.3f}", file=out)
+              f"{c['nr_throttled']:>12} {c['throttled_usec'] / 1e6:>11.3f} {refused:>8}",
+              file=out)
 
 
 def print_status(d: dict[str, Any], out: TextIO) -> None:
@@ -297,6 +311,12 @@ def print_status(d: dict[str, Any], out: TextIO) -> None:
     hooks = [c for c in d["clients"] if c["role"] == "hook"]
     print(f"clients: {len(hooks)} hooked process(es), "
           f"{len(d['clients']) - len(hooks)} control connection(s)", file=out)
+    conns = d.get("connections")
+    if conns:
+        lim = conns["limits"]
+        print(f"connections: {conns['open']} open, {conns['counted']} of limits.clients="
+              f"{lim['clients']} (per slice: {lim['slice_clients']} connections, "
+              f"{lim['slice_hooks']} hooked, {lim['slice_handshakes']} handshakes)", file=out)
     for name, path in d.get("layers", {}).items():
         print(f"slice files ({name}): {path}", file=out)
     if d.get("config_error"):

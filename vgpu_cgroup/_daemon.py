@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import dataclasses
 import errno
 import os
 import signal
@@ -33,6 +34,7 @@ from structlog.typing import FilteringBoundLogger
 import vgpu_cgroup
 from vgpu_cgroup import _protocol as proto
 from vgpu_cgroup import _systemd
+from vgpu_cgroup._bounds import ClientBounds, ClientLimits, Refusal, Ticket
 from vgpu_cgroup._compute import ComputeService
 from vgpu_cgroup._config import (
     CONTROL_HEADER,
@@ -42,10 +44,10 @@ from vgpu_cgroup._config import (
     remove_slice_setting,
     write_runtime_setting,
 )
-from vgpu_cgroup._identity import cgroup_of_pid, peer_pid_uid
+from vgpu_cgroup._identity import cgroup_of_pid, peer_cgroup, peer_pid_uid
 from vgpu_cgroup._knobs import KnobError
-from vgpu_cgroup._lane import Lane
-from vgpu_cgroup._log import get_logger
+from vgpu_cgroup._lane import MAX_OUTBUF, Lane
+from vgpu_cgroup._log import Throttle, get_logger
 from vgpu_cgroup._nvml import (
     Device,
     NvmlError,
@@ -58,7 +60,7 @@ from vgpu_cgroup._overhead import AUDIT_BYTES, QUIET_NS, overhead_target
 from vgpu_cgroup._shm import MAX_DEVICES, ClientShm
 from vgpu_cgroup._tree import Denial, SliceTree
 
-MAX_CONNECTIONS = 4096
+MAX_CONNECTIONS = ClientLimits().clients  # node-wide default: limits.clients
 MAX_CTX_ESTIMATE = 2 << 30  # larger unreserved use is not a context: not learned
 CLOCK_EVERY_TICKS = 5  # SM clock and utilization sampled every 50 ms
 #: Headroom below which a reservation reads NVML before admission (see _dispatch).
@@ -68,10 +70,24 @@ VIEW_EVERY_TICKS = 5
 #: Clients polled or published between two checkpoints of the tick.
 TICK_CHUNK = 16
 OVERHEAD_EVERY_TICKS = 20  # NVML per-process memory is reconciled every 20 ticks (200 ms)
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = ClientLimits().handshake_timeout_s
+#: What one slice's connections may leave in the lane's buffers (see _lane):
+#: requests received and not handled (a hook leaves none; each connection
+#: at most a partial frame and a paused read), and replies not yet read
+#: (as much as one connection may have).
+SLICE_IN_MAX = 8 << 20
+SLICE_OUT_MAX = MAX_OUTBUF
+#: Refusals are logged once per slice and this interval (then summarised);
+#: other lines about connections (attach, detach, errors) up to
+#: CONN_LOG_BURST per slice and CONN_LOG_S.
+REFUSAL_LOG_S = 10.0
+CONN_LOG_S = 10.0
+CONN_LOG_BURST = 100
 #: A handshake slower than this is worth a warning (registration's goal is 5 ms).
 SLOW_HANDSHAKE_S = 1.0
 SEND_TIMEOUT_S = 5.0
+#: Connections accepted per wake-up of the accept loop (see _accept_loop).
+ACCEPT_BATCH = 8
 TOP_WINDOW_NS = 1_000_000_000
 RECV_CHUNK = 65536
 
@@ -101,6 +117,14 @@ class _Client:
     stale_views: set[int] = field(default_factory=set)
     #: devices on which a reservation has read NVML (see _reserve_looking)
     looked: set[str] = field(default_factory=set)
+    #: the connection's charge in the slice's bounds (see _bounds)
+    ticket: Ticket | None = None
+
+    @property
+    def slice_key(self) -> str:
+        """The slice the connection is charged to: its cgroup at accept
+        (``slice`` differs in ``declared`` identity mode)."""
+        return self.ticket.slice if self.ticket is not None else self.slice
 
 
 class _Close(Exception):
@@ -117,19 +141,29 @@ class Daemon:
         *,
         simulated: bool,
         clock: Callable[[], int] = time.monotonic_ns,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-        max_connections: int = MAX_CONNECTIONS,
+        handshake_timeout: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.devices = {d.uuid: d for d in devices}
         self.simulated = simulated
         self.clock = clock
-        self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
+        # The keyword arguments win over vgpud.toml's [limits] (tests).
+        limits = cfg.limits
+        if handshake_timeout is not None:
+            limits = dataclasses.replace(limits, handshake_timeout_s=handshake_timeout)
+        if max_connections is not None:
+            limits = dataclasses.replace(limits, clients=max_connections)
+        self.limits = limits
+        self.handshake_timeout = limits.handshake_timeout_s
         self.tick_ns = cfg.tick_ms * 1_000_000
         self.lag_ns = cfg.lag_ms * 1_000_000
         self.epoch = time.time_ns()
         self.tree = SliceTree()
+        #: connection counts per slice and their admission (see _bounds)
+        self.bounds = ClientBounds(limits, self.tree.clients_max_chain)
+        self._refusal_log = Throttle(REFUSAL_LOG_S)
+        self._conn_log = Throttle(CONN_LOG_S, burst=CONN_LOG_BURST)
         self.compute = ComputeService(self.tree, self.devices, lag_ns=self.lag_ns,
                                       clock_exponent=cfg.clock_exponent)
         self.clients: dict[int, _Client] = {}
@@ -139,7 +173,8 @@ class Daemon:
         self._published: tuple[tuple[int, int], int] = ((-1, -1), -1)
         self.lane: Lane[_Client] = Lane(self._dispatch, self._lane_closed, self._lane_failed,
                                         after=self._publish_stale_views,
-                                        send_timeout=SEND_TIMEOUT_S)
+                                        send_timeout=SEND_TIMEOUT_S,
+                                        group_in_max=SLICE_IN_MAX, group_out_max=SLICE_OUT_MAX)
         self.log = get_logger()
         self._next_id = 1
         self._tick_errors = 0
@@ -253,7 +288,8 @@ class Daemon:
         if self.cfg.identity == "declared":
             self.log.warning("identity mode 'declared': clients choose their slice; "
                              "development only, never in production")
-        listener = trio.socket.from_stdlib_socket(sock if sock is not None else self.bind())
+        raw = sock if sock is not None else self.bind()
+        listener = trio.socket.from_stdlib_socket(raw)  # non-blocking now
         self.listener = listener
         self.last_tick = time.monotonic()
         self.book_running_processes()
@@ -264,7 +300,8 @@ class Daemon:
                 if not hosted:
                     nursery.start_soon(self._tick_loop)
                     nursery.start_soon(self._lane_loop)
-                nursery.start_soon(self._accept_loop, listener, nursery)
+                nursery.start_soon(self._accept_loop, raw, nursery)
+                nursery.start_soon(self._log_summaries)
                 wd = _systemd.watchdog_interval()
                 if wd is not None:
                     nursery.start_soon(self._watchdog, wd)
@@ -358,27 +395,98 @@ class Daemon:
                     scope.cancel()
                     return
 
-    async def _accept_loop(self, listener: trio.socket.SocketType,
-                           nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: _stdsocket.socket, nursery: trio.Nursery) -> None:
+        """Accept up to ACCEPT_BATCH connections per wake-up, with plain
+        non-blocking calls: a flood of connections that are refused at once
+        then costs the daemon the refusals, not a pass through trio's
+        scheduler each (which took half again the CPU of the refusal), and
+        the lane is served between two of them."""
         while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as exc:
-                # EMFILE and friends: back off instead of spinning.
-                self.log.warning("accept failed", error=str(exc))
-                await trio.sleep(0.1)
-                continue
-            if self.connections >= self.max_connections:
-                nursery.start_soon(self._refuse, sock)
-                continue
-            self.connections += 1
-            nursery.start_soon(self._connection, sock)
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    # EMFILE and friends: back off instead of spinning.
+                    if self._conn_log.allow("(accept)", time.monotonic()):
+                        self.log.warning("accept failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    break
+                try:
+                    admitted = self._admit(sock)
+                except Exception:  # a bug here must not end accepting for everyone
+                    sock.close()
+                    if self._conn_log.allow("(accept)", time.monotonic()):
+                        self.log.exception("internal error admitting a connection")
+                    continue
+                if admitted is not None:
+                    self.connections += 1
+                    nursery.start_soon(self._connection, trio.socket.from_stdlib_socket(sock),
+                                       *admitted)
+                # Reservations that came meanwhile go first: behind a flood
+                # of refusals, one waits for one refusal, not a batch.
+                if not self.lane.closed:
+                    self.lane.run_ready()
+            await trio.lowlevel.checkpoint()
 
-    async def _refuse(self, sock: trio.socket.SocketType) -> None:
-        with sock:
-            err = proto.Error(code="internal", msg="too many connections")
-            with trio.move_on_after(1):
-                await self._sendall(sock, proto.Connection().send(err))
+    def _admit(self, sock: _stdsocket.socket) -> tuple[int, int, str, Ticket] | None:
+        """Who connected, and whether their slice may have one more
+        connection: decided at accept, before a task, a buffer or a byte of
+        the peer's is spent on it. A refusal is answered and closed here,
+        without waiting on the peer, so refused connections hold nothing."""
+        pid = uid = -1
+        try:
+            pid, uid, _gid = peer_pid_uid(sock)
+            slc = peer_cgroup(sock, pid)
+        except (OSError, LookupError) as exc:
+            self._refuse_now(sock, proto.Error(
+                code="internal", msg=f"cannot read cgroup of pid {pid}: {exc}"))
+            return None
+        res = self.bounds.accept(slc, uid)
+        if isinstance(res, Refusal):
+            self._refused(res, slc, pid, uid)
+            self._refuse_now(sock, self._limit_error(res))
+            return None
+        return pid, uid, slc, res
+
+    @staticmethod
+    def _refuse_now(sock: _stdsocket.socket, err: proto.Error) -> None:
+        """Send ``err`` if the socket takes it at once (a new connection's
+        buffer is empty), and close."""
+        with sock, contextlib.suppress(OSError):
+            os.write(sock.fileno(), proto.Connection().send(err))
+
+    @staticmethod
+    def _limit_error(ref: Refusal) -> proto.Error:
+        return proto.Error(code="limit", msg=ref.message(), extra={
+            "bound": ref.bound, "slice": ref.slice, "limit": ref.limit,
+            "current": ref.current})
+
+    def _refused(self, ref: Refusal, slc: str, pid: int, uid: int) -> None:
+        """Log a refusal: the first of a slice in each REFUSAL_LOG_S, the
+        rest in one summary at its end (see _log_summaries)."""
+        if self._refusal_log.allow(slc, time.monotonic(), ref.bound):
+            self.log.warning("connection refused", bound=ref.bound, limit=ref.limit,
+                             current=ref.current, limit_slice=ref.slice, slice=slc,
+                             pid=pid, uid=uid)
+
+    def _clog(self, slc: str) -> bool:
+        """Whether a line about one of ``slc``'s connections may be logged."""
+        return self._conn_log.allow(slc, time.monotonic(), "lines")
+
+    async def _log_summaries(self) -> None:
+        """What the throttles held back, once each interval is over."""
+        while True:
+            await trio.sleep(1.0)
+            now = time.monotonic()
+            for slc, counts in self._refusal_log.due(now):
+                self.log.warning("connections refused", slice=slc, refused=counts,
+                                 seconds=REFUSAL_LOG_S)
+            for slc, counts in self._conn_log.due(now):
+                self.log.info("lines about connections not logged", slice=slc,
+                              lines=counts.get("lines", 0), seconds=CONN_LOG_S)
 
     # ------------------------------------------------------------ connections
 
@@ -396,63 +504,77 @@ class Daemon:
             raise _Close
         return data
 
-    async def _connection(self, sock: trio.socket.SocketType) -> None:
-        """The handshake (hello, identity, welcome with the shared regions);
-        then the connection belongs to the lane, which serves its requests."""
+    async def _connection(self, sock: trio.socket.SocketType, pid: int, uid: int, slc: str,
+                          ticket: Ticket) -> None:
+        """The handshake (hello, welcome with the shared regions), all of it
+        within the handshake timeout; then the connection belongs to the
+        lane, which serves its requests. Until then it counts as one of
+        ``slc``'s handshakes in progress; whatever ends it, its charge is
+        given back (``finally``)."""
         conn = proto.Connection()
         client: _Client | None = None
-        log = self.log
+        log = self.log.bind(pid=pid, slice=slc)
         handed_over = False
+        t_accept = time.monotonic()
         try:
             with sock:
                 try:
-                    t_accept = time.monotonic()
-                    pid, uid, _gid = peer_pid_uid(sock)
-                    log = log.bind(pid=pid)
                     with trio.fail_after(self.handshake_timeout):
                         hello: proto.Event | None = None
                         while hello is None:
                             conn.feed(await self._recv(sock))
                             hello = conn.next_event()
-                    assert isinstance(hello, proto.Hello)
-                    client = self._register(hello, pid, uid)
-                    log = client.log
-                    await self._welcome(sock, conn, client)
+                        assert isinstance(hello, proto.Hello)
+                        refusal = self.bounds.hello(ticket, hello.role)
+                        if refusal is not None:
+                            self._refused(refusal, slc, pid, uid)
+                            with contextlib.suppress(OSError):
+                                os.write(sock.fileno(), conn.send(self._limit_error(refusal)))
+                            return
+                        client = self._register(hello, pid, uid, slc, ticket)
+                        log = client.log
+                        await self._welcome(sock, conn, client)
                     took = time.monotonic() - t_accept
-                    if took > SLOW_HANDSHAKE_S:
+                    if took > SLOW_HANDSHAKE_S and self._clog(slc):
                         log.warning("slow handshake: the daemon is short of CPU",
                                     seconds=round(took, 3))
-                    self.lane.add(_stdsocket.socket(fileno=sock.detach()), conn, client)
+                    self.lane.add(_stdsocket.socket(fileno=sock.detach()), conn, client, slc)
                     handed_over = True
                 except proto.ProtocolError as exc:
-                    log.warning("protocol error, closing", code=exc.code, error=exc.msg)
+                    if self._clog(slc):
+                        log.warning("protocol error, closing", code=exc.code, error=exc.msg)
                     with trio.move_on_after(1):
                         await self._sendall(sock, conn.send(exc.reply()))
                 except trio.TooSlowError:
-                    log.warning("handshake not done in time, closing",
-                                seconds=round(time.monotonic() - t_accept, 3))
+                    if self._clog(slc):
+                        log.warning("handshake not done in time, closing",
+                                    seconds=round(time.monotonic() - t_accept, 3))
                 except (_Close, ConnectionError):
                     pass
                 except OSError as exc:
-                    log.info("connection error", error=str(exc))
+                    if self._clog(slc):
+                        log.info("connection error", error=str(exc))
         except Exception:
-            log.exception("internal error on connection, closing it")
+            if self._clog(slc):
+                log.exception("internal error on connection, closing it")
         finally:
             if not handed_over:
                 self.connections -= 1
+                self.bounds.release(ticket)
                 if client is not None:
                     self._drop(client)
 
     def _lane_closed(self, client: _Client, why: str | None) -> None:
         """A connection the lane served has ended."""
         self.connections -= 1
-        if why is not None:
+        if why is not None and self._clog(client.slice_key):
             client.log.info("connection closed", reason=why)
         self._drop(client)
 
     def _lane_failed(self, client: _Client, exc: BaseException) -> None:
-        client.log.error("internal error on connection, closing it",
-                         exc_info=(type(exc), exc, exc.__traceback__))
+        if self._clog(client.slice_key):
+            client.log.error("internal error on connection, closing it",
+                             exc_info=(type(exc), exc, exc.__traceback__))
 
     async def _lane_loop(self) -> None:
         """Drive the lane from trio: serve it whenever its epoll fd is readable."""
@@ -460,20 +582,23 @@ class Daemon:
             await trio.lowlevel.wait_readable(self.lane.fileno())
             self.lane.run_ready()
 
-    def _register(self, hello: proto.Hello, pid: int, uid: int) -> _Client:
-        """Identity, tree membership, shared regions (no I/O, so nothing leaks)."""
-        try:
-            slc = cgroup_of_pid(pid)
-        except (OSError, LookupError) as exc:
-            raise proto.ProtocolError("internal", f"cannot read cgroup of pid {pid}: {exc}") \
-                from None
+    def _register(self, hello: proto.Hello, pid: int, uid: int, slc: str | None = None,
+                  ticket: Ticket | None = None) -> _Client:
+        """Tree membership and shared regions of a peer whose slice (its
+        cgroup, read at accept) is ``slc`` (no I/O, so nothing leaks)."""
+        if slc is None:
+            try:
+                slc = cgroup_of_pid(pid)
+            except (OSError, LookupError) as exc:
+                raise proto.ProtocolError("internal",
+                                          f"cannot read cgroup of pid {pid}: {exc}") from None
         if self.cfg.identity == "declared" and hello.slice is not None:
             slc = hello.slice.strip("/")
         cid = self._next_id
         self._next_id += 1
         log = self.log.bind(client=cid, pid=pid, slice=slc)
         client = _Client(id=cid, role=hello.role, pid=pid, uid=uid, comm=hello.comm,
-                         slice=slc, log=log)
+                         slice=slc, log=log, ticket=ticket)
         if hello.role == "hook":
             was_ghost = pid in self._ghosts
             self._drop_ghost(pid)  # its placeholder, booked at start: it re-declares now
@@ -492,7 +617,8 @@ class Daemon:
                 now = self.clock()
                 for uuid in self.devices:
                     self._reconcile(client, uuid, now, self._nvml_used(uuid))
-            log.info("client attached", comm=hello.comm)
+            if self._clog(client.slice_key):
+                log.info("client attached", comm=hello.comm)
         else:
             self.clients[cid] = client
         return client
@@ -508,6 +634,9 @@ class Daemon:
             with trio.fail_after(SEND_TIMEOUT_S):
                 sent = await sock.sendmsg(
                     [welcome], [(_stdsocket.SOL_SOCKET, _stdsocket.SCM_RIGHTS, fds)])
+            # The peer has its fds now; the daemon keeps only the mappings
+            # (one fd per hooked process, not four).
+            client.shm.close_fds()
             if sent < len(welcome):  # fds went with the first byte; send the rest plainly
                 await self._sendall(sock, welcome[sent:])
         else:
@@ -536,6 +665,8 @@ class Daemon:
 
     def _drop(self, client: _Client) -> None:
         """Connection gone: release everything, close fds, unmap."""
+        if client.ticket is not None:
+            self.bounds.release(client.ticket)
         if self.clients.pop(client.id, None) is None:
             return
         if client.in_tree:
@@ -544,7 +675,8 @@ class Daemon:
             held = self.tree.held(client.id)
             slc = self.tree.client_slice(client.id)
             self.tree.detach(client.id)
-            client.log.info("client detached")
+            if self._clog(client.slice_key):
+                client.log.info("client detached")
             # A connection can end while its process lives on and still holds
             # GPU memory (a hook that gave up waiting for the daemon and will
             # reconnect): keep that memory booked until NVML shows it gone.
@@ -748,7 +880,7 @@ class Daemon:
             if ev.op == "status":
                 return proto.Ok(id=ev.id, data=self.status())
             if ev.op == "show":
-                return proto.Ok(id=ev.id, data=self.tree.show(ev.slice or ""))
+                return proto.Ok(id=ev.id, data=self.show(ev.slice or ""))
             if ev.op == "tree":
                 return proto.Ok(id=ev.id, data=self.snapshot())
             if ev.op == "top":
@@ -795,7 +927,7 @@ class Daemon:
         self.log.info("knobs set", slice=path, knobs=ev.knobs, runtime=ev.runtime,
                       source=source, uid=client.uid, pid=client.pid)
         return proto.Ok(id=ev.id, data={"slice": path, "knobs": dict(ev.knobs),
-                                        "source": source, "show": self.tree.show(path),
+                                        "source": source, "show": self.show(path),
                                         "config_error": self.config_error})
 
     def _reset(self, client: _Client, ev: proto.Ctl) -> proto.Reply:
@@ -885,14 +1017,35 @@ class Daemon:
 
     def events(self) -> dict[str, Any]:
         """Per slice: ``gpu.memory.events`` (descendants included),
-        ``gpu.memory.events.local`` and ``gpu.cores.stat`` counters."""
+        ``gpu.memory.events.local``, ``gpu.cores.stat`` and
+        ``gpu.clients.events`` counters (also of slices known only from
+        their connections or refusals)."""
         out: dict[str, Any] = {}
-        for path in self.tree.slices():
-            show = self.tree.show(path)
+        paths = dict.fromkeys(self.tree.slices())
+        paths.update(dict.fromkeys(p for p in self.bounds.slices() if p not in paths))
+        for path in paths:
+            show = self.tree.show(path, missing_ok=True)
             out[path] = {"gpu.memory.events": show["gpu.memory.events"],
                          "gpu.memory.events.local": show["gpu.memory.events.local"],
-                         "gpu.cores.stat": show["gpu.cores.stat"]}
+                         "gpu.cores.stat": show["gpu.cores.stat"],
+                         "gpu.clients.events": self.bounds.events(path)}
         return {"slices": out}
+
+    def show(self, slice: str) -> dict[str, Any]:
+        """``vgpuctl show``: the tree's view of a slice and its connection
+        counts (``gpu.clients.*``); a slice only the bounds know (control
+        connections, refusals) shows too. KeyError if neither does."""
+        try:
+            d = self.tree.show(slice)
+        except KeyError:
+            d = self.tree.show(slice, missing_ok=True)
+            if d["slice"] not in self.bounds.slices():
+                raise
+        path = d["slice"]
+        d["gpu.clients.current"] = self.bounds.current(path)
+        d["gpu.clients.stat"] = self.bounds.local(path)
+        d["gpu.clients.events"] = self.bounds.events(path)
+        return d
 
     def status(self) -> dict[str, Any]:
         return {
@@ -913,6 +1066,8 @@ class Daemon:
             "clients": [{"id": c.id, "role": c.role, "pid": c.pid, "comm": c.comm,
                          "slice": c.slice, "devices": sorted(c.dev_slot)}
                         for c in self.clients.values()],
+            "connections": {"open": self.connections, "counted": self.bounds.node,
+                            "limits": dataclasses.asdict(self.limits)},
         }
 
     def top(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import socket
 import sys
 from collections.abc import Sequence
@@ -92,6 +93,26 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     return cfg
 
 
+#: File descriptors vgpud needs besides one per connection: the listener,
+#: epoll and wake-up fds, NVML's device files, metrics, a handshake's memfds.
+FD_SLACK = 256
+
+
+def raise_nofile(clients: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one, as a program that needs
+    many fds is expected to (systemd's default soft limit is 1024, which
+    would make accept fail with EMFILE for everyone long before
+    ``limits.clients`` refuses anyone). Returns (the limit now, what the
+    bounds need); the caller warns when the first is smaller."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    return soft, clients + FD_SLACK
+
+
 def _notify(state: str) -> None:
     """sd_notify, never fatal: a vanished notify socket must not stop us."""
     with contextlib.suppress(OSError):
@@ -145,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MetricsError as exc:
             print(f"vgpud: {exc}", file=sys.stderr)
             return 1
+    nofile, need = raise_nofile(cfg.limits.clients)
+    if nofile < need:
+        log.warning("RLIMIT_NOFILE is below what limits.clients needs: connections will "
+                    "fail with EMFILE before the bound refuses them (raise LimitNOFILE=)",
+                    nofile=nofile, needed=need, limits_clients=cfg.limits.clients)
     daemon = Daemon(cfg, devices, simulated=cfg.simulate)
     try:
         daemon.load_slices()

@@ -24,6 +24,7 @@ CORES_IDLE = "gpu.cores.idle"
 MEMORY_MAX = "gpu.memory.max"
 MEMORY_HIGH = "gpu.memory.high"
 DEVICES = "gpu.devices"
+CLIENTS_MAX = "gpu.clients.max"
 
 #: Knobs that can be read but never set (``show`` reports them).
 READONLY_KNOBS: tuple[str, ...] = (
@@ -32,6 +33,9 @@ READONLY_KNOBS: tuple[str, ...] = (
     "gpu.memory.events",
     "gpu.memory.events.local",
     "gpu.cores.stat",
+    "gpu.clients.current",
+    "gpu.clients.stat",
+    "gpu.clients.events",
 )
 
 WEIGHT_MIN = 1
@@ -196,6 +200,22 @@ def _parse_devices(name: str, value: object) -> KnobValue:
     return tuple(out)
 
 
+def _parse_count(name: str, value: object) -> KnobValue:
+    accepts = "a whole number >= 0, or 'max'"
+    if _is_max(value):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        f = _number(name, value, accepts)
+        if f != int(f):
+            raise KnobError(name, value, f"expected {accepts}")
+        n = int(f)
+    if not 0 <= n <= _U64_MAX:
+        raise KnobError(name, value, f"out of range: expected {accepts}")
+    return n
+
+
 def _fmt_percent(v: KnobValue) -> str:
     if v is None:
         return "max"
@@ -235,6 +255,7 @@ KNOBS: Mapping[str, KnobSpec] = {
         KnobSpec(MEMORY_MAX, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
         KnobSpec(MEMORY_HIGH, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
         KnobSpec(DEVICES, "'all' or GPU indices/UUIDs", None, _parse_devices, _fmt_devices),
+        KnobSpec(CLIENTS_MAX, "integer >= 0 or 'max'", None, _parse_count, _fmt_int),
     )
 }
 

@@ -50,3 +50,57 @@ def get_logger(**bound: Any) -> FilteringBoundLogger:
     """A logger named ``vgpud`` with ``bound`` context on every line."""
     log: FilteringBoundLogger = structlog.get_logger("vgpud")
     return log.bind(**bound) if bound else log
+
+
+class Throttle:
+    """At most ``burst`` lines per key (a slice) and ``interval`` seconds;
+    the rest are counted, and :meth:`due` hands back one summary per key
+    once its interval is over.
+
+    So a slice that opens connections as fast as it can costs the log a
+    few lines per interval, not one per connection: a log flood would drown
+    the lines that matter, and journald drops a unit's lines past its rate
+    limit, whichever they are. Pure: the caller passes the time and logs.
+    At most ``max_keys`` keys are tracked; past that, new keys share one
+    (``"*"``), so a tenant that can make many cgroups cannot grow this.
+    """
+
+    OVERFLOW = "*"
+
+    def __init__(self, interval: float, burst: int = 1, max_keys: int = 1024) -> None:
+        self.interval = interval
+        self.burst = burst
+        self.max_keys = max_keys
+        #: key -> [window start, lines allowed, {what: suppressed}]
+        self._keys: dict[str, tuple[float, list[int], dict[str, int]]] = {}
+
+    def allow(self, key: str, now: float, what: str = "") -> bool:
+        """Whether a line about ``key`` may be logged now; if not, it is
+        counted under ``what`` for the summary."""
+        ent = self._keys.get(key)
+        if ent is None:
+            if len(self._keys) >= self.max_keys:
+                key = self.OVERFLOW
+                ent = self._keys.get(key)
+            if ent is None:
+                self._keys[key] = (now, [1], {})
+                return True
+        used, suppressed = ent[1], ent[2]
+        if used[0] < self.burst:
+            used[0] += 1
+            return True
+        suppressed[what] = suppressed.get(what, 0) + 1
+        return False
+
+    def due(self, now: float) -> list[tuple[str, dict[str, int]]]:
+        """Keys whose interval is over, with what was suppressed in it (only
+        those where something was); those keys start afresh."""
+        out: list[tuple[str, dict[str, int]]] = []
+        for key in [k for k, e in self._keys.items() if now - e[0] >= self.interval]:
+            _, _, suppressed = self._keys.pop(key)
+            if suppressed:
+                out.append((key, suppressed))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -142,6 +142,24 @@ class VgpuCollector:
                 local.add_metric([slc, typ], n)
             clients.add_metric([slc], _count_procs(node))
         yield from (gpu, thr, nthr, cur, peak, mmax, events, local, clients)
+        # Connections and refusals per slice (gpu.clients.*): the tree's
+        # slices and those known only from their connections or refusals,
+        # a set the daemon bounds (see _bounds.IDLE_RECORDS).
+        per: dict[str, tuple[int, dict[str, int]]] = data.get("clients", {})
+        sconns = GaugeMetricFamily("vgpu_slice_connections",
+                                   "Connections to vgpud from the slice's processes (every "
+                                   "role, descendants included: gpu.clients.current)",
+                                   labels=["slice"])
+        refused = CounterMetricFamily("vgpu_slice_clients_events",
+                                      "Connections refused for capacity, on the slice whose "
+                                      "bound it was (gpu.clients.events)",
+                                      labels=["slice", "type"])
+        for path, (current, evs) in sorted(per.items()):
+            slc = path or "-.slice"
+            sconns.add_metric([slc], current)
+            for typ, n in evs.items():
+                refused.add_metric([slc, typ], n)
+        yield from (sconns, refused)
         conns = GaugeMetricFamily("vgpu_connections", "Open connections to vgpud (hooks and "
                                   "vgpuctl)")
         conns.add_metric([], data["connections"])
@@ -160,8 +178,11 @@ def daemon_source(daemon: Daemon) -> Callable[[], dict[str, Any]]:
             node["events"] = show["gpu.memory.events"]
             node["events_local"] = show["gpu.memory.events.local"]
             mem_max[node["slice"]] = daemon.tree.effective_limits(node["slice"]).mem_max
+        b = daemon.bounds
+        paths = {*mem_max, *b.slices()}
+        clients = {p: (b.current(p), b.events(p)) for p in paths}
         return {"tree": snap, "mem_max": mem_max, "devices": sorted(daemon.devices),
-                "connections": daemon.connections}
+                "connections": daemon.connections, "clients": clients}
 
     return source
 

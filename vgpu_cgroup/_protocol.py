@@ -189,6 +189,8 @@ class Error:
     msg: str
     id: int | None = None
     supported: list[int] | None = None
+    #: more fields of the frame (a ``limit`` error's bound, slice, limit, current)
+    extra: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.code not in ERROR_CODES:
@@ -217,6 +219,8 @@ def _reply_map(msg: Reply) -> dict[str, Any]:
         out["id"] = msg.id
     if msg.supported is not None:
         out["supported"] = msg.supported
+    if msg.extra:
+        out.update({k: v for k, v in msg.extra.items() if k not in out})
     return out
 
 
@@ -415,6 +419,12 @@ class Connection:
     @property
     def role(self) -> str | None:
         return None if self.hello is None else self.hello.role
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken out as events (the daemon bounds
+        what one slice's connections may leave here)."""
+        return self._frames.pending
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the peer."""

@@ -137,6 +137,14 @@ class ClientShm:
         """The fds for the welcome's SCM_RIGHTS, in protocol order."""
         return [self.ctl_ro_fd, self._stat_fd]
 
+    def close_fds(self) -> None:
+        """Close the memfds once the client has them: the mappings stay
+        (the daemon needs nothing else), and a hooked process then costs
+        the daemon one fd, its socket, instead of four."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
     # ---- daemon writes ----
 
     def activate(self, slot: int) -> None:

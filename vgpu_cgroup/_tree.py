@@ -29,6 +29,7 @@ from ._config import (
     expand_slice_name,
 )
 from ._knobs import (
+    CLIENTS_MAX,
     CORES_IDLE,
     CORES_MAX,
     CORES_MIN,
@@ -176,6 +177,16 @@ class ClientState:
     chain_gen: int = -1
 
 
+def _tightest(node: Node, knob: str) -> int | None:
+    """The smallest value of an integer knob set on the node or an ancestor."""
+    best: int | None = None
+    for n in node.ancestry():
+        v = n.get(knob)
+        if v is not None:
+            best = int(v) if best is None else min(best, int(v))  # type: ignore[arg-type]
+    return best
+
+
 def _check_bytes(n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"byte count must be a positive integer, got {n!r}")
@@ -263,6 +274,20 @@ class SliceTree:
     def slices(self) -> list[str]:
         """Every slice path, parents before children."""
         return [n.path for n in self.root.subtree()]
+
+    def clients_max_chain(self, path: str) -> list[tuple[str, int]]:
+        """The ``gpu.clients.max`` set along a cgroup path (root first), as
+        (slice, max): what admission of a connection from ``path`` checks."""
+        out: list[tuple[str, int]] = []
+        node: Node | None = self.root
+        for comp in path.split("/") if path else ():
+            node = node.children.get(comp) if node is not None else None
+            if node is None:
+                break
+            ent = node.knobs.get(CLIENTS_MAX)
+            if ent is not None and ent[0] is not None:
+                out.append((node.path, int(ent[0])))  # type: ignore[arg-type]
+        return out
 
     # ------------------------------------------------------------------ knobs
 
@@ -615,14 +640,36 @@ class SliceTree:
             "nr_throttled": node.nr_throttled,
         }
 
-    def show(self, slice: str) -> dict[str, Any]:
-        """JSON-ready view of one slice (KeyError if unknown).
+    def _node_or_detached(self, slice: str) -> Node:
+        """The slice's node, or one made for the view only (not in the tree)
+        under its nearest existing ancestor: a slice known elsewhere (one
+        that only has control connections, or refusals) shows its defaults
+        and what its ancestors impose."""
+        try:
+            return self.node(slice)
+        except KeyError:
+            pass
+        try:
+            path = self.resolve(slice)
+        except ConfigError as e:
+            raise KeyError(slice) from e
+        parent = self.root
+        for comp in path.split("/")[:-1]:
+            nxt = parent.children.get(comp)
+            if nxt is None:
+                break
+            parent = nxt
+        return Node(path, parent)
+
+    def show(self, slice: str, *, missing_ok: bool = False) -> dict[str, Any]:
+        """JSON-ready view of one slice (KeyError if unknown, unless
+        ``missing_ok``: then an unknown slice shows as an empty one).
 
         ``knobs`` gives each writable knob's own value as cgroup text and the
         file (or ``vgpuctl``/``default``) that set it; ``effective`` the
         tightest values along the path.
         """
-        node = self.node(slice)
+        node = self._node_or_detached(slice) if missing_ok else self.node(slice)
         knobs: dict[str, Any] = {}
         for name in KNOBS:
             ent = node.knobs.get(name)
@@ -639,6 +686,7 @@ class SliceTree:
             MEMORY_MAX: format_knob(MEMORY_MAX, lim.mem_max),
             MEMORY_HIGH: format_knob(MEMORY_HIGH, lim.mem_high),
             DEVICES: format_knob(DEVICES, lim.devices),
+            CLIENTS_MAX: format_knob(CLIENTS_MAX, _tightest(node, CLIENTS_MAX)),
         }
         return {
             "slice": node.path,

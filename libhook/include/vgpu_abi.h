@@ -46,7 +46,8 @@
     X(PERMISSION, "permission")                                                \
     X(NOTFOUND, "notfound")                                                    \
     X(INVALID, "invalid")                                                      \
-    X(INTERNAL, "internal")
+    X(INTERNAL, "internal")                                                    \
+    X(LIMIT, "limit")
 
 enum vgpu_error_code {
 #define VGPU_ERR_ENUM_(name, text) VGPU_ERR_##name,
