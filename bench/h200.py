@@ -106,6 +106,7 @@ class Bench:
         native: bool = False,
         extra_env: dict[str, str] | None = None,
         capture_err: bool = False,
+        stdin: int | None = None,
     ) -> subprocess.Popen[str]:
         env = dict(self.env)
         env.update(extra_env or {})
@@ -123,6 +124,7 @@ class Bench:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if capture_err else None,
+            stdin=stdin,
             text=True,
             start_new_session=True,
         )
@@ -155,12 +157,29 @@ class Bench:
     def run(self, wl_args: list[str], **kw: Any) -> dict[str, Any]:
         return self.collect(self.spawn(wl_args, **kw))
 
-    def together(
-        self, specs: list[tuple[list[str], dict[str, Any]]], lead: float = 25.0
-    ) -> list[dict[str, Any]]:
-        """Start several workloads that measure the same wall-clock window."""
-        start_at = time.time() + lead
-        procs = [self.spawn([*a, "--start-at", str(start_at)], **kw) for a, kw in specs]
+    def group(self, specs: list[tuple[list[str], dict[str, Any]]],
+              timeout: float = 120) -> list[dict[str, Any]]:
+        """Start several workloads, wait until every one has warmed up
+        (--sync-start), then start their measured windows together: no
+        guess at how long torch takes to start."""
+        procs = [self.spawn([*a, "--sync-start"], stdin=subprocess.PIPE, **kw)
+                 for a, kw in specs]
+        deadline = time.time() + timeout
+        for p in procs:
+            assert p.stdout is not None
+            while True:
+                line = p.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"workload exited before ready: rc={p.wait()}")
+                if line.startswith("{") and json.loads(line).get("ready"):
+                    break
+                if time.time() > deadline:
+                    raise RuntimeError("workload not ready in time")
+        start = time.time() + 0.3
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(f"{start}\n")
+            p.stdin.flush()
         return [self.collect(p) for p in procs]
 
 
@@ -275,7 +294,7 @@ def sc_compute(b: Bench) -> dict[str, Any]:
     """Issue 4: shares against native, each ratio from this run. Knobs sit on
     the slices (so a later run in the same slice sees them); each figure is
     stored as soon as it is measured, so one failure loses only itself."""
-    secs = ["--seconds", "8"]
+    secs = ["--seconds", "6"]
     res: dict[str, Any] = {}
     slices = {
         "solo30": {"gpu.cores.max": "30"},
@@ -300,15 +319,15 @@ def sc_compute(b: Bench) -> dict[str, Any]:
         print(f"   compute {key}: {json.dumps(res[key])[:300]}", flush=True)
 
     def solo(slice_: str, mode: str = "matmul") -> float:
-        return float(b.run([mode, *secs], slice_=slice_)["rate"])
+        return float(b.group([([mode, *secs], {"slice_": slice_})])[0]["rate"])
 
     def native(mode: str = "matmul") -> float:
-        return float(b.run([mode, *secs], native=True)["rate"])
+        return float(b.group([([mode, *secs], {"native": True})])[0]["rate"])
 
     def pair(a: str | None, c: str | None) -> list[float]:
         kw_a = {"native": True} if a is None else {"slice_": a}
         kw_c = {"native": True} if c is None else {"slice_": c}
-        got = b.together([(["matmul", *secs], kw_a), (["matmul", *secs], kw_c)])
+        got = b.group([(["matmul", *secs], kw_a), (["matmul", *secs], kw_c)])
         return [float(got[0]["rate"]), float(got[1]["rate"])]
 
     step("native_rate", native)
@@ -329,6 +348,135 @@ def sc_compute(b: Bench) -> dict[str, Any]:
     step("big30", lambda: solo("bench-big30.slice", "big") / res["big_native_rate"])
     step("graph_native_rate", lambda: native("graph"))
     step("graph30", lambda: solo("bench-graph30.slice", "graph") / res["graph_native_rate"])
+    return res
+
+
+def _knob_slices(b: Bench, slices: dict[str, dict[str, str]]) -> None:
+    for name, knobs in slices.items():
+        b.ctl("set", "--runtime", f"bench-{name}.slice", *(f"{k}={v}" for k, v in knobs.items()))
+
+
+def _stepper(b: Bench, res: dict[str, Any], label: str) -> Callable[[str, Callable[[], Any]], None]:
+    def step(key: str, fn: Callable[[], Any]) -> None:
+        t0 = time.time()
+        try:
+            res[key] = fn()
+        except Exception as e:
+            res[key] = {"error": repr(e)[:500]}
+        finally:
+            b.reap()
+        print(f"   {label} {key} ({time.time() - t0:.0f}s): {json.dumps(res[key])[:400]}",
+              flush=True)
+    return step
+
+
+def _hard(cap: int) -> dict[str, str]:
+    return {"gpu.cores.min": str(cap), "gpu.cores.max": str(cap)}
+
+
+def sc_shares(b: Bench) -> dict[str, Any]:
+    """Issue 11: many tenants, a real training loop, two processes in one
+    slice, a light neighbour; every figure a throughput ratio against the
+    same workload alone and native in this run."""
+    secs = ["--seconds", "6"]
+    res: dict[str, Any] = {}
+    step = _stepper(b, res, "shares")
+    _knob_slices(b, {
+        **{f"h{c}": _hard(c) for c in (10, 20, 30, 40)},
+        **{f"m{c}": {"gpu.cores.max": str(c)} for c in (10, 20, 30)},
+        "free": {"gpu.cores.weight": "100"},
+        "tr30": {"gpu.cores.max": "30"}, "tr60": {"gpu.cores.max": "60"},
+        "pair40": {"gpu.cores.max": "40"},
+        "light": {"gpu.cores.min": "70"},
+        "heavy": {"gpu.cores.min": "30", "gpu.cores.max": "100"},
+    })
+    mm, tr, inf = ["matmul", *secs], ["trainer", *secs], ["infer", *secs]
+    nat: dict[str, float] = {}
+
+    def native(key: str, wl: list[str]) -> dict[str, Any]:
+        (r,) = b.group([(wl, {"native": True})])
+        nat[key] = float(r["rate"])
+        return r
+
+    step("native_matmul", lambda: native("matmul", mm))
+    step("native_trainer", lambda: native("trainer", tr))
+    step("native_infer", lambda: native("infer", inf))
+
+    def ratios(specs: list[tuple[list[str], dict[str, Any], str]]) -> list[float]:
+        got = b.group([(wl, kw) for wl, kw, _ in specs])
+        keys = [k for _, _, k in specs]
+        return [round(float(g["rate"]) / nat[k], 4) for g, k in zip(got, keys, strict=True)]
+
+    four = [(mm, {"slice_": f"bench-h{c}.slice"}, "matmul") for c in (10, 20, 30, 40)]
+    for i in range(3):
+        step(f"four_10_20_30_40_run{i + 1}", lambda: ratios(four))
+    step("four_mixed_10tr_20mm_30tr_40mm", lambda: ratios([
+        (tr, {"slice_": "bench-h10.slice"}, "trainer"),
+        (mm, {"slice_": "bench-h20.slice"}, "matmul"),
+        (tr, {"slice_": "bench-h30.slice"}, "trainer"),
+        (mm, {"slice_": "bench-h40.slice"}, "matmul")]))
+    step("caps_10_20_30_and_uncapped", lambda: ratios(
+        [(mm, {"slice_": f"bench-m{c}.slice"}, "matmul") for c in (10, 20, 30)]
+        + [(mm, {"slice_": "bench-free.slice"}, "matmul")]))
+    step("trainer_cap30", lambda: ratios([(tr, {"slice_": "bench-tr30.slice"}, "trainer")]))
+    step("trainer_cap60", lambda: ratios([(tr, {"slice_": "bench-tr60.slice"}, "trainer")]))
+    step("trainer_cap30_beside_uncapped_matmul", lambda: ratios([
+        (tr, {"slice_": "bench-tr30.slice"}, "trainer"),
+        (mm, {"slice_": "bench-free.slice"}, "matmul")]))
+    step("two_processes_in_one_slice_cap40", lambda: ratios([
+        (mm, {"slice_": "bench-pair40.slice"}, "matmul"),
+        (mm, {"slice_": "bench-pair40.slice"}, "matmul")]))
+
+    def light() -> dict[str, Any]:
+        li, hv = b.group([(inf, {"slice_": "bench-light.slice"}),
+                          (mm, {"slice_": "bench-heavy.slice"})])
+        left = 1.0 - float(li["gpu_busy"])
+        got = float(hv["rate"]) / nat["matmul"]
+        return {"light": li, "heavy_ratio": got, "left_by_light": left,
+                "heavy_of_what_is_left": got / left}
+
+    step("soft_light_neighbour", light)
+    return res
+
+
+def sc_latency(b: Bench) -> dict[str, Any]:
+    """Issue 11: an inference tenant (a small transformer's forward pass every
+    4 ms) beside a transformer trainer, natively time-sliced and under vgpu
+    with the trainer best-effort (gpu.cores.idle=1), capped 30, or with the
+    inference soft (min 70); latency against the inference alone."""
+    secs = ["--seconds", "8"]
+    res: dict[str, Any] = {}
+    step = _stepper(b, res, "latency")
+    _knob_slices(b, {"lat-idle": {"gpu.cores.idle": "1"}, "lat-cap30": {"gpu.cores.max": "30"},
+                     "lat-infer": {"gpu.cores.weight": "100"},
+                     "lat-soft": {"gpu.cores.min": "70"}})
+    inf, tr = ["infer", *secs], ["trainer", *secs]
+    base: dict[str, Any] = {}
+
+    def solo() -> dict[str, Any]:
+        (r,) = b.group([(inf, {"native": True})])
+        (t,) = b.group([(tr, {"native": True})])
+        base.update(infer=r, trainer_rate=float(t["rate"]))
+        return {"infer": r, "trainer_rate": t["rate"]}
+
+    def pair(kw_inf: dict[str, Any], kw_tr: dict[str, Any]) -> dict[str, Any]:
+        ri, rt = b.group([(inf, kw_inf), (tr, kw_tr)])
+        left = 1.0 - float(base["infer"]["gpu_busy"])
+        ratio = float(rt["rate"]) / base["trainer_rate"]
+        return {"infer": ri,
+                "p50_vs_solo": ri["p50_ms"] / base["infer"]["p50_ms"],
+                "p99_vs_solo": ri["p99_ms"] / base["infer"]["p99_ms"],
+                "trainer_ratio": ratio, "left_by_infer": left,
+                "trainer_of_what_is_left": ratio / left}
+
+    step("solo", solo)
+    step("native_time_slicing", lambda: pair({"native": True}, {"native": True}))
+    step("trainer_idle", lambda: pair({"slice_": "bench-lat-infer.slice"},
+                                      {"slice_": "bench-lat-idle.slice"}))
+    step("trainer_cap30", lambda: pair({"slice_": "bench-lat-infer.slice"},
+                                       {"slice_": "bench-lat-cap30.slice"}))
+    step("infer_min70_trainer_unlimited", lambda: pair({"slice_": "bench-lat-soft.slice"},
+                                                       {"slice_": "bench-lat-infer.slice"}))
     return res
 
 
@@ -480,6 +628,8 @@ SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "probe": sc_probe,
     "train": sc_train,
     "mem": sc_mem,
+    "shares": sc_shares,
+    "latency": sc_latency,
     "compute": sc_compute,
     "overhead": sc_overhead,
     "live": sc_live,

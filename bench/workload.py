@@ -10,7 +10,16 @@ Modes:
   graph    CUDA graph of 20 4096x4096 matmuls, replayed
   tiny     a loop of tiny elementwise ops (launch-bound)
   train    a small MLP training loop (launch and allocation counting)
+  trainer  a transformer training loop: bf16 autocast, AdamW, the loss read
+           back every few steps (the Python a real loop runs between steps)
+  infer    a latency tenant: a request every --period-ms, each a small
+           transformer's forward pass on a small batch; reports latency
+           percentiles from arrival to result, and the GPU time it used
   memfill  allocate 64 MiB tensors until CUDA OOM, then report
+
+With --sync-start, a mode prints {"ready": true} once warmed up and waits
+for a line on stdin holding the unix time to start measuring at: several
+tenants then measure the same window without guessing their start-up time.
 """
 
 from __future__ import annotations
@@ -33,15 +42,25 @@ def _emit(result: dict[str, Any]) -> None:
 ARGS: argparse.Namespace
 
 
-def _timed_loop(step: Any, seconds: float, warmup: int, per_step: int) -> dict[str, Any]:
-    """Warm up, wait for the common start time (pairs measure the same
-    window), then count iterations for `seconds`. With --timeline, record
-    (t, iters) at every synchronisation to see a live change take effect."""
-    for _ in range(warmup):
-        step()
+def _wait_start() -> None:
+    """After warm-up: wait for the common start time (tenants measure the
+    same window), given up front (--start-at) or by the harness (--sync-start)."""
     torch.cuda.synchronize()
+    if ARGS.sync_start:
+        _emit({"ready": True})
+        line = sys.stdin.readline()
+        ARGS.start_at = float(line.strip() or 0)
     if ARGS.start_at:
         time.sleep(max(0.0, ARGS.start_at - time.time()))
+
+
+def _timed_loop(step: Any, seconds: float, warmup: int, per_step: int) -> dict[str, Any]:
+    """Warm up, wait for the common start time, then count iterations for
+    `seconds`. With --timeline, record (t, iters) at every synchronisation
+    to see a live change take effect."""
+    for _ in range(warmup):
+        step()
+    _wait_start()
     t0 = time.perf_counter()
     wall0 = time.time()
     n = 0
@@ -191,6 +210,97 @@ def mode_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _transformer(d: int, heads: int, layers: int, vocab: int) -> torch.nn.Module:
+    layer = torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=True)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(vocab, d),
+        torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
+        torch.nn.LayerNorm(d),
+        torch.nn.Linear(d, vocab),
+    ).cuda()
+
+
+def mode_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    """A transformer (6 layers, d=1024, 16 heads) trained on batches of
+    16 x 512 tokens: bf16 autocast, AdamW, and the loss read back to the host
+    every 5 steps, as a training loop logs it."""
+    torch.manual_seed(0)
+    vocab = 8192
+    model = _transformer(1024, 16, 6, vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab, (16, 512), device="cuda")
+    y = torch.randint(0, vocab, (16, 512), device="cuda")
+    steps = [0]
+    last = [0.0]
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab).float(), y.view(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps[0] += 1
+        if steps[0] % 5 == 0:
+            last[0] = float(loss)  # the host waits for the GPU here
+
+    r = _timed_loop(step, args.seconds, warmup=5, per_step=5)
+    r["final_loss"] = last[0]
+    r["tokens_per_s"] = r["rate"] * 16 * 512
+    return r
+
+
+def mode_infer(args: argparse.Namespace) -> dict[str, Any]:
+    """A request every --period-ms: a 4-layer d=512 transformer's forward
+    pass on 4 sequences of 128 tokens, under no_grad and bf16, and its
+    result read back. Latency is from the request's arrival (its slot on
+    the schedule, so a late start counts) to the result on the host."""
+    torch.manual_seed(0)
+    vocab = 8192
+    model = _transformer(512, 8, 4, vocab).eval()
+    x = torch.randint(0, vocab, (4, 128), device="cuda")
+    start_ev = torch.cuda.Event(enable_timing=True)
+    end_ev = torch.cuda.Event(enable_timing=True)
+
+    def serve() -> float:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            start_ev.record()
+            out = model(x)
+            end_ev.record()
+            out.argmax(-1).cpu()
+        return float(start_ev.elapsed_time(end_ev)) / 1e3
+
+    for _ in range(20):
+        serve()
+    _wait_start()
+    period = args.period_ms / 1e3
+    lat: list[float] = []
+    gpu = 0.0
+    t0 = time.perf_counter()
+    nxt = t0
+    while True:
+        now = time.perf_counter()
+        if now - t0 >= args.seconds:
+            break
+        if now < nxt:
+            time.sleep(nxt - now)
+        arrival = nxt
+        nxt += period
+        gpu += serve()
+        lat.append(time.perf_counter() - arrival)
+    dt = time.perf_counter() - t0
+    lat.sort()
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3
+
+    return {"served": len(lat), "seconds": dt, "rate": len(lat) / dt,
+            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
+            "max_ms": lat[-1] * 1e3 if lat else None,
+            "gpu_busy": gpu / dt, "period_ms": args.period_ms}
+
+
 def _daemon_counts(args: argparse.Namespace) -> dict[str, Any] | None:
     """This process's launch/alloc counts as vgpud sees them (via vgpuctl)."""
     if not args.vgpuctl:
@@ -250,6 +360,8 @@ MODES = {
     "graph": mode_graph,
     "tiny": mode_tiny,
     "train": mode_train,
+    "trainer": mode_trainer,
+    "infer": mode_infer,
     "memfill": mode_memfill,
 }
 
@@ -267,6 +379,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tag", default="")
     p.add_argument("--start-at", type=float, default=0.0, help="unix time to start measuring")
     p.add_argument("--timeline", action="store_true")
+    p.add_argument("--sync-start", action="store_true",
+                   help="print {ready} after warm-up, read the start time from stdin")
+    p.add_argument("--period-ms", type=float, default=4.0, help="infer: a request every ...")
     args = p.parse_args(argv)
     global ARGS
     ARGS = args

@@ -265,6 +265,14 @@ static uint32_t dev_flags(const struct vgpu_hdev *hd)
     return __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
 }
 
+static uint32_t grant_state(int slot)
+{
+    struct vgpu_ctl_page *ctl = atomic_load_explicit(&vgpu_ctl, memory_order_acquire);
+    if (!ctl || slot < 0 || slot >= (int)VGPU_MAX_DEVICES)
+        return VGPU_GRANT_WAIT;
+    return __atomic_load_n(&ctl->dev[slot].grant, __ATOMIC_ACQUIRE) & VGPU_GRANT_STATE_MASK;
+}
+
 static bool fast_device(const struct vgpu_hdev *hd)
 {
     uint32_t f = dev_flags(hd);
@@ -363,10 +371,26 @@ static int report_idle(void)
         struct vgpu_hdev *hd = &vgpu_hdevs[i];
         int slot = atomic_load_explicit(&hd->slot, memory_order_relaxed);
         struct vgpu_stat_dev *sd = vgpu_stat_dev(slot);
-        if (!sd || !atomic_load_explicit(&hd->busy, memory_order_acquire))
+        if (!sd)
             continue;
         uint32_t f = dev_flags(hd);
         if ((f & (VGPU_DEV_ACTIVE | VGPU_DEV_UNLIMITED)) != VGPU_DEV_ACTIVE)
+            continue;
+        /* Lost the device (RUN or TAKE, then WAIT): once what was queued
+         * has run, say `drained`, so the next owner starts on an empty
+         * device instead of sharing its time-slices with our tail. */
+        uint32_t st = grant_state(slot);
+        if (st == VGPU_GRANT_WAIT && hd->seen_grant != VGPU_GRANT_WAIT)
+            hd->drain_pending = 1;
+        hd->seen_grant = st;
+        if (hd->drain_pending && st == VGPU_GRANT_WAIT && !pass_live[i] &&
+            !atomic_load_explicit(&hd->inflight, memory_order_relaxed)) {
+            if (vgpu_client_notify(slot, VGPU_NOTE_DRAINED))
+                hd->drain_pending = 0;
+        }
+        if (hd->drain_pending)
+            fast = 2;
+        if (!atomic_load_explicit(&hd->busy, memory_order_acquire))
             continue;
         bool contended = f & VGPU_DEV_CONTENDED;
         fast = contended ? 2 : fast > 1 ? fast : 1;
@@ -381,7 +405,7 @@ static int report_idle(void)
         }
         if (now - hd->idle_since < (contended ? IDLE_REPORT_FAST_NS : IDLE_REPORT_NS))
             continue;
-        if (atomic_exchange_explicit(&hd->busy, 0, memory_order_acq_rel) && !vgpu_client_notify(slot, false))
+        if (atomic_exchange_explicit(&hd->busy, 0, memory_order_acq_rel) && !vgpu_client_notify(slot, VGPU_NOTE_IDLE))
             atomic_store_explicit(&hd->busy, 1, memory_order_release); /* not sent: try again */
     }
     return fast;

@@ -994,13 +994,14 @@ void vgpu_client_atfork_child(void)
 
 /* `want` or `idle` for a device slot: read the slot right before framing
  * (a reconnect renumbers slots; see vgpu_client_send_oneway). */
-bool vgpu_client_notify(int slot, bool want)
+bool vgpu_client_notify(int slot, enum vgpu_note what)
 {
+    static const char *const names[] = {"want", "idle", "drained"};
     uint8_t out[32];
     struct mp_w w = {.p = out + 4, .cap = sizeof out - 4};
     mp_map(&w, 2);
     mp_str(&w, "t");
-    mp_str(&w, want ? "want" : "idle");
+    mp_str(&w, names[what]);
     mp_str(&w, "slot");
     mp_uint(&w, (uint64_t)slot);
     if (w.overflow)

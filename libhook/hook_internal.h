@@ -292,6 +292,10 @@ struct vgpu_hdev {
     _Atomic uint64_t want_conn;     /* vgpu_conn_gen of the last `want` */
     _Atomic uint32_t room_word;
     _Atomic uint32_t room_waiters;
+    /* accountant-only: the grant state it last saw, and whether the
+     * device was lost with work queued that has not been reported drained */
+    uint32_t seen_grant;
+    uint32_t drain_pending;
     uint64_t cost_ns;               /* moving average GPU ns per launch, 0 = none yet */
     /* accountant-only: idleness */
     uint64_t idle_launches;         /* stat launches at the last look */
@@ -407,10 +411,12 @@ void vgpu_launch_atfork_child(void);
  * longer captures (accountant thread, while any capture is counted). */
 void vgpu_capture_forget_ctx(CUcontext ctx);
 void vgpu_capture_sweep(void);
-/* Tell vgpud that this process has work for (`want`) or has drained (`idle`)
- * device slot `slot`: one-way messages, never waiting behind a round trip.
- * false if it could not be sent (down, socket full). */
-bool vgpu_client_notify(int slot, bool want);
+/* Tell vgpud about this process's work on device slot `slot`, one-way and
+ * never waiting behind a round trip: it has work (`want`); its work has
+ * drained and it launches nothing (`idle`); what it had queued when it lost
+ * the device has finished (`drained`). false if it could not be sent. */
+enum vgpu_note { VGPU_NOTE_WANT, VGPU_NOTE_IDLE, VGPU_NOTE_DRAINED };
+bool vgpu_client_notify(int slot, enum vgpu_note what);
 /* The calling thread's current context may have changed (create, destroy,
  * set, push, pop): the launch path asks the driver again on its next launch. */
 void vgpu_launch_ctx_changed(void);

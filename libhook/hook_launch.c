@@ -87,6 +87,8 @@ void vgpu_hdev_inflight_init(struct vgpu_hdev *d)
     atomic_store(&d->inflight_max, m);
     atomic_store(&d->batch_max, m / 2 ? m / 2 : 1);
     atomic_store(&d->busy, 0);
+    d->seen_grant = VGPU_GRANT_WAIT;
+    d->drain_pending = 0;
     d->cost_ns = 0;
     d->idle_launches = 0;
     d->idle_since = 0;
@@ -263,7 +265,7 @@ static void say_want(struct vgpu_hdev *hd, int slot)
         return;
     atomic_store_explicit(&hd->want_conn, conn, memory_order_relaxed);
     atomic_store_explicit(&hd->busy, 1, memory_order_release);
-    if (!vgpu_client_notify(slot, true))
+    if (!vgpu_client_notify(slot, VGPU_NOTE_WANT))
         atomic_store_explicit(&hd->busy, 0, memory_order_release); /* not sent: ask again */
 }
 

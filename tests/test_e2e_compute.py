@@ -1,6 +1,16 @@
-"""Compute isolation end to end on the simulated GPU: GPU-time shares held
-by launch tokens, measured by the simulated device's own busy time per
-process (not by anything vgpu reports about itself)."""
+"""Compute isolation end to end on the simulated GPU, measured by the
+simulated device's own busy time per process (never by anything vgpu
+reports about itself).
+
+The tenants are shaped like real ones rather than one steady loop: queues of
+different depths (the hardware time-slices by who has work queued, so a
+shallow queue gets less than its share of the time it looks busy), CPU gaps
+between a training step's kernels, a light request-driven neighbour, and a
+latency-sensitive one beside a best-effort trainer. Each of these broke the
+first design (1/n attribution of measured busy intervals with launch
+budgets); with device ownership their shares are exact by construction, so
+every assertion here is made on one measurement, with no re-measuring.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +19,27 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _e2e import Cgroups, VgpudProc, build, build_c, spawn
 
 pytestmark = pytest.mark.e2e
 TOL = 0.02
+SECONDS = 5.0
 KERNEL_NS = 500_000
-SECONDS = 6.0
+STEADY = ["kernel_ns=500000", "sync=64"]
+#: a request every 5 ms served by two 0.5 ms kernels: 20 % of the GPU
+REQUESTS = ["mode=requests", "period_ns=5000000", "kernels=2", "kernel_ns=500000"]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build()
     out = tmp_path_factory.mktemp("bin")
-    build_c("spin_client", out)
+    for name in ("spin_client", "tenant", "graph_client"):
+        build_c(name, out)
     return out
-
 
 
 @pytest.fixture
@@ -38,34 +52,32 @@ def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
         d.cleanup()
 
 
-def run_together(vgpud: VgpudProc, cgroups: Cgroups, built: Path,
-                 slices: Sequence[str]) -> list[float]:
-    """One spin_client per slice, measuring the same window; their shares."""
+def run(vgpud: VgpudProc, cgroups: Cgroups, built: Path,
+        tenants: Sequence[tuple[str | None, Sequence[str]]],
+        seconds: float = SECONDS) -> list[dict[str, Any]]:
+    """Run tenants (slice, args) together over the same window; a slice of
+    None runs natively (no hook). Their result lines, in order."""
     start_at = time.time() + 1.5
-    procs = [
-        spawn([str(built / "spin_client"), str(KERNEL_NS), str(SECONDS), f"{start_at:.3f}"],
-              vgpud.client_env(), s, cgroups, stdout=subprocess.PIPE)
-        for s in slices
-    ]
-    shares = []
+    procs = []
+    for slc, args in tenants:
+        env = vgpud.client_env()
+        if slc is None:
+            env.pop("LD_PRELOAD")
+        procs.append(spawn([str(built / "tenant"), *args, f"seconds={seconds}",
+                            f"start_at={start_at:.3f}"], env, slc, cgroups,
+                           stdout=subprocess.PIPE))
+    out = []
     for p in procs:
-        out, _ = p.communicate(timeout=60)
-        assert p.returncode == 0, out
-        shares.append(json.loads(out.splitlines()[-1])["share"])
-    return shares
+        o, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, o
+        out.append(json.loads(o.splitlines()[-1]))
+    return out
 
 
-def shares_near(vgpud: VgpudProc, cgroups: Cgroups, built: Path, slices: Sequence[str],
-                targets: Sequence[float]) -> list[float]:
-    """run_together, measured a second time if the first window missed a
-    target by more than TOL. The simulated device's time comes from sleeps on
-    a shared 2-core machine, so one window in a few is disturbed by whatever
-    else runs (seen: one tenant 0.03 short once in about four full runs);
-    the assertion is on the second measurement, never on a mix."""
-    got = run_together(vgpud, cgroups, built, slices)
-    if all(abs(g - t) <= TOL for g, t in zip(got, targets, strict=True)):
-        return got
-    return run_together(vgpud, cgroups, built, slices)
+def native(vgpud: VgpudProc, cgroups: Cgroups, built: Path,
+           *tenants: Sequence[str]) -> list[dict[str, Any]]:
+    """Each tenant alone and natively, one after the other."""
+    return [run(vgpud, cgroups, built, [(None, t)])[0] for t in tenants]
 
 
 def configure(vgpud: VgpudProc, cgroups: Cgroups, name: str, *knobs: str) -> str:
@@ -75,32 +87,118 @@ def configure(vgpud: VgpudProc, cgroups: Cgroups, name: str, *knobs: str) -> str
     return rel
 
 
+def hard(vgpud: VgpudProc, cgroups: Cgroups, name: str, cap: int) -> str:
+    return configure(vgpud, cgroups, name, f"gpu.cores.min={cap}", f"gpu.cores.max={cap}")
+
+
 @pytest.mark.parametrize("cap", [30, 60])
 def test_solo_cap(vgpud: VgpudProc, cgroups: Cgroups, built: Path, cap: int) -> None:
     s = configure(vgpud, cgroups, "solo", f"gpu.cores.max={cap}")
-    (share,) = shares_near(vgpud, cgroups, built, [s], [cap / 100])
-    assert share == pytest.approx(cap / 100, abs=TOL)
+    (got,) = run(vgpud, cgroups, built, [(s, STEADY)])
+    assert got["share"] == pytest.approx(cap / 100, abs=TOL)
 
 
 def test_hard_pair_30_70(vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
-    a = configure(vgpud, cgroups, "a", "gpu.cores.min=30", "gpu.cores.max=30")
-    b = configure(vgpud, cgroups, "b", "gpu.cores.min=70", "gpu.cores.max=70")
-    sa, sb = shares_near(vgpud, cgroups, built, [a, b], [0.30, 0.70])
-    assert sa == pytest.approx(0.30, abs=TOL)
-    assert sb == pytest.approx(0.70, abs=TOL)
+    a, b = hard(vgpud, cgroups, "a", 30), hard(vgpud, cgroups, "b", 70)
+    ra, rb = run(vgpud, cgroups, built, [(a, STEADY), (b, STEADY)])
+    assert ra["share"] == pytest.approx(0.30, abs=TOL)
+    assert rb["share"] == pytest.approx(0.70, abs=TOL)
+
+
+def test_four_tenants_with_different_queue_depths(vgpud: VgpudProc, cgroups: Cgroups,
+                                                  built: Path) -> None:
+    """Hard caps 10/20/30/40 over tenants whose kernels take 0.1, 0.5, 2 and
+    0.2 ms and whose queues hold 3.2, 32, 8 and 3.2 ms of them: time-slicing
+    serves contexts by what they have queued, and 1/n attribution of their
+    busy intervals gave shares of 0.04/0.20/0.33/0.36. Each tenant's
+    throughput against its own, alone and native."""
+    shapes = [["kernel_ns=100000", "sync=32"], ["kernel_ns=500000", "sync=64"],
+              ["kernel_ns=2000000", "sync=4"], ["kernel_ns=200000", "sync=16"]]
+    caps = (10, 20, 30, 40)
+    alone = native(vgpud, cgroups, built, *shapes)
+    slices = [hard(vgpud, cgroups, f"t{c}", c) for c in caps]
+    got = run(vgpud, cgroups, built, list(zip(slices, shapes, strict=True)))
+    ratios = [g["rate"] / a["rate"] for g, a in zip(got, alone, strict=True)]
+    for cap, r in zip(caps, ratios, strict=True):
+        assert r == pytest.approx(cap / 100, abs=TOL), (cap, ratios)
+
+
+def test_caps_below_100_beside_an_uncapped_neighbour(vgpud: VgpudProc, cgroups: Cgroups,
+                                                     built: Path) -> None:
+    caps = (10, 20, 30)
+    slices = [configure(vgpud, cgroups, f"c{c}", f"gpu.cores.max={c}") for c in caps]
+    free = configure(vgpud, cgroups, "free")
+    got = run(vgpud, cgroups, built, [(s, STEADY) for s in [*slices, free]])
+    for cap, r in zip(caps, got[:3], strict=True):
+        assert r["share"] == pytest.approx(cap / 100, abs=TOL), (cap, got)
+    # The uncapped one gets the rest, less what hand-overs cost the device.
+    assert got[3]["share"] >= 0.40 - 0.05, got
+
+
+def test_cpu_gaps_inside_a_window_are_the_owners(vgpud: VgpudProc, cgroups: Cgroups,
+                                                 built: Path) -> None:
+    """A training-step shape: four 0.3 ms kernels, then 0.3 ms on the CPU.
+    Capped at 30 it does 0.30 of what it does alone (its gaps are its own,
+    within its windows, as they are natively)."""
+    shape = ["kernel_ns=300000", "sync=4", "gap_ns=300000"]
+    (alone,) = native(vgpud, cgroups, built, shape)
+    s = configure(vgpud, cgroups, "train", "gpu.cores.max=30")
+    (got,) = run(vgpud, cgroups, built, [(s, shape)])
+    assert got["rate"] / alone["rate"] == pytest.approx(0.30, abs=TOL), (got, alone)
+
+
+def test_two_processes_in_one_slice_share_its_cap(vgpud: VgpudProc, cgroups: Cgroups,
+                                                  built: Path) -> None:
+    s = configure(vgpud, cgroups, "pair", "gpu.cores.max=40")
+    other = configure(vgpud, cgroups, "other", "gpu.cores.max=50")
+    a, b, c = run(vgpud, cgroups, built, [(s, STEADY), (s, STEADY), (other, STEADY)])
+    assert a["share"] + b["share"] == pytest.approx(0.40, abs=TOL), (a, b, c)
+    assert c["share"] == pytest.approx(0.50, abs=TOL)
 
 
 def test_soft_pair_and_soft_alone(vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
-    n1 = configure(vgpud, cgroups, "n1")
-    n2 = configure(vgpud, cgroups, "n2")
-    native = sum(run_together(vgpud, cgroups, built, [n1, n2]))
+    n1, n2 = configure(vgpud, cgroups, "n1"), configure(vgpud, cgroups, "n2")
+    total = sum(r["share"] for r in run(vgpud, cgroups, built, [(n1, STEADY), (n2, STEADY)]))
     a = configure(vgpud, cgroups, "a", "gpu.cores.min=30", "gpu.cores.max=100")
     b = configure(vgpud, cgroups, "b", "gpu.cores.min=70", "gpu.cores.max=100")
-    sa, sb = run_together(vgpud, cgroups, built, [a, b])
-    assert (sa + sb) / native >= 0.95
-    assert sa / (sa + sb) == pytest.approx(0.30, abs=TOL)
-    (alone,) = run_together(vgpud, cgroups, built, [a])
-    assert alone >= 0.95
+    ra, rb = run(vgpud, cgroups, built, [(a, STEADY), (b, STEADY)])
+    assert (ra["share"] + rb["share"]) / total >= 0.95
+    assert ra["share"] / (ra["share"] + rb["share"]) == pytest.approx(0.30, abs=TOL)
+    (alone,) = run(vgpud, cgroups, built, [(a, STEADY)])
+    assert alone["share"] >= 0.95
+
+
+def test_light_neighbour_leaves_the_rest_to_a_soft_tenant(vgpud: VgpudProc, cgroups: Cgroups,
+                                                          built: Path) -> None:
+    """min 70 for a tenant that uses 20 %: the other (min 30, max 100) gets
+    at least 0.9 of what it leaves. (1/n attribution gave it 0.35 of 0.8.)"""
+    n1, n2 = configure(vgpud, cgroups, "n1"), configure(vgpud, cgroups, "n2")
+    capacity = sum(r["share"] for r in run(vgpud, cgroups, built, [(n1, STEADY),
+                                                                   (n2, STEADY)]))
+    light = configure(vgpud, cgroups, "light", "gpu.cores.min=70")
+    heavy = configure(vgpud, cgroups, "heavy", "gpu.cores.min=30", "gpu.cores.max=100")
+    rl, rh = run(vgpud, cgroups, built, [(light, REQUESTS), (heavy, STEADY)])
+    assert rl["served"] >= 0.95 * SECONDS / 0.005  # the light one is never starved
+    assert rh["share"] >= 0.9 * (capacity - rl["share"]), (rl, rh, capacity)
+
+
+def test_best_effort_trainer_beside_a_latency_tenant(vgpud: VgpudProc, cgroups: Cgroups,
+                                                     built: Path) -> None:
+    """gpu.cores.idle=1 on a trainer: the request-driven tenant beside it
+    waits for at most the trainer's last queued work (its in-flight bound,
+    small for a best-effort owner), far less than under the hardware's own
+    time-slicing, and the trainer still takes what the requests leave."""
+    (solo,) = native(vgpud, cgroups, built, REQUESTS)
+    nat_req, _nat_train = run(vgpud, cgroups, built, [(None, REQUESTS), (None, STEADY)])
+    infer = configure(vgpud, cgroups, "infer")
+    train = configure(vgpud, cgroups, "train", "gpu.cores.idle=1")
+    req, tr = run(vgpud, cgroups, built, [(infer, REQUESTS), (train, STEADY)])
+    assert req["served"] >= 0.95 * SECONDS / 0.005
+    # A request waits behind at most the trainer's tail (two of its kernels):
+    # well under time-slicing's wait for a deep queue's slices.
+    assert req["p50_us"] <= solo["p50_us"] + 2 * KERNEL_NS / 1000, (req, solo)
+    assert req["p50_us"] < nat_req["p50_us"], (req, nat_req)
+    assert tr["share"] >= 0.8 * (1.0 - req["share"]) * 0.9, (req, tr)
 
 
 def test_nested_parent_max_children_weighted(vgpud: VgpudProc, cgroups: Cgroups,
@@ -108,9 +206,9 @@ def test_nested_parent_max_children_weighted(vgpud: VgpudProc, cgroups: Cgroups,
     configure(vgpud, cgroups, "parent", "gpu.cores.max=50")
     a = configure(vgpud, cgroups, "parent/a", "gpu.cores.weight=100")
     b = configure(vgpud, cgroups, "parent/b", "gpu.cores.weight=300")
-    sa, sb = shares_near(vgpud, cgroups, built, [a, b], [0.125, 0.375])
-    assert sa == pytest.approx(0.125, abs=TOL)
-    assert sb == pytest.approx(0.375, abs=TOL)
+    ra, rb = run(vgpud, cgroups, built, [(a, STEADY), (b, STEADY)])
+    assert ra["share"] == pytest.approx(0.125, abs=TOL)
+    assert rb["share"] == pytest.approx(0.375, abs=TOL)
 
 
 def test_live_change_reaches_new_share_within_a_second(vgpud: VgpudProc, cgroups: Cgroups,
@@ -138,9 +236,8 @@ def test_live_change_reaches_new_share_within_a_second(vgpud: VgpudProc, cgroups
     before = [v for t, v in samples if t_set - 2 < t < t_set]
     assert sum(before) / len(before) == pytest.approx(0.30, abs=TOL)
     # Reached: from 1 s after the set on, every half second holds the new
-    # share. (Half seconds, not the 100 ms samples: a budget may bank up to
-    # five ticks of GPU time, 30 ms at 60 %, which is 0.3 of a 100 ms window
-    # but 0.06 of a half second.)
+    # share (half seconds, not the 100 ms samples: a capped slice may bank
+    # a few windows of GPU time, which is a large part of 100 ms).
     after = [v for t, v in samples if t > t_set + 1.0]
     assert len(after) >= 10
     halves = [sum(after[i:i + 5]) / 5 for i in range(0, len(after) - 4, 5)]
@@ -150,7 +247,7 @@ def test_live_change_reaches_new_share_within_a_second(vgpud: VgpudProc, cgroups
 
 def test_top_agrees_with_nvml_per_process_utilization(vgpud: VgpudProc, cgroups: Cgroups,
                                                       built: Path) -> None:
-    """vgpu's measured GPU time and the driver's per-process utilization
+    """vgpu's charged GPU time and the driver's per-process utilization
     (NVML) tell the same story for a capped tenant."""
     s = configure(vgpud, cgroups, "xcheck", "gpu.cores.max=40")
     p = spawn([str(built / "spin_client"), str(KERNEL_NS), "4"], vgpud.client_env(), s,
@@ -167,15 +264,14 @@ def test_top_agrees_with_nvml_per_process_utilization(vgpud: VgpudProc, cgroups:
 
 
 def test_cuda_graphs_capture_cleanly_and_replays_are_capped(vgpud: VgpudProc, cgroups: Cgroups,
-                                                           tmp_path: Path) -> None:
+                                                           built: Path) -> None:
     """Capturing a graph under the hook works (the hook neither gates nor
     measures the captured launches) and replays of the graph are held to the
     cap. The simulated driver does not enforce CUDA's rule that other threads
     stay quiet during a global-mode capture; the H200 graph run checks that."""
-    exe = build_c("graph_client", tmp_path)
     s = configure(vgpud, cgroups, "graphs", "gpu.cores.max=30")
-    p = spawn([str(exe), str(KERNEL_NS), "10", "3"], vgpud.client_env(), s, cgroups,
-              stdout=subprocess.PIPE)
+    p = spawn([str(built / "graph_client"), str(KERNEL_NS), "10", "3"], vgpud.client_env(), s,
+              cgroups, stdout=subprocess.PIPE)
     out, _ = p.communicate(timeout=60)
     r = json.loads(out.splitlines()[-1])
     assert (r["begin_rc"], r["launch_rc"], r["end_rc"], r["instantiate_rc"]) == (0, 0, 0, 0)

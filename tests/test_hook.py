@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _e2e import HOOK, ROOT, SIMDIR, JsonLines, build, build_c
 from hookpeer import Peer, wait_until
 
+from vgpu_cgroup._abi import lib
+
 MB = 1 << 20
 _n = itertools.count()
 
@@ -39,6 +41,7 @@ def bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "client_basic": build_c("client_basic", out),
         "hook_allocs": build_c("hook_allocs", out),
         "hook_interpose": build_c("hook_interpose", out, link_cuda=False),
+        "busy_client": build_c("busy_client", out),
     }
 
 
@@ -162,17 +165,22 @@ def test_denied_allocation_and_clamped_info(bins: dict[str, Path], sock: str,
         p.close()
 
 
-def test_gate_blocks_until_tokens_arrive(bins: dict[str, Path], sock: str, tmp_path: Path) -> None:
-    p = Peer(sock, unlimited=False, tokens=0)
+def test_gate_blocks_until_the_device_is_granted(bins: dict[str, Path], sock: str,
+                                                 tmp_path: Path) -> None:
+    p = Peer(sock, unlimited=False, grant=lib.VGPU_GRANT_WAIT)
     try:
         proc = subprocess.Popen([str(bins["client_basic"]), "5", "1000"], env=env(sock, tmp_path),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         c = p.wait_conn()
         p.wait_for(lambda: bool(c.slots))
         time.sleep(0.4)
-        assert proc.poll() is None, "launch ran without budget"
+        assert proc.poll() is None, "launch ran without the device"
         assert c.stat(0, "launches") == 0
-        c.set_dev(0, tokens_ns=10**9)
+        # It asked for the device once, and the daemon's heartbeat keeps it
+        # waiting (no stall).
+        assert [m["slot"] for m in msgs(p, "want")] == [0]
+        c.beat(1)
+        c.set_dev(0, grant=lib.VGPU_GRANT_RUN)
         stdout, stderr = proc.communicate(timeout=10)
         out = json.loads(stdout.strip().splitlines()[-1])
         assert out["launched"] == 5, stderr
@@ -181,6 +189,80 @@ def test_gate_blocks_until_tokens_arrive(bins: dict[str, Path], sock: str, tmp_p
         assert c.stat(0, "throttled_ns") >= 300_000_000
     finally:
         p.close()
+
+
+def test_take_launches_at_once_and_says_so_once(bins: dict[str, Path], sock: str,
+                                                tmp_path: Path) -> None:
+    """TAKE: the daemon pre-approved this process (it would hand the device
+    over the moment it asked): launches do not wait, and it asks once."""
+    p = Peer(sock, unlimited=False, grant=lib.VGPU_GRANT_TAKE)
+    try:
+        out, err = run([str(bins["client_basic"]), "20", "100000"], env(sock, tmp_path))
+        assert out["launched"] == 20, err
+        c = p.wait_conn()
+        assert [m["slot"] for m in msgs(p, "want")] == [0]
+        assert c.stat(0, "nr_throttled") == 0
+    finally:
+        p.close()
+
+
+def test_drained_owner_says_idle_then_want_again(bins: dict[str, Path], sock: str,
+                                                 tmp_path: Path) -> None:
+    """An owner whose work drained tells the daemon (so the device can go to
+    someone else), and says `want` again with its next launch."""
+    p = Peer(sock, unlimited=False)
+    proc = subprocess.Popen([str(bins["busy_client"]), "threads", "1", "10"],
+                            env=env(sock, tmp_path), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert json.loads(proc.stdout.readline())["phase"] == "done"
+        # Synchronized and quiet: `idle` follows within the accountant's bound.
+        assert wait_until(lambda: bool(msgs(p, "idle")), timeout=3)
+        assert [m["t"] for m in p.conns[0].msgs if m.get("t") in ("want", "idle")] == \
+            ["want", "idle"]
+    finally:
+        proc.communicate("x\n", timeout=10)
+        p.close()
+
+
+def test_launch_waits_no_longer_than_the_stall_bound(bins: dict[str, Path], sock: str,
+                                                     tmp_path: Path) -> None:
+    """A daemon that is connected but no longer ticks (stopped, wedged) never
+    hangs a launch: without its heartbeat the launch runs after the bound."""
+    p = Peer(sock, unlimited=False, grant=lib.VGPU_GRANT_WAIT)
+    try:
+        t0 = time.monotonic()
+        out, err = run([str(bins["client_basic"]), "3", "1000"], env(sock, tmp_path))
+        took = time.monotonic() - t0
+        assert out["launched"] == 3, err
+        assert 2.0 <= took < 10.0, took
+        assert "has not answered" in err
+        assert p.conns[0].stat(0, "nr_throttled") >= 1
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("how", ["1", "unseen"])
+def test_abandoned_capture_does_not_pause_measurement(bins: dict[str, Path], peer: Peer,
+                                                      sock: str, tmp_path: Path,
+                                                      how: str) -> None:
+    """A capture that ends without the hooked EndCapture (its stream destroyed,
+    even through an entry point the hook does not intercept) leaves no count
+    behind: measurement, which pauses during captures, goes on at once, and
+    launches stop paying for the capture query."""
+    proc = subprocess.Popen([str(bins["client_basic"]), "10", "1000000"],
+                            env=env(sock, tmp_path, CLIENT_ABANDON_CAPTURE=how,
+                                    CLIENT_HOLD_MS="3000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        c = peer.wait_conn()
+        # 10 ms of kernels are published long before the 5 s pause bound.
+        assert wait_until(lambda: c.stat(0, "busy_ns") >= 9_000_000, timeout=2)
+    finally:
+        out, err = proc.communicate(timeout=15)
+    assert json.loads(out.splitlines()[-1])["launched"] == 10, err
 
 
 def test_intervals_match_kernel_durations(bins: dict[str, Path], peer: Peer, sock: str,
@@ -471,7 +553,7 @@ def _probe(sock: str, tmp_path: Path, n: int, k: int, *,
 def test_inflight_limit_holds_for_a_gated_client(sock: str, tmp_path: Path) -> None:
     # Budget held constant and positive: only the in-flight limit stops the
     # client from queueing all 60 x 2 ms at once.
-    p = Peer(sock, unlimited=False, tokens=10**12)
+    p = Peer(sock, unlimited=False)
     try:
         k, n = 2_000_000, 60
         out, err = _probe(sock, tmp_path, n, k)
@@ -507,7 +589,7 @@ def test_unlimited_client_is_not_inflight_limited(peer: Peer, sock: str, tmp_pat
 def test_burst_is_fully_measured(sock: str, tmp_path: Path, unlimited: bool) -> None:
     # 2000 launches back to back: far more than 16 batches of 64 can hold
     # while the device works through them. No launch may go unmeasured.
-    p = Peer(sock, unlimited=unlimited, tokens=10**12)
+    p = Peer(sock, unlimited=unlimited)
     try:
         k, n = 50_000, 2000
         out, err = _probe(sock, tmp_path, n, k, watch=False)

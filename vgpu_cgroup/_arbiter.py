@@ -67,7 +67,7 @@ class ArbiterParams:
     """The arbiter's constants; docs/design.md says how each was chosen."""
 
     #: An owner keeps the device this long among groups that all have work.
-    window_ns: int = 10_000_000
+    window_ns: int = 20_000_000
     #: Windows hold at least this many of the owner's launches...
     window_kernels: int = 8
     #: ...up to this long (large kernels).
@@ -82,6 +82,10 @@ class ArbiterParams:
     granularity_ns: int = 1_000_000
     #: A revoked owner's measured work is charged at most this long after its window.
     max_tail_ns: int = 50_000_000
+    #: A hand-over at the end of a window waits for the old owner's queued work
+    #: to drain (so the two never share the hardware's time-slices), at most
+    #: this long, or four of its launches if longer (large kernels).
+    max_drain_ns: int = 5_000_000
     #: At most this much of a window is given back for the new owner's late start
     #: (its threads waking up); more is no wake-up, and the hook's word is not proof.
     max_start_gap_ns: int = 1_000_000
@@ -133,6 +137,11 @@ class Arbiter:
         self._accrued: int | None = None
         self._handovers: collections.deque[_Handover] = collections.deque()
         self._take: set[str] = set()
+        #: a hand-over waiting for the old owner's work to drain: the members
+        #: that have not said ``drained`` yet, and when it goes ahead anyway
+        self._drain: set[int] | None = None
+        self._drain_until = 0
+        self._drain_since = 0
         self._usage: dict[str, int] = {}
         self._seen = (-1, -1)
         self._yielding: dict[str, bool] = {}
@@ -220,6 +229,16 @@ class Arbiter:
         g.busy.discard(client)
         self._update(now)
 
+    def drained(self, client: int, now: int) -> None:
+        """The process's queued work finished after its group lost the device."""
+        if self._drain is None or client not in self._drain:
+            return
+        self._drain.discard(client)
+        if not self._drain:
+            self._settle(now)
+            self._end_drain(now)
+        self._update(now)
+
     def advance(self, now: int) -> None:
         """Time passed (a deadline, the control tick)."""
         self._update(now)
@@ -264,6 +283,8 @@ class Arbiter:
                 for s, e in ivs:
                     if e > h.t and (end is None or s < end):
                         h.started = max(h.t, s)
+                        if self.debug is not None:
+                            self.debug(f"started {key} {h.started - h.t}")
                         self._refund(h)
                         break
 
@@ -285,7 +306,8 @@ class Arbiter:
         """The gate state of every attached process."""
         out: dict[int, int] = {}
         for key, g in self._groups.items():
-            st = RUN if key == self.owner else TAKE if key in self._take else WAIT
+            owns = key == self.owner and self._drain is None
+            st = RUN if owns else TAKE if key in self._take else WAIT
             for c in g.members:
                 out[c] = st
         return out
@@ -316,7 +338,9 @@ class Arbiter:
         out: list[int] = []
         now = self._accrued if self._accrued is not None else 0
         o = self._owner_group()
-        if o is not None:
+        if self._drain is not None:
+            out.append(self._drain_until)
+        elif o is not None:
             out.append(self._window_start + self._window(o))
             for path, cap in self.model.caps(o.key):
                 b = self._buckets.get(path)
@@ -440,10 +464,10 @@ class Arbiter:
             g.rate = rates.get(k, 0.0)
 
 
-    def _pick(self) -> str | None:
+    def _pick(self, exclude: str | None = None) -> str | None:
         best: _Group | None = None
         for key, g in self._groups.items():
-            if not g.busy or g.rate <= 0:
+            if not g.busy or g.rate <= 0 or key == exclude:
                 continue
             if not (self._can_continue(g) if key == self.owner else self._startable(g)):
                 continue
@@ -453,6 +477,7 @@ class Arbiter:
 
     def _handover(self, now: int, new: str | None) -> None:
         old = self.owner
+        self._drain = None
         if old == new:
             self._window_start = now
             return
@@ -475,13 +500,44 @@ class Arbiter:
     def _owner_group(self) -> _Group | None:
         return self._groups.get(self.owner) if self.owner is not None else None
 
+    def _start_drain(self, now: int, o: _Group) -> None:
+        """The owner's window is over: it stops launching now, and the next
+        owner gets the device once what it queued has run (``drained`` from
+        each of its busy processes, or the bound)."""
+        self._drain = set(o.busy)
+        self._drain_until = now + max(self.p.max_drain_ns, 4 * o.cost_ns)
+        self._drain_since = now
+
+    def _end_drain(self, now: int) -> None:
+        """The old owner was charged for its drain: pick afresh (usually
+        the group the window's end was for)."""
+        if self.debug is not None:
+            self.debug(f"drain {self.owner} {now - self._drain_since} left={self._drain}")
+        self._drain = None
+        o = self._owner_group()
+        if o is not None and self._can_continue(o) and self._pick() == o.key:
+            self._window_start = now  # still the one owed most: keep it
+            return
+        self._handover(now, self._pick(exclude=self.owner))
+
     def _update(self, now: int) -> None:
         self._settle(now)
         self._refresh_rates()
         o = self._owner_group()
-        if o is not None and (not o.busy or o.rate <= 0 or not self._can_continue(o)
-                              or now - self._window_start >= self._window(o)):
-            self._handover(now, self._pick())
+        if self._drain is not None:
+            if not self._drain or now >= self._drain_until or o is None or not o.busy:
+                self._end_drain(now)
+        elif o is not None:
+            if not o.busy or o.rate <= 0:
+                self._handover(now, self._pick())  # nothing queued, or yields: at once
+            elif not self._can_continue(o) or now - self._window_start >= self._window(o):
+                nxt = self._pick()
+                if nxt != o.key and nxt is not None:
+                    self._start_drain(now, o)
+                elif nxt is None:
+                    self._start_drain(now, o)  # out of budget: no one next
+                else:
+                    self._window_start = now
         if self.owner is None:
             nxt = self._pick()
             if nxt is not None:

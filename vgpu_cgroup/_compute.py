@@ -108,6 +108,13 @@ class ComputeService:
             self.publish(uuid)
             self._note(now, "idle", peer.id, uuid)
 
+    def drained(self, peer: Peer, slot: int, now: int) -> None:
+        uuid = peer.slots.get(slot)
+        if uuid is not None and self.gated(uuid):
+            self.arbiters[uuid].drained(peer.id, now)
+            self.publish(uuid)
+            self._note(now, "drained", peer.id, uuid)
+
     def _note_line(self, line: str) -> None:
         if self._trace is not None:
             self._trace.write(line + "\n")

@@ -726,6 +726,10 @@ class Daemon:
             self._slot_dev(client, ev.slot, None)
             self.compute.idle(client, ev.slot, self.clock())
             return None
+        if type(ev) is proto.Drained:
+            self._slot_dev(client, ev.slot, None)
+            self.compute.drained(client, ev.slot, self.clock())
+            return None
         if isinstance(ev, proto.Attach):
             return self._attach(client, ev)
         if isinstance(ev, proto.Ctl):

@@ -132,6 +132,14 @@ class Idle:
     slot: int
 
 
+@dataclass(slots=True)
+class Drained:
+    """One-way: what this process had queued on ``slot`` when its slice lost
+    the device has finished (the next owner can start on an empty device)."""
+
+    slot: int
+
+
 @dataclass(frozen=True, slots=True)
 class Ctl:
     id: int
@@ -141,7 +149,7 @@ class Ctl:
     knobs: dict[str, str] = field(default_factory=dict)
 
 
-Event = Hello | Attach | Reserve | Release | Want | Idle | Ctl
+Event = Hello | Attach | Reserve | Release | Want | Idle | Drained | Ctl
 
 # ---- daemon -> client messages ----------------------------------------------
 
@@ -467,6 +475,8 @@ class Connection:
                 return Want(slot=_int(m, "slot", 0, MAX_DEVICES - 1))
             if t == "idle":
                 return Idle(slot=_int(m, "slot", 0, MAX_DEVICES - 1))
+            if t == "drained":
+                return Drained(slot=_int(m, "slot", 0, MAX_DEVICES - 1))
         rid = _maybe_id(m)
         if self.hello is None:
             if t != "hello":

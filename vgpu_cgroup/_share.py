@@ -122,8 +122,10 @@ class ShareModel:
         return min(frac(n.cores_max) for n in self.path(group))
 
     def caps(self, group: str) -> list[tuple[str, float]]:
-        """The capped slices on the group's path: (slice, cores.max fraction)."""
-        return [(n.path, frac(n.cores_max)) for n in self.path(group) if n.cores_max is not None]
+        """The slices on the group's path whose ``gpu.cores.max`` is below a
+        whole GPU: (slice, fraction)."""
+        return [(n.path, frac(n.cores_max)) for n in self.path(group)
+                if n.cores_max is not None and n.cores_max < 100]
 
     def limited(self, groups: Iterable[str]) -> bool:
         """Whether any knob on any of these groups' paths asks for GPU-time

@@ -2225,6 +2225,15 @@ CUresult cuStreamDestroy_v2(CUstream hStream)
     return CUDA_SUCCESS;
 }
 
+/* CUDA 3.x's name, still exported by the driver (cuda.h maps the name to
+ * _v2, so programs built against it never call this one; the hook does not
+ * intercept it, and its tests use it as a path it cannot see). */
+__attribute__((visibility("default"))) CUresult cuStreamDestroy(CUstream hStream);
+CUresult cuStreamDestroy(CUstream hStream)
+{
+    return cuStreamDestroy_v2(hStream);
+}
+
 static CUresult stream_sync(CUstream hs)
 {
     CHECK_INIT();

@@ -8,14 +8,21 @@
  * launch sim_sleep_ns(NS) N times on the default stream, synchronize, free,
  * and print one JSON line of what happened. Env CLIENT_HOLD_MS keeps the
  * allocations that long before freeing (for tests that look from outside).
+ * Env CLIENT_ABANDON_CAPTURE=1 first begins a capture on a stream of its own
+ * and destroys the stream without ending it; =unseen destroys it through
+ * CUDA 3.x's cuStreamDestroy, which the hook does not intercept (a capture
+ * that ends where the hook cannot see it end).
  */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "vgpu_cuda.h"
+
+CUresult cuStreamDestroy(CUstream hStream); /* cuda.h maps it to _v2 */
 
 static uint64_t now_ns(void)
 {
@@ -60,6 +67,17 @@ int main(int argc, char **argv)
         cuDeviceTotalMem_v2(&dtotal, dev);
         CUmodule mod;
         CUfunction fn;
+        const char *abandon = getenv("CLIENT_ABANDON_CAPTURE");
+        if (abandon) {
+            CUstream cs;
+            if (cuStreamCreate(&cs, CU_STREAM_NON_BLOCKING) == 0 &&
+                cuStreamBeginCapture_v2(cs, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) == 0) {
+                if (!strcmp(abandon, "unseen"))
+                    cuStreamDestroy(cs);
+                else
+                    cuStreamDestroy_v2(cs);
+            }
+        }
         if (cuModuleLoadData(&mod, "vgpu-sim") == 0 && cuModuleGetFunction(&fn, mod, "sim_sleep_ns") == 0) {
             uint64_t arg = ns;
             void *params[] = {&arg};

@@ -2,9 +2,9 @@
 welcome with the two memfds, attach, reserve, release) from a thread, keeps
 the regions writable on its side, and records every message it got.
 
-Not the daemon: no tree, no share. It lets a test set tokens and limits by
-hand and read the client's stat page, so each hook mechanism is checked in
-isolation from the daemon's policy.
+Not the daemon: no tree, no arbiter. It lets a test set the launch gate and
+limits by hand and read the client's stat page, so each hook mechanism is
+checked in isolation from the daemon's policy.
 """
 
 from __future__ import annotations
@@ -49,11 +49,25 @@ class Conn:
 
     # ---- ctl page (the daemon's side) ----
     def set_dev(self, slot: int, **kv: int) -> None:
+        """Write ctl fields; ``grant`` is the gate's state, given a new
+        generation, written last and its waiters woken (as vgpud does)."""
         base = CTL_DEV0 + slot * CTL_DEV
-        fmt = {"tokens_ns": "<q", "flags": "<I", "mem_limit": "<Q", "mem_used": "<Q",
-               "rate_ppm": "<Q"}
+        fmt = {"grant": "<I", "flags": "<I", "mem_limit": "<Q", "mem_used": "<Q",
+               "rate_ppm": "<Q", "inflight_ns": "<Q"}
+        grant = kv.pop("grant", None)
         for k, v in kv.items():
             struct.pack_into(fmt[k], self.ctl_map, base + _off("struct vgpu_ctl_dev", k), v)
+        if grant is not None:
+            off = base + _off("struct vgpu_ctl_dev", "grant")
+            (old,) = struct.unpack_from("<I", self.ctl_map, off)
+            gen = ((old >> lib.VGPU_GRANT_GEN_SHIFT) + 1) << lib.VGPU_GRANT_GEN_SHIFT
+            struct.pack_into("<I", self.ctl_map, off, (gen & 0xFFFFFFFF) | grant)
+            word = ffi.cast("uint32_t *", ffi.from_buffer(self.ctl_map)) + off // 4
+            lib.vgpu_futex_wake(word)
+
+    def beat(self, n: int) -> None:
+        """The page's heartbeat (a live daemon writes it while a slot waits)."""
+        struct.pack_into("<Q", self.ctl_map, _off("struct vgpu_ctl_page", "heartbeat"), n)
 
     # ---- stat page (the client's side) ----
     def stat(self, slot: int, name: str) -> int:
@@ -74,12 +88,12 @@ class Peer:
     """Listens on `path`; policy knobs are plain attributes set by the test."""
 
     def __init__(self, path: str, *, mem_limit: int = UNLIMITED, unlimited: bool = True,
-                 tokens: int = 10**12, refuse: tuple[str, ...] = (),
+                 grant: int = lib.VGPU_GRANT_RUN, refuse: tuple[str, ...] = (),
                  attach_error: str | None = None) -> None:
         self.path = path
         self.mem_limit = mem_limit
         self.unlimited = unlimited
-        self.tokens = tokens
+        self.grant = grant
         self.refuse = refuse
         #: answer every attach with {t:"error", code: attach_error}
         self.attach_error = attach_error
@@ -240,7 +254,7 @@ class Peer:
                 c.used[c.slots[dev]] = held.get(dev, 0)
             slot = c.slots[dev]
             flags = lib.VGPU_DEV_ACTIVE | (lib.VGPU_DEV_UNLIMITED if self.unlimited else 0)
-            c.set_dev(slot, tokens_ns=self.tokens, flags=flags, mem_limit=self.mem_limit,
+            c.set_dev(slot, grant=self.grant, flags=flags, mem_limit=self.mem_limit,
                       mem_used=c.used.get(slot, 0))
             limit = None if self.mem_limit == UNLIMITED else self.mem_limit
             self._send(c.sock, {"t": "attached", "id": m["id"], "slot": slot, "mem_limit": limit})
