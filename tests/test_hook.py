@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _e2e import HOOK, ROOT, SIMDIR, JsonLines, build, build_c
 from hookpeer import Peer, wait_until
-
 from vgpu_cgroup._abi import lib
 
 MB = 1 << 20
