@@ -405,8 +405,15 @@ static int report_idle(void)
         }
         if (now - hd->idle_since < (contended ? IDLE_REPORT_FAST_NS : IDLE_REPORT_NS))
             continue;
-        if (atomic_exchange_explicit(&hd->busy, 0, memory_order_acq_rel) && !vgpu_client_notify(slot, VGPU_NOTE_IDLE))
-            atomic_store_explicit(&hd->busy, 1, memory_order_release); /* not sent: try again */
+        /* Under the note lock, and only if nothing was launched meanwhile: a
+         * `want` sent by a launching thread since then is not undone. */
+        pthread_mutex_lock(&hd->note_mu);
+        if (atomic_load_explicit(&hd->busy, memory_order_relaxed) &&
+            __atomic_load_n(&sd->launches, __ATOMIC_RELAXED) == hd->idle_launches &&
+            !atomic_load_explicit(&hd->grant_waiters, memory_order_relaxed) &&
+            vgpu_client_notify(slot, VGPU_NOTE_IDLE))
+            atomic_store_explicit(&hd->busy, 0, memory_order_release);
+        pthread_mutex_unlock(&hd->note_mu);
     }
     return fast;
 }

@@ -288,6 +288,9 @@ struct vgpu_hdev {
      * (the process is not idle while one does); room_word is bumped, and
      * room waiters woken, whenever the accountant retires launches. */
     _Atomic uint32_t busy;
+    /* held (slow path and accountant only) while busy changes and its note
+     * is sent, so the daemon gets `want` and `idle` in the order busy took */
+    pthread_mutex_t note_mu;
     _Atomic uint32_t grant_waiters;
     _Atomic uint64_t want_conn;     /* vgpu_conn_gen of the last `want` */
     _Atomic uint32_t room_word;

@@ -87,6 +87,7 @@ void vgpu_hdev_inflight_init(struct vgpu_hdev *d)
     atomic_store(&d->inflight_max, m);
     atomic_store(&d->batch_max, m / 2 ? m / 2 : 1);
     atomic_store(&d->busy, 0);
+    pthread_mutex_init(&d->note_mu, NULL);
     d->seen_grant = VGPU_GRANT_WAIT;
     d->drain_pending = 0;
     d->cost_ns = 0;
@@ -263,10 +264,15 @@ static void say_want(struct vgpu_hdev *hd, int slot)
     if (atomic_load_explicit(&hd->busy, memory_order_acquire) &&
         atomic_load_explicit(&hd->want_conn, memory_order_relaxed) == conn)
         return;
-    atomic_store_explicit(&hd->want_conn, conn, memory_order_relaxed);
-    atomic_store_explicit(&hd->busy, 1, memory_order_release);
-    if (!vgpu_client_notify(slot, VGPU_NOTE_WANT))
-        atomic_store_explicit(&hd->busy, 0, memory_order_release); /* not sent: ask again */
+    pthread_mutex_lock(&hd->note_mu);
+    if (!atomic_load_explicit(&hd->busy, memory_order_relaxed) ||
+        atomic_load_explicit(&hd->want_conn, memory_order_relaxed) != conn) {
+        if (vgpu_client_notify(slot, VGPU_NOTE_WANT)) { /* not sent: ask again next time */
+            atomic_store_explicit(&hd->want_conn, conn, memory_order_relaxed);
+            atomic_store_explicit(&hd->busy, 1, memory_order_release);
+        }
+    }
+    pthread_mutex_unlock(&hd->note_mu);
 }
 
 /* The slow path of the gate: wait until the slice owns the device (or is

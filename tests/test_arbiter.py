@@ -111,7 +111,8 @@ def test_four_hard_caps_summing_to_100_are_exact() -> None:
         knobs(tree, f"t{i}", min=cap, max=cap)
         dev.add(i, f"t{i}")
     dev.run(200 * MS)
-    close(dev.shares(2000 * MS), {"t0": 0.10, "t1": 0.20, "t2": 0.30, "t3": 0.40})
+    # Stride scheduling is exact to within a window (20 ms) per measurement.
+    close(dev.shares(10_000 * MS), {"t0": 0.10, "t1": 0.20, "t2": 0.30, "t3": 0.40})
 
 
 def test_solo_cap_leaves_the_rest_idle() -> None:

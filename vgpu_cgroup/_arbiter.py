@@ -72,12 +72,23 @@ class ArbiterParams:
     window_kernels: int = 8
     #: ...up to this long (large kernels).
     max_window_ns: int = 100_000_000
+    #: An owner that goes idle keeps the device (charged for it) for up to
+    #: twice its usual idle spell, at most this long, unless the group next
+    #: in line yields to it anyway: a training step's Python between kernels
+    #: would otherwise hand the device over, and back, several times a step,
+    #: while a request-driven tenant that is idle for milliseconds hands it
+    #: over at once.
+    linger_ns: int = 1_000_000
+    #: ...and at least this long (a short spell measured shorter than the next).
+    linger_floor_ns: int = 300_000
     #: A capped group starts a window only with this much budget (no slivers).
     quantum_ns: int = 500_000
     #: The most budget a capped slice can bank while idle.
     bucket_ns: int = 30_000_000
-    #: A waking group is owed at most this much service on arrival.
-    bonus_ns: int = 5_000_000
+    #: A waking group is owed at most this much service on arrival: two windows,
+    #: so a group that went idle for a moment (a training step's Python) keeps
+    #: what it was owed while another group had a whole window.
+    bonus_ns: int = 40_000_000
     #: A waking group takes the device at once if owed this much more than the owner.
     granularity_ns: int = 1_000_000
     #: A revoked owner's measured work is charged at most this long after its window.
@@ -92,7 +103,7 @@ class ArbiterParams:
     #: How long hand-overs are remembered for measured tails.
     history_ns: int = 1_000_000_000
     #: GPU time an owner may keep queued when other groups use the device.
-    inflight_ns: int = 2_000_000
+    inflight_ns: int = 5_000_000
     #: ...when it yields to a non-idle neighbour (best-effort owners).
     yield_inflight_ns: int = 500_000
 
@@ -104,7 +115,13 @@ class _Group:
     busy: set[int] = field(default_factory=set)
     v: float = 0.0
     rate: float = 0.0
+    #: the rate it last had while it had work: what charges that arrive
+    #: after it went idle (its tail, measured late) are divided by
+    last_rate: float = 0.0
     cost_ns: int = 0
+    #: when it last went idle, and a moving average of how long it stays so
+    idle_at: int = -1
+    idle_ns: float = float("inf")
 
 
 @dataclass(slots=True)
@@ -142,6 +159,10 @@ class Arbiter:
         self._drain: set[int] | None = None
         self._drain_until = 0
         self._drain_since = 0
+        #: an idle owner keeps the device until then (0: not lingering)
+        self._linger_until = 0
+        #: per group, its recent windows [start, end] (end -1: still open)
+        self._windows: dict[str, collections.deque[list[int]]] = {}
         self._usage: dict[str, int] = {}
         self._seen = (-1, -1)
         self._yielding: dict[str, bool] = {}
@@ -173,6 +194,7 @@ class Arbiter:
             if self.owner == key:
                 self._handover(now, None)
             del self._groups[key]
+            self._windows.pop(key, None)
             self._take.discard(key)
         self._update(now)
 
@@ -204,6 +226,12 @@ class Arbiter:
         pre_approved = key in self._take
         self._settle(now)
         g.busy.add(client)
+        if woke and g.idle_at >= 0:
+            gap = now - g.idle_at
+            g.idle_ns = gap if g.idle_ns == float("inf") else 0.75 * g.idle_ns + 0.25 * gap
+            g.idle_at = -1
+        if key == self.owner:
+            self._linger_until = 0
         self._refresh_rates()
         if woke and self.owner != key:
             # Placed at most bonus_ns of service behind the owner: idle time
@@ -211,10 +239,18 @@ class Arbiter:
             r = max(g.rate, _MIN_RATE)
             g.v = max(g.v, self._vref - self.p.bonus_ns / r)
             o = self._owner_group()
-            if o is not None and g.rate > 0 and self._startable(g) and (
-                    pre_approved or o.rate <= 0
-                    or g.v + self.p.granularity_ns / r < o.v):
-                self._handover(now, key)
+            if o is not None and g.rate > 0 and self._startable(g):
+                if pre_approved or o.rate <= 0:
+                    # The owner yields to g (best-effort beside it), or g was
+                    # told it may take the device: at once. The owner's last
+                    # work (its small in-flight bound) overlaps g's first.
+                    self._handover(now, key)
+                elif (g.v + self.p.granularity_ns / r < o.v and self._drain is None
+                      and self._pick() == key):
+                    # Owed more than the owner: the owner's window ends now,
+                    # and g starts once its queue has drained, so the two
+                    # never share the hardware's time-slices.
+                    self._start_drain(now, o)
         self._update(now)
 
     def idle(self, client: int, now: int) -> None:
@@ -227,6 +263,16 @@ class Arbiter:
             return
         self._settle(now)
         g.busy.discard(client)
+        if not g.busy:
+            g.idle_at = now
+            if key == self.owner and self._drain is None and 2 * g.idle_ns < self.p.linger_ns:
+                self._refresh_rates()
+                nxt = self._pick()
+                if nxt is not None and self.model.rates(
+                        frozenset(k for k, o in self._groups.items() if o.busy) | {key}
+                ).get(nxt, 0.0) > 0:
+                    self._linger_until = now + int(min(self.p.linger_ns, max(
+                        self.p.linger_floor_ns, 2 * g.idle_ns)))
         self._update(now)
 
     def drained(self, client: int, now: int) -> None:
@@ -276,7 +322,7 @@ class Arbiter:
                         cursor = hi
                 if covered > 0:
                     h.tail_end += covered
-                    self._charge(key, covered)
+                    self._charge(key, covered, covered * self.scale)
                     self._refund(h)
             elif h.new == key and h.started is None:
                 end = h.new_end if h.new_end is not None else None
@@ -287,6 +333,12 @@ class Arbiter:
                             self.debug(f"started {key} {h.started - h.t}")
                         self._refund(h)
                         break
+        if self.scale != 1.0:
+            # Windows are charged as wall time; the clock premium goes on the
+            # part of them the group's work ran in (its CPU gaps ran at no clock).
+            busy = _covered(ivs, self._windows.get(key, ()))
+            if busy:
+                self._charge(key, 0, busy * (self.scale - 1.0))
 
     def _refund(self, h: _Handover) -> None:
         """Give the new owner of ``h`` back what of its window it could not use."""
@@ -340,6 +392,8 @@ class Arbiter:
         o = self._owner_group()
         if self._drain is not None:
             out.append(self._drain_until)
+        elif o is not None and not o.busy and self._linger_until:
+            out.append(self._linger_until)
         elif o is not None:
             out.append(self._window_start + self._window(o))
             for path, cap in self.model.caps(o.key):
@@ -400,9 +454,14 @@ class Arbiter:
         return min(max(self.p.quantum_ns, b[1] * self.p.window_ns), self.p.bucket_ns / 2)
 
     def _startable(self, g: _Group) -> bool:
+        """Whether g may start a window: every capped slice on its path has a
+        quantum of budget, or, for one the owner draws from too (siblings
+        under a capped parent), any budget: taking turns inside a capped
+        slice is no new sliver of its time."""
+        shared = {p for p, _ in self.model.caps(self.owner)} if self.owner is not None else set()
         for path, _cap in self.model.caps(g.key):
             b = self._buckets.get(path)
-            if b is not None and b[0] < self._start_tokens(b):
+            if b is not None and (b[0] <= 0 if path in shared else b[0] < self._start_tokens(b)):
                 return False
         return True
 
@@ -439,29 +498,34 @@ class Arbiter:
         if self._accrued is None or now > self._accrued:
             self._accrued = now
         if self.owner is not None and self._cursor is not None and now > self._cursor:
-            self._charge(self.owner, now - self._cursor)
+            self._charge(self.owner, now - self._cursor)  # wall time; see measured
         self._cursor = now
         o = self._owner_group()
         if o is not None:
             self._vref = o.v
 
-    def _charge(self, key: str, ns: int) -> None:
+    def _charge(self, key: str, ns: int, work: float | None = None) -> None:
+        """Charge ``ns`` of device time (usage statistics) worth ``work`` ns
+        (virtual time and caps; the time itself unless given)."""
         g = self._groups.get(key)
         if g is None:
             return
-        scaled = ns * self.scale
-        g.v += scaled / max(g.rate, _MIN_RATE)
+        w = float(ns) if work is None else work
+        g.v += w / max(g.rate if g.rate > 0 else g.last_rate, _MIN_RATE)
         for path, _cap in self.model.caps(key):
             b = self._buckets.get(path)
             if b is not None:
-                b[0] -= scaled
-        self._usage[key] = self._usage.get(key, 0) + ns
+                b[0] -= w
+        if ns:
+            self._usage[key] = self._usage.get(key, 0) + ns
 
     def _refresh_rates(self) -> None:
         busy = frozenset(k for k, g in self._groups.items() if g.busy)
         rates = self.model.rates(busy)
         for k, g in self._groups.items():
             g.rate = rates.get(k, 0.0)
+            if g.rate > 0:
+                g.last_rate = g.rate
 
 
     def _pick(self, exclude: str | None = None) -> str | None:
@@ -478,6 +542,7 @@ class Arbiter:
     def _handover(self, now: int, new: str | None) -> None:
         old = self.owner
         self._drain = None
+        self._linger_until = 0
         if old == new:
             self._window_start = now
             return
@@ -489,6 +554,13 @@ class Arbiter:
         self._handovers.append(_Handover(t=now, old=old, new=new, tail_end=now))
         while self._handovers and self._handovers[0].t < now - self.p.history_ns:
             self._handovers.popleft()
+        if old is not None and old in self._windows and self._windows[old][-1][1] < 0:
+            self._windows[old][-1][1] = now
+        if new is not None:
+            win = self._windows.setdefault(new, collections.deque())
+            win.append([now, -1])
+            while win and 0 <= win[0][1] < now - self.p.history_ns:
+                win.popleft()
         self.owner = new
         self._window_start = now
         self._cursor = now
@@ -528,7 +600,9 @@ class Arbiter:
             if not self._drain or now >= self._drain_until or o is None or not o.busy:
                 self._end_drain(now)
         elif o is not None:
-            if not o.busy or o.rate <= 0:
+            if not o.busy and now < self._linger_until:
+                pass  # idle for a moment: keeps the device (see linger_ns)
+            elif not o.busy or o.rate <= 0:
                 self._handover(now, self._pick())  # nothing queued, or yields: at once
             elif not self._can_continue(o) or now - self._window_start >= self._window(o):
                 nxt = self._pick()
@@ -545,7 +619,12 @@ class Arbiter:
         self._take = self._pre_approved()
 
     def _pre_approved(self) -> set[str]:
-        """Groups without work that would get the device the moment they ask."""
+        """Groups without work that may take the device the moment they ask
+        (TAKE): where nobody owns it, or its owner is best-effort beside
+        them. Taking overlaps the owner's last queued work with the taker's
+        first, which only an owner with a small in-flight bound (one that
+        yields) keeps short: a group owed more than a normal owner waits
+        for that owner to drain instead (``want``)."""
         out: set[str] = set()
         o = self._owner_group()
         busy = frozenset(k for k, g in self._groups.items() if g.busy)
@@ -557,12 +636,22 @@ class Arbiter:
             if r <= 0:
                 continue
             if o is None or rates.get(o.key, 0.0) <= 0:
-                out.add(key)
-                continue
-            placed = max(g.v, self._vref - self.p.bonus_ns / r)
-            if placed + self.p.granularity_ns / r < o.v:
-                out.add(key)
+                out.add(key)  # nobody owns it, or its owner yields to this group
         return out
+
+
+def _covered(ivs: Sequence[tuple[int, int]], windows: Iterable[Sequence[int]]) -> int:
+    """Time covered by the union of sorted intervals, within the windows."""
+    total = 0
+    for lo_w, hi_w in windows:
+        hi_w = hi_w if hi_w >= 0 else 1 << 62
+        cursor = lo_w
+        for s, e in ivs:
+            lo, hi = max(s, cursor), min(e, hi_w)
+            if hi > lo:
+                total += hi - lo
+                cursor = hi
+    return total
 
 
 def diff_states(old: Mapping[int, int], new: Mapping[int, int]) -> dict[int, int]:
