@@ -538,7 +538,7 @@ cuda.vgpuSimProcessStats(0, ctypes.byref(busy), ctypes.byref(mem))
 print(json.dumps({"launched": n, "max_inflight_ns": worst, "sim_busy_ns": busy.value - b0}))
 """
 
-INFLIGHT_NS = 5_000_000  # VGPU_INFLIGHT_NS in hook_internal.h
+INFLIGHT_NS = 5_000_000  # VGPU_INFLIGHT_NS in hook_base.h
 
 
 def _probe(sock: str, tmp_path: Path, n: int, k: int, *,
