@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from vgpu_cgroup._identity import cgroup2_mount
+from vgpu_cgroup._core import cgroup2_mount
 
 ROOT = Path(__file__).resolve().parent.parent
 LIB = ROOT / "vgpu_cgroup" / "_lib"
@@ -33,7 +33,8 @@ _counter = itertools.count()
 def build() -> None:
     """Build the hook, the simulated GPU and the ABI module (idempotent)."""
     subprocess.run(["make", "-s", "-C", str(ROOT / "libhook")], check=True)
-    subprocess.run([sys.executable, str(ROOT / "vgpu_cgroup" / "_abi_build.py")], check=True)
+    subprocess.run([sys.executable, str(ROOT / "vgpu_cgroup" / "_wire" / "_abi_build.py")],
+                   check=True)
 
 
 def build_c(name: str, out_dir: Path, *, link_cuda: bool = True) -> Path:

@@ -1,6 +1,13 @@
 """The architecture, checked: which part may use which, and how big a part
 may grow (docs/design.md, "Layers").
 
+The Python package is layered by subpackage: the pure core (``_core``) <
+the wire (``_wire``) < the daemon's shell (``_node``), the CLI (``_cli``)
+and the Kubernetes plugins (``k8s``), which do not use each other; beside
+them the shared helpers ``_log`` and ``_paths``, the command-line shims and
+the demo. The imports, read with ``ast`` (every import, in functions and
+under TYPE_CHECKING too), say who uses whom.
+
 libvgpu-hook.so is four layers, each a header (libhook/hook_base.h says
 which files are in which): base < transport < services < interposition. A
 file uses its own layer and those below, never one above; the symbol tables
@@ -12,9 +19,11 @@ launch -> init). The simulated driver is one layer with one private header.
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,6 +67,202 @@ def _cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
         if n not in state and (found := visit(n)) is not None:
             return found
     return None
+
+
+PKG = ROOT / "vgpu_cgroup"
+#: Largest Python module, in lines, and class.
+PY_MAX_LINES = 500
+PY_MAX_CLASS = 300
+#: The daemon's units (docs/design.md): each well under 400 lines.
+NODE_UNITS = ("_daemon", "_accept", "_sessions", "_memory", "_compute", "_control",
+              "_recovery", "_tick")
+NODE_UNIT_MAX_LINES = 400
+
+#: Which layer may import which (its own included).
+MAY_USE: dict[str, set[str]] = {
+    "core": {"core"},
+    "wire": {"core", "wire"},
+    "helpers": {"core", "helpers"},
+    "node": {"core", "wire", "helpers", "node"},
+    "cli": {"core", "wire", "helpers", "cli"},
+    "k8s": {"core", "wire", "helpers", "k8s"},
+    "shim:vgpu_cgroup._daemon_main": {"node"},
+    "shim:vgpu_cgroup._ctl": {"cli"},
+    "demo": set(),
+}
+#: What the pure core may import from the standard library: no I/O, no
+#: clock, no threads, no trio (nor any other third-party package).
+CORE_STDLIB = {"__future__", "collections", "dataclasses", "typing", "itertools", "math", "re",
+               "json", "tomllib", "os", "decimal", "enum", "functools", "bisect", "heapq"}
+
+
+def _layer(mod: str) -> str:
+    parts = mod.split(".")
+    if len(parts) >= 2 and parts[1] in ("_core", "_wire", "_node", "_cli", "k8s"):
+        return {"_core": "core", "_wire": "wire", "_node": "node", "_cli": "cli",
+                "k8s": "k8s"}[parts[1]]
+    if mod in ("vgpu_cgroup", "vgpu_cgroup._log", "vgpu_cgroup._paths"):
+        return "helpers"
+    if mod in ("vgpu_cgroup._daemon_main", "vgpu_cgroup._ctl"):
+        return f"shim:{mod}"
+    if mod == "vgpu_cgroup._demo":
+        return "demo"
+    raise AssertionError(f"{mod} belongs to no layer: put it in one (docs/design.md)")
+
+
+def _modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = p
+    return out
+
+
+MODULES = _modules()
+#: Modules that are not Python source: the cffi ABI module (``_wire/_abi_build.py``).
+COMPILED = {"vgpu_cgroup._wire._abi"}
+
+
+def _resolve(importer: str, node: ast.ImportFrom | ast.Import) -> Iterator[tuple[str, str]]:
+    """(module imported, how it was named) for each vgpu_cgroup module an
+    import statement reaches: ``from pkg import name`` is ``pkg.name`` when
+    that is a module, else ``pkg``."""
+    if isinstance(node, ast.Import):
+        for a in node.names:
+            if a.name.split(".")[0] == "vgpu_cgroup":
+                yield a.name, a.name
+        return
+    if node.level:
+        base = importer.split(".")
+        if MODULES[importer].name != "__init__.py":
+            base = base[:-1]
+        base = base[: len(base) - node.level + 1]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "vgpu_cgroup":
+        return
+    for a in node.names:
+        sub = f"{target}.{a.name}"
+        yield (sub, sub) if sub in MODULES or sub in COMPILED else (target, target)
+
+
+def _imports() -> dict[str, list[tuple[str, str, int]]]:
+    """Per module, the vgpu_cgroup modules it imports: (module, as named, line)."""
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    for mod, path in MODULES.items():
+        found: list[tuple[str, str, int]] = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                found += [(m, named, node.lineno) for m, named in _resolve(mod, node)]
+        out[mod] = found
+    return out
+
+
+def _package(mod: str) -> str:
+    """The layer package a module is in (``vgpu_cgroup._core``), or itself."""
+    parts = mod.split(".")
+    if len(parts) > 2 or (mod in MODULES and MODULES[mod].name == "__init__.py"):
+        return ".".join(parts[:2])
+    return mod
+
+
+def test_every_module_is_in_a_layer() -> None:
+    for mod in MODULES:
+        if "_gen" not in mod:
+            _layer(mod)
+
+
+def test_layers_use_only_what_they_may() -> None:
+    bad = []
+    for mod, found in _imports().items():
+        for target, _named, line in found:
+            if target not in MODULES and target not in COMPILED:
+                bad.append(f"{mod}:{line} imports {target}, which does not exist")
+                continue
+            if _layer(target) not in MAY_USE[_layer(mod)]:
+                bad.append(f"{mod}:{line} ({_layer(mod)}) imports {target} ({_layer(target)})")
+    assert not bad, "\n".join(bad)
+
+
+def test_other_layers_import_a_layer_through_its_package() -> None:
+    # vgpu_cgroup._core, not vgpu_cgroup._core._tree: what a layer offers the
+    # others is what its __init__ re-exports (trio's style); inside a layer
+    # modules import each other directly.
+    bad = []
+    for mod, found in _imports().items():
+        for target, named, line in found:
+            if _layer(target) != _layer(mod) and _package(named) != named:
+                bad.append(f"{mod}:{line} imports {named}; import {_package(named)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_core_is_pure() -> None:
+    bad = []
+    for mod, path in MODULES.items():
+        if _layer(mod) != "core":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            for n in names:
+                top = n.split(".")[0]
+                if top != "vgpu_cgroup" and top not in CORE_STDLIB:
+                    bad.append(f"{mod}: imports {n}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id == "open":
+                bad.append(f"{mod}:{node.lineno} opens a file")
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.value.id == "os" and node.attr != "path":
+                bad.append(f"{mod}:{node.lineno} uses os.{node.attr} (only os.path)")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycle() -> None:
+    graph = {mod: {t for t, _, _ in found} for mod, found in _imports().items()}
+    assert _cycle(graph) is None, _cycle(graph)
+
+
+def test_python_modules_and_classes_are_small_enough() -> None:
+    big = []
+    for mod, path in MODULES.items():
+        if "_gen" in mod:
+            continue  # grpcio-tools' output (scripts/gen-protos)
+        text = path.read_text()
+        n = len(text.splitlines())
+        limit = NODE_UNIT_MAX_LINES if mod.rsplit(".", 1)[-1] in NODE_UNITS and \
+            _layer(mod) == "node" else PY_MAX_LINES
+        if n > limit:
+            big.append(f"{mod}: {n} lines (at most {limit})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > PY_MAX_CLASS:
+                    big.append(f"{mod}.{node.name}: {size} lines (at most {PY_MAX_CLASS})")
+    assert not big, big
+
+
+def test_entry_points_are_where_they_are_named() -> None:
+    # The console scripts and the commands the README, bench/ and tests name.
+    text = (ROOT / "pyproject.toml").read_text()
+    for target in re.findall(r'^\S+ = "(vgpu_cgroup[\w.]*):(\w+)"', text, re.M):
+        assert target[0] in MODULES, target
+        assert f"def {target[1]}(" in MODULES[target[0]].read_text(), target
+    for m in ("vgpu_cgroup._daemon_main", "vgpu_cgroup._ctl"):
+        r = subprocess.run([sys.executable, "-m", m, "--help"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60)
+        assert r.returncode == 0, (m, r.stderr)
+        assert "usage" in r.stdout.lower(), (m, r.stdout)
+    # The demo is a program of its own: nothing of the package, so its
+    # tenants are CUDA programs that know nothing of vgpu.
+    assert not _imports()["vgpu_cgroup._demo"]
 
 
 def test_cycle_finder_finds_cycles() -> None:

@@ -48,117 +48,45 @@ the old owner and given back to the new one (``measured``).
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 
+from ._device import _MIN_RATE, ArbiterParams, DeviceGroups, Group
+from ._handovers import HandoverLog
 from ._share import ShareModel
+
+__all__ = ["RUN", "TAKE", "WAIT", "Arbiter", "ArbiterParams", "diff_states"]
 
 #: Gate states, as in ``vgpu_abi.h``.
 WAIT = 0
 RUN = 1
 TAKE = 2
 
-_MIN_RATE = 0.01  # charging a group whose rate fell to 0 (its tail) moves v by at most this
-
-
-@dataclass(frozen=True)
-class ArbiterParams:
-    """The arbiter's constants; docs/design.md says how each was chosen."""
-
-    #: An owner keeps the device this long among groups that all have work.
-    window_ns: int = 20_000_000
-    #: Windows hold at least this many of the owner's launches...
-    window_kernels: int = 8
-    #: ...up to this long (large kernels).
-    max_window_ns: int = 100_000_000
-    #: A capped group starts a window only with this much budget (no slivers).
-    quantum_ns: int = 500_000
-    #: The most budget a capped slice can bank while idle.
-    bucket_ns: int = 30_000_000
-    #: A waking group is owed at most this much service on arrival.
-    bonus_ns: int = 5_000_000
-    #: A waking group takes the device at once if owed this much more than the owner.
-    granularity_ns: int = 1_000_000
-    #: A revoked owner's measured work is charged at most this long after its window.
-    max_tail_ns: int = 50_000_000
-    #: A hand-over at the end of a window waits for the old owner's queued work
-    #: to drain (so the two never share the hardware's time-slices), at most
-    #: this long, or four of its launches if longer (large kernels).
-    max_drain_ns: int = 5_000_000
-    #: At most this much of a window is given back for the new owner's late start
-    #: (its threads waking up); more is no wake-up, and the hook's word is not proof.
-    max_start_gap_ns: int = 1_000_000
-    #: How long hand-overs are remembered for measured tails.
-    history_ns: int = 1_000_000_000
-    #: GPU time an owner may keep queued when other groups use the device.
-    inflight_ns: int = 2_000_000
-    #: ...when it yields to a non-idle neighbour (best-effort owners).
-    yield_inflight_ns: int = 500_000
-
-
-@dataclass(eq=False, slots=True)
-class _Group:
-    key: str
-    members: set[int] = field(default_factory=set)
-    busy: set[int] = field(default_factory=set)
-    v: float = 0.0
-    rate: float = 0.0
-    cost_ns: int = 0
-
-
-@dataclass(slots=True)
-class _Handover:
-    t: int
-    old: str | None
-    new: str | None
-    tail_end: int  # t + the tail measured so far
-    refunded: int = 0  # given back to the new owner so far
-    new_end: int | None = None  # when the new owner's window ended
-    started: int | None = None  # when the new owner's own work began (measured)
-    regained: int | None = None  # when the old owner owned the device again
-
-
-class Arbiter:
-    """Ownership and charges of one device (see the module docstring)."""
+class Arbiter(DeviceGroups):
+    """Ownership and charges of one device (see the module docstring); the
+    groups and what they are charged are ``DeviceGroups``' (``_device``)."""
 
     def __init__(self, model: ShareModel, params: ArbiterParams | None = None) -> None:
-        self.model = model
-        self.p = params or ArbiterParams()
-        #: charges are multiplied by this (the clock scale, ``_clock``)
-        self.scale = 1.0
-        self._groups: dict[str, _Group] = {}
-        self._group_of: dict[int, str] = {}
+        super().__init__(model, params)
         self.owner: str | None = None
         self._window_start = 0
         self._cursor: int | None = None  # owner charged up to here
-        self._vref = 0.0  # the owner's (or last owner's) virtual time
-        self._buckets: dict[str, list[float]] = {}  # slice -> [tokens ns, cap fraction]
         self._accrued: int | None = None
-        self._handovers: collections.deque[_Handover] = collections.deque()
+        #: recent hand-overs, for the measured tails (``_handovers``)
+        self._log = HandoverLog(max_tail_ns=self.p.max_tail_ns,
+                                max_start_gap_ns=self.p.max_start_gap_ns,
+                                history_ns=self.p.history_ns)
         self._take: set[str] = set()
         #: a hand-over waiting for the old owner's work to drain: the members
         #: that have not said ``drained`` yet, and when it goes ahead anyway
         self._drain: set[int] | None = None
         self._drain_until = 0
         self._drain_since = 0
-        self._usage: dict[str, int] = {}
         self._seen = (-1, -1)
         self._yielding: dict[str, bool] = {}
         self.handovers = 0  # counter, for stats and tests
         self.debug: Callable[[str], None] | None = None
 
     # ----------------------------------------------------------- membership
-
-    def attach(self, client: int, group: str) -> None:
-        """A process attached the device; it belongs to ``group`` (its slice)."""
-        if client in self._group_of:
-            return
-        g = self._groups.get(group)
-        if g is None:
-            g = self._groups[group] = _Group(group, v=self._vref)
-        g.members.add(client)
-        self._group_of[client] = group
 
     def detach(self, client: int, now: int) -> None:
         """The process is gone; its group keeps the device only if others in it have work."""
@@ -175,19 +103,6 @@ class Arbiter:
             del self._groups[key]
             self._take.discard(key)
         self._update(now)
-
-    def group_of(self, client: int) -> str | None:
-        return self._group_of.get(client)
-
-    def clients(self) -> list[int]:
-        return list(self._group_of)
-
-    def set_cost(self, client: int, cost_ns: int) -> None:
-        """The process's measured GPU time per launch (its hook's moving average)."""
-        key = self._group_of.get(client)
-        if key is not None:
-            g = self._groups[key]
-            g.cost_ns = max(0, min(cost_ns, self.p.max_window_ns))
 
     # --------------------------------------------------------------- events
 
@@ -211,7 +126,7 @@ class Arbiter:
             r = max(g.rate, _MIN_RATE)
             g.v = max(g.v, self._vref - self.p.bonus_ns / r)
             o = self._owner_group()
-            if o is not None and g.rate > 0 and self._startable(g) and (
+            if o is not None and g.rate > 0 and self.buckets.startable(g.key) and (
                     pre_approved or o.rate <= 0
                     or g.v + self.p.granularity_ns / r < o.v):
                 self._handover(now, key)
@@ -262,43 +177,8 @@ class Arbiter:
         ivs = sorted(intervals)
         if not ivs:
             return
-        for h in self._handovers:
-            if h.old == key:
-                limit = h.t + self.p.max_tail_ns
-                if h.regained is not None:
-                    limit = min(limit, h.regained)
-                covered = 0
-                cursor = h.t
-                for s, e in ivs:  # the union of the intervals' parts in (h.t, limit)
-                    lo, hi = max(s, cursor), min(e, limit)
-                    if hi > lo:
-                        covered += hi - lo
-                        cursor = hi
-                if covered > 0:
-                    h.tail_end += covered
-                    self._charge(key, covered)
-                    self._refund(h)
-            elif h.new == key and h.started is None:
-                end = h.new_end if h.new_end is not None else None
-                for s, e in ivs:
-                    if e > h.t and (end is None or s < end):
-                        h.started = max(h.t, s)
-                        if self.debug is not None:
-                            self.debug(f"started {key} {h.started - h.t}")
-                        self._refund(h)
-                        break
-
-    def _refund(self, h: _Handover) -> None:
-        """Give the new owner of ``h`` back what of its window it could not use."""
-        if h.new is None or h.new not in self._groups:
-            return
-        end = h.new_end if h.new_end is not None else self._cursor
-        window = max(0, (end if end is not None else h.t) - h.t)
-        gap = min(h.started - h.t, self.p.max_start_gap_ns) if h.started is not None else 0
-        owed = max(0, min(window, max(h.tail_end - h.t, gap)))
-        if owed > h.refunded:
-            self._charge(h.new, h.refunded - owed)
-            h.refunded = owed
+        self._log.measured(key, ivs, charge=self._charge, alive=self._groups.__contains__,
+                           cursor=self._cursor, debug=self.debug)
 
     # ------------------------------------------------------------ decisions
 
@@ -321,18 +201,6 @@ class Arbiter:
             return 0  # alone and uncapped: nobody to hand over to, no bound
         return self.p.yield_inflight_ns if self._yields(key) else self.p.inflight_ns
 
-    def contended(self, client: int) -> bool:
-        """Whether other groups use the device (the hook then reports idleness fast)."""
-        return len(self._groups) > 1
-
-    def rate(self, client: int) -> float:
-        key = self._group_of.get(client)
-        return 0.0 if key is None else self._groups[key].rate
-
-    def rates(self) -> dict[str, float]:
-        """Current rate of every group with work (fraction of one GPU)."""
-        return {k: g.rate for k, g in self._groups.items() if g.busy}
-
     def deadline(self) -> int | None:
         """When ``advance`` must next be called, if no event comes first."""
         out: list[int] = []
@@ -342,32 +210,15 @@ class Arbiter:
             out.append(self._drain_until)
         elif o is not None:
             out.append(self._window_start + self._window(o))
-            for path, cap in self.model.caps(o.key):
-                b = self._buckets.get(path)
-                if b is None:
-                    continue
-                drain = self.scale - cap
-                if drain > 0:
-                    out.append(now + max(1, int(b[0] / drain) + 1))
+            out.extend(self.buckets.empty_deadlines(o.key, now, self.scale))
         else:
             for g in self._groups.values():
                 if not g.busy or g.rate <= 0:
                     continue
-                need = 0.0
-                for path, cap in self.model.caps(g.key):
-                    b = self._buckets.get(path)
-                    if b is not None and cap > 0:
-                        need = max(need, (self._start_tokens(b) - b[0]) / cap)
+                need = self.buckets.refill_wait(g.key)
                 if need > 0:
                     out.append(now + int(need) + 1)
         return min(out) if out else None
-
-    def take_usage(self) -> dict[str, int]:
-        """GPU time charged per group since the last call (ns, never negative:
-        a refund larger than what was charged in between waits for the next)."""
-        out = {k: v for k, v in self._usage.items() if v > 0}
-        self._usage = {k: v for k, v in self._usage.items() if v < 0 and k in self._groups}
-        return out
 
     # ------------------------------------------------------------- internals
 
@@ -389,53 +240,11 @@ class Arbiter:
             self._yielding[key] = y
         return y
 
-    def _window(self, g: _Group) -> int:
-        return max(self.p.window_ns, min(self.p.max_window_ns, self.p.window_kernels * g.cost_ns))
-
-    def _start_tokens(self, b: Sequence[float]) -> float:
-        """A capped group waits for this much budget before a window: at
-        least ``quantum_ns``, and its cap's share of a window, so that a
-        slice held to its cap alone owns the device in windows of a few ms
-        rather than slivers (each hand-over has its cost)."""
-        return min(max(self.p.quantum_ns, b[1] * self.p.window_ns), self.p.bucket_ns / 2)
-
-    def _startable(self, g: _Group) -> bool:
-        for path, _cap in self.model.caps(g.key):
-            b = self._buckets.get(path)
-            if b is not None and b[0] < self._start_tokens(b):
-                return False
-        return True
-
-    def _can_continue(self, g: _Group) -> bool:
-        for path, _cap in self.model.caps(g.key):
-            b = self._buckets.get(path)
-            if b is not None and b[0] <= 0:
-                return False
-        return True
-
-    def _sync_buckets(self) -> None:
-        """One bucket per capped slice on an attached group's path (knobs can
-        change live: a new cap starts full, a removed one is dropped)."""
-        want: dict[str, float] = {}
-        for key in self._groups:
-            for path, cap in self.model.caps(key):
-                want[path] = cap
-        for path in [p for p in self._buckets if p not in want]:
-            del self._buckets[path]
-        for path, cap in want.items():
-            b = self._buckets.get(path)
-            if b is None:
-                self._buckets[path] = [float(self.p.bucket_ns), cap]
-            else:
-                b[1] = cap
-
     def _settle(self, now: int) -> None:
         """Charge the owner up to ``now`` and fill the buckets."""
-        self._sync_buckets()
+        self.buckets.sync(self._groups)
         if self._accrued is not None and now > self._accrued:
-            dt = now - self._accrued
-            for b in self._buckets.values():
-                b[0] = min(float(self.p.bucket_ns), b[0] + b[1] * dt)
+            self.buckets.fill(now - self._accrued)
         if self._accrued is None or now > self._accrued:
             self._accrued = now
         if self.owner is not None and self._cursor is not None and now > self._cursor:
@@ -445,31 +254,13 @@ class Arbiter:
         if o is not None:
             self._vref = o.v
 
-    def _charge(self, key: str, ns: int) -> None:
-        g = self._groups.get(key)
-        if g is None:
-            return
-        scaled = ns * self.scale
-        g.v += scaled / max(g.rate, _MIN_RATE)
-        for path, _cap in self.model.caps(key):
-            b = self._buckets.get(path)
-            if b is not None:
-                b[0] -= scaled
-        self._usage[key] = self._usage.get(key, 0) + ns
-
-    def _refresh_rates(self) -> None:
-        busy = frozenset(k for k, g in self._groups.items() if g.busy)
-        rates = self.model.rates(busy)
-        for k, g in self._groups.items():
-            g.rate = rates.get(k, 0.0)
-
-
     def _pick(self, exclude: str | None = None) -> str | None:
-        best: _Group | None = None
+        best: Group | None = None
         for key, g in self._groups.items():
             if not g.busy or g.rate <= 0 or key == exclude:
                 continue
-            if not (self._can_continue(g) if key == self.owner else self._startable(g)):
+            b = self.buckets
+            if not (b.can_continue(key) if key == self.owner else b.startable(key)):
                 continue
             if best is None or (g.v, key) < (best.v, best.key):
                 best = g
@@ -481,14 +272,7 @@ class Arbiter:
         if old == new:
             self._window_start = now
             return
-        for h in self._handovers:
-            if h.new == old and h.new_end is None:
-                h.new_end = now
-            if h.old == new and h.regained is None:
-                h.regained = now
-        self._handovers.append(_Handover(t=now, old=old, new=new, tail_end=now))
-        while self._handovers and self._handovers[0].t < now - self.p.history_ns:
-            self._handovers.popleft()
+        self._log.record(now, old, new)
         self.owner = new
         self._window_start = now
         self._cursor = now
@@ -497,10 +281,7 @@ class Arbiter:
             self._vref = o.v
         self.handovers += 1
 
-    def _owner_group(self) -> _Group | None:
-        return self._groups.get(self.owner) if self.owner is not None else None
-
-    def _start_drain(self, now: int, o: _Group) -> None:
+    def _start_drain(self, now: int, o: Group) -> None:
         """The owner's window is over: it stops launching now, and the next
         owner gets the device once what it queued has run (``drained`` from
         each of its busy processes, or the bound)."""
@@ -515,7 +296,7 @@ class Arbiter:
             self.debug(f"drain {self.owner} {now - self._drain_since} left={self._drain}")
         self._drain = None
         o = self._owner_group()
-        if o is not None and self._can_continue(o) and self._pick() == o.key:
+        if o is not None and self.buckets.can_continue(o.key) and self._pick() == o.key:
             self._window_start = now  # still the one owed most: keep it
             return
         self._handover(now, self._pick(exclude=self.owner))
@@ -530,7 +311,8 @@ class Arbiter:
         elif o is not None:
             if not o.busy or o.rate <= 0:
                 self._handover(now, self._pick())  # nothing queued, or yields: at once
-            elif not self._can_continue(o) or now - self._window_start >= self._window(o):
+            elif (not self.buckets.can_continue(o.key)
+                  or now - self._window_start >= self._window(o)):
                 nxt = self._pick()
                 if nxt != o.key and nxt is not None:
                     self._start_drain(now, o)
@@ -550,7 +332,7 @@ class Arbiter:
         o = self._owner_group()
         busy = frozenset(k for k, g in self._groups.items() if g.busy)
         for key, g in self._groups.items():
-            if g.busy or not self._startable(g):
+            if g.busy or not self.buckets.startable(g.key):
                 continue
             rates = self.model.rates(busy | {key})
             r = rates.get(key, 0.0)
