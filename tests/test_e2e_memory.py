@@ -76,10 +76,13 @@ def test_racing_allocations_never_pass_the_caps(vgpud: VgpudProc, cgroups: Cgrou
     def sample() -> None:
         nonlocal samples
         while not stop.is_set():
+            # Each sum is one reading of the device (under its lock): the
+            # sum of two readings would add the capped slice's peak to what
+            # the sibling took after it, a total that never existed.
             a = sim_mem_sum(vgpud.shm, [p.pid for p in procs])
-            b = sim_mem_sum(vgpud.shm, [p.pid for p in sib])
+            ab = sim_mem_sum(vgpud.shm, [p.pid for p in procs + sib])
             peaks["capped"] = max(peaks["capped"], a)
-            peaks["parent"] = max(peaks["parent"], a + b)
+            peaks["parent"] = max(peaks["parent"], ab)
             samples += 1
 
     t = threading.Thread(target=sample)
