@@ -22,5 +22,5 @@ class BuildWithLibhook(build_py):
 
 setup(
     cmdclass={"build_py": BuildWithLibhook},
-    cffi_modules=["vgpu_cgroup/_abi_build.py:ffibuilder"],
+    cffi_modules=["vgpu_cgroup/_wire/_abi_build.py:ffibuilder"],
 )

@@ -52,8 +52,8 @@ for _p in (str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")):
 from _e2e import Cgroups, VgpudProc, build, spawn  # noqa: E402
 from reserve_bench import _cpu_s, run_phase  # noqa: E402
 
-from vgpu_cgroup._bounds import ClientLimits  # noqa: E402
-from vgpu_cgroup._client import Client  # noqa: E402
+from vgpu_cgroup._core._bounds import ClientLimits  # noqa: E402
+from vgpu_cgroup._wire._client import Client  # noqa: E402
 
 FLOODER = ROOT / "tests" / "programs" / "flooder.py"
 NOBODY = 65534

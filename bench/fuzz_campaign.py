@@ -50,10 +50,10 @@ from conftest import FAKE_DEVICES  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from vgpu_cgroup import _protocol as proto  # noqa: E402
-from vgpu_cgroup._config import DaemonConfig  # noqa: E402
-from vgpu_cgroup._daemon import Daemon  # noqa: E402
+from vgpu_cgroup._core._config import DaemonConfig  # noqa: E402
 from vgpu_cgroup._log import configure  # noqa: E402
+from vgpu_cgroup._node._daemon import Daemon  # noqa: E402
+from vgpu_cgroup._wire import proto  # noqa: E402
 
 
 class Findings:

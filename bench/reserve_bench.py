@@ -63,8 +63,8 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 from _e2e import VgpudProc  # noqa: E402
 
-from vgpu_cgroup._client import Client  # noqa: E402
-from vgpu_cgroup._protocol import FrameBuffer, encode_frame, granted_frame  # noqa: E402
+from vgpu_cgroup._wire._client import Client  # noqa: E402
+from vgpu_cgroup._wire._protocol import FrameBuffer, encode_frame, granted_frame  # noqa: E402
 
 RESERVE_BYTES = 1 << 20
 

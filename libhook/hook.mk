@@ -5,11 +5,14 @@ CC ?= cc
 CFLAGS_COMMON ?= -std=gnu11 -O2 -g -fPIC -Wall -Wextra -Werror -fvisibility=hidden \
                  -I$(CURDIR)/include -D_GNU_SOURCE
 
-HOOK_SRCS = hook_init.c hook_dlsym.c hook_client.c hook_msgpack.c hook_dev.c \
-            hook_mem.c hook_launch.c hook_account.c hook_nvml.c
+# By layer (hook_base.h): base; transport; services; interposition.
+HOOK_SRCS = hook_base.c \
+            hook_msgpack.c hook_wire.c hook_client.c \
+            hook_dev.c hook_mem.c hook_capture.c hook_batch.c hook_gate.c hook_account.c \
+            hook_init.c hook_dlsym.c hook_ctx.c hook_alloc.c hook_launch.c hook_nvml.c
 HOOK_OBJDIR = $(OUT)/.hook-obj
 HOOK_OBJS = $(HOOK_SRCS:%.c=$(HOOK_OBJDIR)/%.o)
-HOOK_DEPS = hook_internal.h include/vgpu_abi.h include/vgpu_cuda.h include/vgpu_nvml.h
+HOOK_DEPS = hook_base.h hook_client.h hook_services.h hook_interpose.h include/vgpu_abi.h include/vgpu_cuda.h include/vgpu_nvml.h
 
 .PHONY: all clean
 all: $(OUT)/libvgpu-hook.so

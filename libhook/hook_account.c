@@ -27,7 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "hook_internal.h"
+#include "hook_services.h"
 
 #define POLL_NS 500000
 #define POLL_FAST_NS 100000        /* while others wait for a device we own */
@@ -40,7 +40,6 @@
 #define ANCHOR_REFRESH_NS 2000000000ull
 
 static pthread_mutex_t amu = PTHREAD_MUTEX_INITIALIZER;
-static _Atomic int started;
 static CUcontext cur_ctx; /* accountant thread only */
 
 static bool set_ctx(CUcontext ctx)
@@ -139,11 +138,6 @@ static void publish(int hidx, uint64_t s, uint64_t e)
     __atomic_store_n(&iv->end_ns, e, __ATOMIC_RELAXED);
     __atomic_store_n(&d->ring_head, head + 1, __ATOMIC_RELEASE);
     __atomic_fetch_add(&d->busy_ns, e - s, __ATOMIC_RELAXED);
-}
-
-bool vgpu_account_running(void)
-{
-    return atomic_load_explicit(&started, memory_order_relaxed);
 }
 
 /* The batch's launches are no longer in flight. */
@@ -423,7 +417,7 @@ static int report_idle(void)
  * atexit (before library destructors), so the driver is still alive. */
 static void account_flush(void)
 {
-    if (!atomic_load(&started) || atomic_load(&vgpu_mode) != VGPU_MODE_REGISTERED)
+    if (!atomic_load(&vgpu_account_started) || atomic_load(&vgpu_mode) != VGPU_MODE_REGISTERED)
         return;
     uint64_t deadline = vgpu_now_ns() + 500000000ull;
     struct timespec dl;
@@ -446,18 +440,8 @@ static void account_flush(void)
 
 #define CAPTURE_PAUSE_MAX_NS 5000000000ull
 
-/* The accountant's deep sleep when the process launches nothing; a launching
- * thread that opens a batch kicks it awake (one futex wake, only then). */
-static _Atomic uint32_t wake_word;
-_Atomic int vgpu_account_asleep;
-
-void vgpu_account_kick(void)
-{
-    if (atomic_exchange_explicit(&vgpu_account_asleep, 0, memory_order_acq_rel)) {
-        atomic_fetch_add_explicit(&wake_word, 1, memory_order_release);
-        syscall(SYS_futex, &wake_word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
-    }
-}
+/* The accountant's deep sleep when the process launches nothing: it waits on
+ * vgpu_account_wake_word, which vgpu_account_kick (hook_batch.c) bumps. */
 #define IDLE_POLL_MAX_NS 8000000ull
 #define PENDING_POLL_MAX_NS 2000000ull
 #define STALLED_POLLS 8 /* 4 ms of waiting on other processes' work before backing off */
@@ -521,9 +505,9 @@ static void *account_main(void *arg)
             idle_ns = POLL_NS;
         struct timespec ts = {0, (long)idle_ns};
         if (idle_ns > POLL_NS) {
-            uint32_t w = atomic_load_explicit(&wake_word, memory_order_acquire);
+            uint32_t w = atomic_load_explicit(&vgpu_account_wake_word, memory_order_acquire);
             atomic_store_explicit(&vgpu_account_asleep, 1, memory_order_release);
-            syscall(SYS_futex, &wake_word, FUTEX_WAIT_PRIVATE, w, &ts, NULL, 0);
+            syscall(SYS_futex, &vgpu_account_wake_word, FUTEX_WAIT_PRIVATE, w, &ts, NULL, 0);
             if (!atomic_exchange_explicit(&vgpu_account_asleep, 0, memory_order_acq_rel))
                 idle_ns = POLL_NS; /* kicked: work has started */
         } else {
@@ -535,13 +519,13 @@ static void *account_main(void *arg)
 
 void vgpu_account_start(void)
 {
-    if (atomic_exchange(&started, 1))
+    if (atomic_exchange(&vgpu_account_started, 1))
         return;
     static _Atomic int flush_registered;
     if (!atomic_exchange(&flush_registered, 1))
         atexit(account_flush);
     if (!vgpu_start_thread(account_main)) {
-        atomic_store(&started, 0);
+        atomic_store(&vgpu_account_started, 0);
         vgpu_warn_once(VGPU_W_THREAD, "vgpu: cannot start the accountant thread; GPU time is not measured");
     }
 }
@@ -587,6 +571,6 @@ void vgpu_account_forget_ctx(CUcontext ctx)
 void vgpu_account_atfork_child(void)
 {
     pthread_mutex_init(&amu, NULL);
-    atomic_store(&started, 0);
+    atomic_store(&vgpu_account_started, 0);
     cur_ctx = NULL;
 }

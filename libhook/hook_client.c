@@ -1,6 +1,7 @@
 /*
- * hook_client.c - the connection to vgpud: framing, handshake, requests, and
- * the monitor thread that notices a daemon restart and reconnects.
+ * hook_client.c - the connection to vgpud: handshake, requests, and the
+ * monitor thread that notices a daemon restart and reconnects (frames and
+ * replies themselves are hook_wire.c's).
  *
  * One round trip is in flight per process (cmu): reservations are not a hot
  * path and a single in-order stream keeps reply matching trivial. cmu is held
@@ -30,7 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "hook_internal.h"
+#include "hook_client.h"
 
 _Atomic(struct vgpu_ctl_page *) vgpu_ctl;
 _Atomic(struct vgpu_stat_page *) vgpu_stat;
@@ -56,7 +57,6 @@ static _Atomic int deferred;      /* some unsent is waiting for the socket */
 static _Atomic uint64_t oneway_dropped;
 
 #define RECONNECT_WAIT_NS (10ull * 1000000000ull)
-#define BUF_CAP 4096
 /* A one-way sender waits at most this long for smu (held only around
  * non-blocking writes, so this is a bound, not a wait that happens). */
 #define ONEWAY_LOCK_NS 20000000ull
@@ -79,225 +79,6 @@ static void init_cv(void)
 __attribute__((constructor)) static void client_ctor(void)
 {
     init_cv();
-}
-
-static int remaining_ms(uint64_t deadline)
-{
-    uint64_t now = vgpu_now_ns();
-    if (now >= deadline)
-        return 0;
-    uint64_t ms = (deadline - now + 999999) / 1000000;
-    return ms > 600000 ? 600000 : (int)ms;
-}
-
-/* ---- framing ---- */
-
-static bool write_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return false;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return true;
-}
-
-static bool send_frame(int fd, const struct mp_w *w)
-{
-    if (w->overflow || w->len == 0 || w->len > VGPU_MAX_FRAME)
-        return false;
-    uint8_t hdr[4] = {(uint8_t)(w->len >> 24), (uint8_t)(w->len >> 16), (uint8_t)(w->len >> 8),
-                      (uint8_t)w->len};
-    uint8_t buf[4 + BUF_CAP];
-    memcpy(buf, hdr, 4);
-    memcpy(buf + 4, w->p, w->len);
-    return write_all(fd, buf, 4 + w->len);
-}
-
-/* Read exactly n bytes before deadline; collects SCM_RIGHTS fds if fds. */
-static bool read_full(int fd, uint8_t *p, size_t n, uint64_t deadline, int *fds, int *nfds)
-{
-    while (n) {
-        struct pollfd pfd = {.fd = fd, .events = POLLIN};
-        int pr = poll(&pfd, 1, remaining_ms(deadline));
-        if (pr < 0 && errno == EINTR)
-            continue;
-        if (pr == 0)
-            errno = ETIMEDOUT;
-        if (pr <= 0)
-            return false;
-        union {
-            struct cmsghdr h;
-            char b[CMSG_SPACE(sizeof(int) * 4)];
-        } cm;
-        struct iovec iov = {.iov_base = p, .iov_len = n};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b,
-                            .msg_controllen = sizeof cm.b};
-        ssize_t r = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r == 0)
-            errno = ECONNRESET;
-        if (r <= 0)
-            return false;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                continue;
-            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            int got[4];
-            memcpy(got, CMSG_DATA(c), sizeof(int) * (size_t)(k > 4 ? 4 : k));
-            for (int i = 0; i < k && i < 4; i++) {
-                if (fds && *nfds < 2)
-                    fds[(*nfds)++] = got[i];
-                else
-                    close(got[i]);
-            }
-        }
-        p += r;
-        n -= (size_t)r;
-    }
-    return true;
-}
-
-/* One received frame: small ones (every reply but a `denied` naming a very
- * long slice path) in place, larger ones up to VGPU_MAX_FRAME on the heap,
- * sized from the header. */
-struct rx {
-    uint8_t *p;
-    size_t len;
-    uint8_t small[BUF_CAP];
-};
-
-static void rx_done(struct rx *rx)
-{
-    if (rx->p && rx->p != rx->small)
-        free(rx->p);
-    rx->p = NULL;
-}
-
-static bool recv_frame(int fd, struct rx *rx, uint64_t deadline, int *fds, int *nfds)
-{
-    uint8_t hdr[4];
-    rx->p = NULL;
-    if (!read_full(fd, hdr, 4, deadline, fds, nfds))
-        return false;
-    uint32_t n = (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
-    if (n == 0 || n > VGPU_MAX_FRAME) {
-        vgpu_warn_once(VGPU_W_PROTO, "vgpu: daemon sent a frame of %u bytes (protocol limit %u); dropping connection",
-                       n, VGPU_MAX_FRAME);
-        errno = EPROTO;
-        return false;
-    }
-    rx->p = n <= sizeof rx->small ? rx->small : malloc(n);
-    if (!rx->p) {
-        vgpu_warn_once(VGPU_W_PROTO, "vgpu: no host memory for a %u-byte frame from vgpud; dropping connection", n);
-        errno = ENOMEM;
-        return false;
-    }
-    if (!read_full(fd, rx->p, n, deadline, fds, nfds)) {
-        rx_done(rx);
-        return false;
-    }
-    rx->len = n;
-    return true;
-}
-
-/* ---- replies ---- */
-
-struct reply {
-    char t[16];
-    int64_t id;
-    int64_t slot;
-    int64_t tick_ns, epoch;
-    char code[16];
-    char msg[160];
-    char slice[256];
-    int64_t limit, current;
-};
-
-static void copy_str(char *dst, size_t cap, const char *s, uint32_t n)
-{
-    if (n >= cap)
-        n = (uint32_t)cap - 1;
-    memcpy(dst, s, n);
-    dst[n] = 0;
-}
-
-/* Decode one reply map; unknown keys are skipped. false if malformed. */
-static bool parse_reply(const uint8_t *buf, size_t len, struct reply *out)
-{
-    memset(out, 0, sizeof *out);
-    out->id = -1;
-    out->slot = -1;
-    struct mp_r r = {.p = buf, .len = len};
-    uint32_t n;
-    if (!mp_read_map(&r, &n))
-        return false;
-    for (uint32_t i = 0; i < n; i++) {
-        const char *k;
-        uint32_t kl;
-        if (!mp_read_str(&r, &k, &kl))
-            return false;
-        const char *s;
-        uint32_t sl;
-#define KEY(lit) (kl == sizeof(lit) - 1 && !memcmp(k, lit, kl))
-        if (KEY("t") || KEY("code") || KEY("msg") || KEY("slice")) {
-            if (mp_peek(&r) != MP_STR) {
-                if (!mp_skip(&r))
-                    return false;
-                continue;
-            }
-            if (!mp_read_str(&r, &s, &sl))
-                return false;
-            if (KEY("t"))
-                copy_str(out->t, sizeof out->t, s, sl);
-            else if (KEY("code"))
-                copy_str(out->code, sizeof out->code, s, sl);
-            else if (KEY("msg"))
-                copy_str(out->msg, sizeof out->msg, s, sl);
-            else
-                copy_str(out->slice, sizeof out->slice, s, sl);
-        } else if ((KEY("id") || KEY("slot") || KEY("tick_ns") || KEY("epoch") || KEY("limit") ||
-                    KEY("current")) &&
-                   (mp_peek(&r) == MP_INT || mp_peek(&r) == MP_UINT)) {
-            int64_t v;
-            if (!mp_read_int(&r, &v))
-                return false;
-            if (KEY("id"))
-                out->id = v;
-            else if (KEY("slot"))
-                out->slot = v;
-            else if (KEY("tick_ns"))
-                out->tick_ns = v;
-            else if (KEY("epoch"))
-                out->epoch = v;
-            else if (KEY("limit"))
-                out->limit = v;
-            else
-                out->current = v;
-        } else if (!mp_skip(&r)) {
-            return false;
-        }
-#undef KEY
-    }
-    return out->t[0] != 0 && !r.err;
-}
-
-/* The code of an error reply, from vgpu_abi.h's one table. One the table
- * does not have means the daemon and the hook disagree on the protocol: said
- * once, and the request counts as refused. */
-static int error_code(const struct reply *rep)
-{
-    int c = vgpu_error_code_of(rep->code);
-    if (c < 0)
-        vgpu_warn_once(VGPU_W_CODE, "vgpu: vgpud sent error code '%s', which this hook does not know: %s",
-                       rep->code, rep->msg);
-    return c;
 }
 
 /* ---- connection state ---- */
@@ -362,7 +143,7 @@ static int send_whole_locked(const uint8_t *p, size_t n)
                 return SEND_FULL;
             if (!deadline)
                 deadline = vgpu_now_ns() + SEND_PARTIAL_NS;
-            int ms = remaining_ms(deadline);
+            int ms = vgpu_remaining_ms(deadline);
             if (ms == 0)
                 break;
             struct pollfd pfd = {.fd = cfd, .events = POLLOUT};
@@ -375,15 +156,6 @@ static int send_whole_locked(const uint8_t *p, size_t n)
         return SEND_OK;
     shutdown(cfd, SHUT_RDWR);
     return SEND_BROKEN;
-}
-
-static size_t frame_header(uint8_t *out, size_t body)
-{
-    out[0] = (uint8_t)(body >> 24);
-    out[1] = (uint8_t)(body >> 16);
-    out[2] = (uint8_t)(body >> 8);
-    out[3] = (uint8_t)body;
-    return 4;
 }
 
 /* smu held: send what was released and not yet sent (oldest first is not
@@ -415,7 +187,7 @@ static int flush_releases_locked(void)
         mp_uint(&w, (uint64_t)slot);
         mp_str(&w, "n");
         mp_uint(&w, x);
-        frame_header(out, w.len);
+        vgpu_frame_header(out, w.len);
         int r = send_whole_locked(out, 4 + w.len);
         if (r != SEND_OK) {
             /* After DOWN/BROKEN the next connection recomputes unsent. */
@@ -447,16 +219,16 @@ static void flush_releases_bounded(void)
 }
 
 /* Send a request and wait for the reply with the same id (cmu held). */
-static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
+static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct vgpu_wire_reply *rep)
 {
     if (cfd < 0)
         return false;
-    if (w->overflow || w->len == 0 || w->len > BUF_CAP) {
+    if (w->overflow || w->len == 0 || w->len > VGPU_BUF_CAP) {
         vgpu_warn_once(VGPU_W_PROTO, "vgpu: request of %zu bytes too large", w->len);
         return false;
     }
-    uint8_t frame[4 + BUF_CAP];
-    frame_header(frame, w->len);
+    uint8_t frame[4 + VGPU_BUF_CAP];
+    vgpu_frame_header(frame, w->len);
     memcpy(frame + 4, w->p, w->len);
     /* A live daemon answers in well under a second; 30 s means hung. */
     uint64_t deadline = vgpu_now_ns() + 30000000000ull;
@@ -468,7 +240,7 @@ static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
         pthread_mutex_unlock(&smu);
         if (r == SEND_OK)
             break;
-        if (r != SEND_FULL || remaining_ms(deadline) == 0) {
+        if (r != SEND_FULL || vgpu_remaining_ms(deadline) == 0) {
             mark_down_locked();
             return false;
         }
@@ -477,13 +249,13 @@ static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
         poll(&pfd, 1, SEND_ROOM_POLL_MS);
     }
     for (;;) {
-        struct rx rx;
-        if (!recv_frame(cfd, &rx, deadline, NULL, NULL)) {
+        struct vgpu_rx rx;
+        if (!vgpu_recv_frame(cfd, &rx, deadline, NULL, NULL)) {
             mark_down_locked();
             return false;
         }
-        bool ok = parse_reply(rx.p, rx.len, rep);
-        rx_done(&rx);
+        bool ok = vgpu_parse_reply(rx.p, rx.len, rep);
+        vgpu_rx_done(&rx);
         if (!ok) {
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: undecodable reply from vgpud; dropping connection");
             mark_down_locked();
@@ -492,40 +264,13 @@ static bool roundtrip_locked(struct mp_w *w, uint32_t id, struct reply *rep)
         if (rep->id == (int64_t)id)
             return true;
         if (!strcmp(rep->t, "error") && rep->id < 0) {
-            (void)error_code(rep);
+            (void)vgpu_reply_code(rep);
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: vgpud error %s: %s", rep->code, rep->msg);
             mark_down_locked();
             return false;
         }
         /* a stale reply (e.g. for a request before a timeout): skip */
     }
-}
-
-static int connect_once(const char *path)
-{
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -errno;
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-    for (;;) {
-        if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
-            return fd;
-        if (errno != EINTR)
-            break;
-    }
-    int e = errno;
-    close(fd);
-    return -e;
-}
-
-static void *map_region(int fd, size_t size, int prot)
-{
-    struct stat st;
-    if (fstat(fd, &st) != 0 || (size_t)st.st_size < size)
-        return NULL;
-    void *p = mmap(NULL, size, prot, MAP_SHARED, fd, 0);
-    return p == MAP_FAILED ? NULL : p;
 }
 
 /* Connect, hello, welcome with the two regions. Leaves cfd open on success.
@@ -535,11 +280,11 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
 {
     int fd;
     for (;;) {
-        fd = connect_once(vgpu_cfg.socket);
+        fd = vgpu_connect_unix(vgpu_cfg.socket);
         if (fd >= 0)
             break;
         /* The daemon may be starting: retry refused/missing until deadline. */
-        if ((fd != -ENOENT && fd != -ECONNREFUSED && fd != -EAGAIN) || remaining_ms(deadline) == 0) {
+        if ((fd != -ENOENT && fd != -ECONNREFUSED && fd != -EAGAIN) || vgpu_remaining_ms(deadline) == 0) {
             snprintf(why, whylen, "%s", strerror(-fd));
             return false;
         }
@@ -547,7 +292,7 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
         nanosleep(&ts, NULL);
     }
 
-    uint8_t out[BUF_CAP];
+    uint8_t out[VGPU_BUF_CAP];
     struct mp_w w = {.p = out, .cap = sizeof out};
     char comm[64] = "";
     FILE *f = fopen("/proc/self/comm", "re");
@@ -587,18 +332,18 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
             mp_uint(&w, decl[i]);
         }
     }
-    if (!send_frame(fd, &w)) {
+    if (!vgpu_send_frame(fd, &w)) {
         snprintf(why, whylen, "sending hello: %s", strerror(errno));
         close(fd);
         *transient = true;
         return false;
     }
-    struct rx rx;
+    struct vgpu_rx rx;
     int fds[2], nfds = 0;
-    struct reply rep;
-    bool ok = recv_frame(fd, &rx, deadline, fds, &nfds);
-    bool parsed = ok && parse_reply(rx.p, rx.len, &rep);
-    rx_done(&rx);
+    struct vgpu_wire_reply rep;
+    bool ok = vgpu_recv_frame(fd, &rx, deadline, fds, &nfds);
+    bool parsed = ok && vgpu_parse_reply(rx.p, rx.len, &rep);
+    vgpu_rx_done(&rx);
     if (!ok) {
         snprintf(why, whylen, "no welcome from the daemon (%s)",
                  errno == ETIMEDOUT ? "none before the connect timeout"
@@ -621,8 +366,8 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
     struct vgpu_ctl_page *ctl = NULL;
     struct vgpu_stat_page *st = NULL;
     if (ok) {
-        ctl = map_region(fds[0], sizeof *ctl, PROT_READ);
-        st = map_region(fds[1], sizeof *st, PROT_READ | PROT_WRITE);
+        ctl = vgpu_map_region(fds[0], sizeof *ctl, PROT_READ);
+        st = vgpu_map_region(fds[1], sizeof *st, PROT_READ | PROT_WRITE);
         if (!ctl || !st) {
             snprintf(why, whylen, "cannot map the shared regions");
             ok = false;
@@ -690,7 +435,7 @@ static bool handshake_locked(uint64_t deadline, char *why, size_t whylen)
             return true;
         if (!strncmp(why, "daemon said error: limit ", 25))
             snprintf(refused, sizeof refused, "%s", why);
-        if (!transient || remaining_ms(deadline) == 0) {
+        if (!transient || vgpu_remaining_ms(deadline) == 0) {
             if (refused[0])
                 snprintf(why, whylen, "%s", refused);
             return false;
@@ -830,14 +575,14 @@ static int attach_locked(const char *uuid, uint64_t total, int *slot)
     mp_str(&w, uuid);
     mp_str(&w, "total");
     mp_uint(&w, total);
-    struct reply rep;
+    struct vgpu_wire_reply rep;
     if (!roundtrip_locked(&w, id, &rep))
         return VGPU_R_DOWN;
     if (!strcmp(rep.t, "attached") && rep.slot >= 0 && rep.slot < (int64_t)VGPU_MAX_DEVICES) {
         *slot = (int)rep.slot;
         return VGPU_R_OK;
     }
-    if (!strcmp(rep.t, "error") && error_code(&rep) == VGPU_ERR_OOM) {
+    if (!strcmp(rep.t, "error") && vgpu_reply_code(&rep) == VGPU_ERR_OOM) {
         /* No room in the slice for a context: out of memory, and worth
          * trying again once the slice has room (not a refused device). */
         vgpu_warn_once(VGPU_W_CTXMEM, "vgpu: no GPU memory for a context on %s: %s", uuid, rep.msg);
@@ -900,7 +645,7 @@ int vgpu_client_reserve(int hidx, uint64_t n)
         mp_uint(&w, (uint64_t)slot);
         mp_str(&w, "n");
         mp_uint(&w, n);
-        struct reply rep;
+        struct vgpu_wire_reply rep;
         if (!roundtrip_locked(&w, id, &rep))
             continue; /* connection dropped: wait for the monitor, retry */
         if (!strcmp(rep.t, "granted")) {
@@ -909,7 +654,7 @@ int vgpu_client_reserve(int hidx, uint64_t n)
             res = VGPU_R_DENIED;
         } else {
             if (!strcmp(rep.t, "error"))
-                (void)error_code(&rep);
+                (void)vgpu_reply_code(&rep);
             vgpu_warn_once(VGPU_W_PROTO, "vgpu: reserve answered with %s %s: %s", rep.t, rep.code, rep.msg);
             res = VGPU_R_DENIED;
         }

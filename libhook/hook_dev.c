@@ -4,19 +4,36 @@
  *
  * A device is known by UUID (the daemon's key) and attached lazily: when a
  * context is made on it, or when memory or info is first asked for there.
+ * The entry points that make and switch contexts are hook_ctx.c's.
  */
 #include <stdio.h>
 #include <string.h>
 
-#include "hook_internal.h"
+#include "hook_services.h"
 
-struct vgpu_hdev vgpu_hdevs[VGPU_MAX_HDEV];
-_Atomic int vgpu_nr_hdev;
 struct vgpu_ctxinfo vgpu_ctxs[VGPU_MAX_CTX];
 
 #define MAX_CUDEV 64
 static _Atomic int cudev_map[MAX_CUDEV]; /* hidx + 1; 0 unknown */
 static pthread_mutex_t devmu = PTHREAD_MUTEX_INITIALIZER;
+
+void vgpu_hdev_inflight_init(struct vgpu_hdev *d)
+{
+    uint32_t m = (uint32_t)(VGPU_INFLIGHT_NS / VGPU_COST_INIT_NS);
+    if (m < VGPU_INFLIGHT_MIN)
+        m = VGPU_INFLIGHT_MIN;
+    atomic_store(&d->inflight, 0);
+    atomic_store(&d->inflight_max, m);
+    atomic_store(&d->batch_max, m / 2 ? m / 2 : 1);
+    atomic_store(&d->busy, 0);
+    pthread_mutex_init(&d->note_mu, NULL);
+    d->seen_grant = VGPU_GRANT_WAIT;
+    d->drain_pending = 0;
+    d->cost_ns = 0;
+    d->idle_launches = 0;
+    d->idle_since = 0;
+}
+
 
 static void format_uuid(char *out, size_t cap, const CUuuid *u)
 {
@@ -202,33 +219,7 @@ void vgpu_dev_atfork_child(void)
         atomic_store(&vgpu_ctxs[i].ctx, NULL);
 }
 
-/* ---- hooked entry points ---- */
-
-VGPU_EXPORT CUresult cuInit(unsigned int Flags)
-{
-    ENTER(cuInit);
-    return VGPU_DRIVER(real_cuInit(Flags));
-}
-
-/* Attach before the context exists: a device the slice may not use must
- * fail here, with nothing allocated. */
-static CUresult admit_device(int mode, CUdevice dev, int *hidx)
-{
-    *hidx = -1;
-    if (mode != VGPU_MODE_REGISTERED)
-        return CUDA_SUCCESS;
-    *hidx = vgpu_hdev_of_cudev(dev);
-    if (*hidx < 0)
-        return CUDA_SUCCESS; /* let the driver report the bad device */
-    int slot = vgpu_hdev_attach(*hidx);
-    if (slot == -1)
-        return CUDA_ERROR_INVALID_DEVICE;
-    if (slot == -3)
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    return CUDA_SUCCESS;
-}
-
-static void note_ctx(CUcontext ctx, int hidx)
+void vgpu_ctxinfo_note(CUcontext ctx, int hidx)
 {
     if (!ctx || hidx < 0)
         return;
@@ -251,93 +242,4 @@ static void note_ctx(CUcontext ctx, int hidx)
         }
     }
     pthread_mutex_unlock(&devmu);
-}
-
-VGPU_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
-{
-    ENTER(cuDevicePrimaryCtxRetain);
-    int hidx;
-    CUresult a = admit_device(mode_, dev, &hidx);
-    if (a != CUDA_SUCCESS)
-        return a;
-    CUresult r = VGPU_DRIVER(real_cuDevicePrimaryCtxRetain(pctx, dev));
-    if (r == CUDA_SUCCESS && pctx)
-        note_ctx(*pctx, hidx);
-    return r;
-}
-
-VGPU_EXPORT CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev)
-{
-    ENTER(cuCtxCreate_v2);
-    int hidx;
-    CUresult a = admit_device(mode_, dev, &hidx);
-    if (a != CUDA_SUCCESS)
-        return a;
-    CUresult r = VGPU_DRIVER(real_cuCtxCreate_v2(pctx, flags, dev));
-    vgpu_launch_ctx_changed(); /* the new context is current now */
-    if (r == CUDA_SUCCESS && pctx)
-        note_ctx(*pctx, hidx);
-    return r;
-}
-
-VGPU_EXPORT CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *params, unsigned int flags, CUdevice dev)
-{
-    ENTER(cuCtxCreate_v4);
-    int hidx;
-    CUresult a = admit_device(mode_, dev, &hidx);
-    if (a != CUDA_SUCCESS)
-        return a;
-    CUresult r = VGPU_DRIVER(real_cuCtxCreate_v4(pctx, params, flags, dev));
-    vgpu_launch_ctx_changed(); /* the new context is current now */
-    if (r == CUDA_SUCCESS && pctx)
-        note_ctx(*pctx, hidx);
-    return r;
-}
-
-VGPU_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx)
-{
-    ENTER(cuCtxDestroy_v2);
-    struct vgpu_ctxinfo *ci = vgpu_ctxinfo_get(ctx, false);
-    if (ci) {
-        /* Our events and stream die with the context: stop using them first
-         * (the accountant's driver calls, made from this thread). */
-        vgpu_in_hook++;
-        vgpu_account_forget_ctx(ctx);
-        vgpu_capture_forget_ctx(ctx);
-        vgpu_in_hook--;
-        atomic_store(&ci->ctx, NULL);
-    }
-    vgpu_launch_ctx_changed();
-    return VGPU_DRIVER(real_cuCtxDestroy_v2(ctx));
-}
-
-VGPU_EXPORT CUresult cuMemGetInfo_v2(size_t *free_b, size_t *total_b)
-{
-    ENTER(cuMemGetInfo_v2);
-    CUresult r = VGPU_DRIVER(real_cuMemGetInfo_v2(free_b, total_b));
-    if (r != CUDA_SUCCESS || mode_ != VGPU_MODE_REGISTERED || !free_b || !total_b)
-        return r;
-    int hidx = vgpu_current_hdev();
-    if (hidx < 0)
-        return r;
-    uint64_t f = *free_b, t = *total_b;
-    vgpu_clamp_mem(hidx, &f, &t);
-    *free_b = (size_t)f;
-    *total_b = (size_t)t;
-    return r;
-}
-
-VGPU_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
-{
-    ENTER(cuDeviceTotalMem_v2);
-    CUresult r = VGPU_DRIVER(real_cuDeviceTotalMem_v2(bytes, dev));
-    if (r != CUDA_SUCCESS || mode_ != VGPU_MODE_REGISTERED || !bytes)
-        return r;
-    int hidx = vgpu_hdev_of_cudev(dev);
-    if (hidx < 0)
-        return r;
-    uint64_t f = *bytes, t = *bytes;
-    vgpu_clamp_mem(hidx, &f, &t);
-    *bytes = (size_t)t;
-    return r;
 }

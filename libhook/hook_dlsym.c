@@ -18,7 +18,7 @@
 #include <string.h>
 #include <sys/auxv.h>
 
-#include "hook_internal.h"
+#include "hook_interpose.h"
 
 static int debug_getproc(void);
 

@@ -9,7 +9,7 @@
  */
 #include <string.h>
 
-#include "hook_internal.h"
+#include "hook_client.h"
 
 static void put(struct mp_w *w, const void *src, size_t n)
 {

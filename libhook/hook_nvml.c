@@ -7,7 +7,7 @@
  */
 #include <string.h>
 
-#include "hook_internal.h"
+#include "hook_interpose.h"
 
 static int nvml_hdev(nvmlDevice_t device, uint64_t total)
 {

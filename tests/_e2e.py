@@ -1,8 +1,10 @@
 """Helpers for end-to-end tests: real vgpud processes on the simulated GPU,
 real cgroups, real CUDA programs running under the hook.
 
-Not a conftest: e2e test modules import what they need from here, and the
-fixtures they build from it stay visible in the module that uses them.
+Not a conftest: e2e test modules import what they need from here. The two
+fixtures every e2e module has are made here, once (``built_fixture``,
+``vgpud_fixture``); a module says in one line which test programs it needs
+and how its vgpud differs.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ import itertools
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vgpu_cgroup._identity import cgroup2_mount
+import pytest
+
+from vgpu_cgroup._core import cgroup2_mount
 
 ROOT = Path(__file__).resolve().parent.parent
 LIB = ROOT / "vgpu_cgroup" / "_lib"
@@ -33,7 +39,8 @@ _counter = itertools.count()
 def build() -> None:
     """Build the hook, the simulated GPU and the ABI module (idempotent)."""
     subprocess.run(["make", "-s", "-C", str(ROOT / "libhook")], check=True)
-    subprocess.run([sys.executable, str(ROOT / "vgpu_cgroup" / "_abi_build.py")], check=True)
+    subprocess.run([sys.executable, str(ROOT / "vgpu_cgroup" / "_wire" / "_abi_build.py")],
+                   check=True)
 
 
 def build_c(name: str, out_dir: Path, *, link_cuda: bool = True) -> Path:
@@ -177,6 +184,59 @@ class VgpudProc:
         if p.returncode != 0:
             raise RuntimeError(f"vgpuctl {' '.join(args)}: {p.stderr}")
         return json.loads(p.stdout)
+
+
+def built_fixture(*programs: str) -> Any:
+    """The module-scoped fixture ``built``: the hook, the simulated GPU and
+    the ABI module built (``build``), and ``programs`` (tests/c/<name>.c)
+    compiled into a directory of their own, which it returns."""
+
+    @pytest.fixture(scope="module", name="built")
+    def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        build()
+        out = tmp_path_factory.mktemp("bin")
+        for name in programs:
+            build_c(name, out)
+        return out
+
+    return built
+
+
+def vgpud_fixture(*, sim_mem: str | None = None, ctx_overhead: int | None = None,
+                  limits: Mapping[str, int] | None = None) -> Any:
+    """The fixture ``vgpud``: a started ``VgpudProc`` (after ``built``),
+    stopped and cleaned up after the test.
+
+    ``sim_mem``: the simulated GPU's memory (VgpudProc's default if None);
+    ``ctx_overhead``: bytes a simulated context takes (VGPU_SIM_CTX_OVERHEAD);
+    ``limits``: vgpud.toml's ``[limits]``, in a directory under /tmp that an
+    unprivileged process can reach (pytest's is root's only), removed after.
+    """
+
+    @pytest.fixture(name="vgpud")
+    def vgpud(request: pytest.FixtureRequest, built: Path) -> Iterator[VgpudProc]:
+        if limits is not None:
+            tmp = Path(tempfile.mkdtemp(prefix="vgpu-flood-", dir="/tmp"))
+            tmp.chmod(0o755)
+            conf = tmp / "vgpud.toml"
+            conf.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+            extra = ["--config", str(conf)]
+        else:
+            tmp = request.getfixturevalue("tmp_path")
+            extra = []
+        d = VgpudProc(tmp, extra=extra) if sim_mem is None else \
+            VgpudProc(tmp, sim_mem=sim_mem, extra=extra)
+        if ctx_overhead is not None:
+            d.env["VGPU_SIM_CTX_OVERHEAD"] = str(ctx_overhead)
+        d.start()
+        try:
+            yield d
+        finally:
+            d.cleanup()
+            if limits is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    return vgpud
 
 
 def walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -14,15 +14,16 @@ from typing import Any
 import pytest
 import trio
 from _e2e import Cgroups
-from vgpu_cgroup._abi import ffi
+from vgpu_cgroup._wire._abi import ffi
 
-from vgpu_cgroup._bounds import ClientLimits
-from vgpu_cgroup._client import Client
-from vgpu_cgroup._config import DaemonConfig
-from vgpu_cgroup._daemon import Daemon
+from vgpu_cgroup._core._bounds import ClientLimits
+from vgpu_cgroup._core._config import DaemonConfig
 from vgpu_cgroup._log import configure
-from vgpu_cgroup._nvml import SIM_NVML, Device
-from vgpu_cgroup._shm import CTL_SIZE, STAT_SIZE
+from vgpu_cgroup._node._daemon import Daemon
+from vgpu_cgroup._node._nvml import Device
+from vgpu_cgroup._paths import SIM_NVML
+from vgpu_cgroup._wire._client import Client
+from vgpu_cgroup._wire._shm import CTL_SIZE, STAT_SIZE
 
 FAKE_DEVICES = [
     Device(index=0, uuid="GPU-00000000-0000-0000-0000-000000000000", name="Fake H200",

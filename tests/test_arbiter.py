@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from vgpu_cgroup._arbiter import RUN, TAKE, WAIT, Arbiter, ArbiterParams
-from vgpu_cgroup._share import ShareModel
-from vgpu_cgroup._tree import SliceTree
+from vgpu_cgroup._core._arbiter import RUN, TAKE, WAIT, Arbiter, ArbiterParams
+from vgpu_cgroup._core._share import ShareModel
+from vgpu_cgroup._core._tree import SliceTree
 
 MS = 1_000_000
 

@@ -7,7 +7,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vgpu_cgroup._attrib import MAX_INTERVAL_NS, Attributor
+from vgpu_cgroup._core._attrib import MAX_INTERVAL_NS, Attributor
 
 
 def test_alone_is_charged_its_union() -> None:

@@ -19,11 +19,11 @@ from conftest import FakeHook, RunningDaemon, start_daemon, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vgpu_cgroup import _bounds
-from vgpu_cgroup._bounds import ClientBounds, ClientLimits, Refusal, Ticket, prefixes
-from vgpu_cgroup._client import Client, ClientError
-from vgpu_cgroup._identity import cgroup_of_pid
+from vgpu_cgroup._core import _bounds
+from vgpu_cgroup._core._bounds import ClientBounds, ClientLimits, Refusal, Ticket, prefixes
 from vgpu_cgroup._log import Throttle
+from vgpu_cgroup._node._identity import cgroup_of_pid
+from vgpu_cgroup._wire._client import Client, ClientError
 
 FLOODER = Path(__file__).resolve().parent / "programs" / "flooder.py"
 NOBODY = 65534

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vgpu_cgroup._clock import ClockScale
+from vgpu_cgroup._core._clock import ClockScale
 
 
 def test_no_clock_is_plain_time() -> None:

@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from vgpu_cgroup._bounds import ClientLimits
-from vgpu_cgroup._config import (
+from vgpu_cgroup._core._bounds import ClientLimits
+from vgpu_cgroup._core._config import (
     ConfigError,
     DaemonConfig,
     expand_slice_name,
-    load_daemon_config,
-    load_slice_layers,
     slice_file_name,
-    write_runtime_setting,
 )
-from vgpu_cgroup._knobs import KnobError
+from vgpu_cgroup._core._knobs import KnobError
+from vgpu_cgroup._node._files import load_daemon_config, load_slice_layers, write_runtime_setting
 
 G = 1024**3
 

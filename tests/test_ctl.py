@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from conftest import FakeHook, RunningDaemon
 
-from vgpu_cgroup import _ctl
-from vgpu_cgroup._identity import find_cgroup2_mount
+from vgpu_cgroup._cli import _ctl
+from vgpu_cgroup._paths import HOOK_LIB, find_cgroup2_mount
 
 
 def ctl_json(capsys: pytest.CaptureFixture[str], rd: RunningDaemon, *argv: str) -> Any:
@@ -100,7 +100,7 @@ def test_run_in_transient_cgroup(vgpud: RunningDaemon, capfd: pytest.CaptureFixt
     assert cg.startswith("/vgpu.slice/run-")
     assert cg.endswith(".scope")
     preload, sock, libpath = lines[-1].split("|")
-    assert preload.split(":")[0] == _ctl.HOOK_LIB
+    assert preload.split(":")[0] == HOOK_LIB
     assert sock == vgpud.socket
     assert libpath.split(":")[0].endswith("_lib/sim")  # the fixture daemon is simulated
     assert os.environ.get("LD_PRELOAD") == env_before

@@ -17,10 +17,10 @@ from pathlib import Path
 import msgpack
 import pytest
 from conftest import FAKE_DEVICES, FakeHook, RunningDaemon, requires_sim, start_daemon, wait_for
-from vgpu_cgroup._abi import lib
+from vgpu_cgroup._wire._abi import lib
 
-from vgpu_cgroup._client import Client, ClientError
-from vgpu_cgroup._shm import CTL_SIZE, UNLIMITED
+from vgpu_cgroup._wire._client import Client, ClientError
+from vgpu_cgroup._wire._shm import CTL_SIZE, UNLIMITED
 
 MiB = 1 << 20
 
@@ -300,7 +300,7 @@ def test_set_needs_root() -> None:
     Path(rd.runtime_dir).chmod(0o755)
     code = (
         "import os\n"
-        "from vgpu_cgroup._client import Client, ClientError\n"
+        "from vgpu_cgroup._wire._client import Client, ClientError\n"
         "os.setgid(65534); os.setuid(65534)\n"
         f"c = Client({rd.socket!r}); c.hello('ctl')\n"
         "c.ctl('status')\n"

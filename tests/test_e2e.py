@@ -8,34 +8,27 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _e2e import ROOT, Cgroups, VgpudProc, build, build_c, find_process, sim_stats, spawn
+from _e2e import (
+    ROOT,
+    Cgroups,
+    VgpudProc,
+    built_fixture,
+    find_process,
+    sim_stats,
+    spawn,
+    vgpud_fixture,
+)
 
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build()
-    out = tmp_path_factory.mktemp("bin")
-    build_c("client_basic", out)
-    return out
-
-
-@pytest.fixture
-def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
-    d = VgpudProc(tmp_path)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
+built = built_fixture("client_basic")
+vgpud = vgpud_fixture()
 
 
 def _wait_for(pred: Any, timeout: float = 10.0) -> Any:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _e2e import Cgroups, VgpudProc, build, build_c, spawn
+from _e2e import Cgroups, VgpudProc, built_fixture, spawn, vgpud_fixture
 
 pytestmark = pytest.mark.e2e
 TOL = 0.02
@@ -33,23 +33,8 @@ STEADY = ["kernel_ns=500000", "sync=64"]
 REQUESTS = ["mode=requests", "period_ns=5000000", "kernels=2", "kernel_ns=500000"]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build()
-    out = tmp_path_factory.mktemp("bin")
-    for name in ("spin_client", "tenant", "graph_client"):
-        build_c(name, out)
-    return out
-
-
-@pytest.fixture
-def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
-    d = VgpudProc(tmp_path)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
+built = built_fixture("spin_client", "tenant", "graph_client")
+vgpud = vgpud_fixture()
 
 
 def run(vgpud: VgpudProc, cgroups: Cgroups, built: Path,

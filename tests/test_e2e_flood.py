@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _e2e import ROOT, Cgroups, VgpudProc, build, build_c, find_process, spawn
+from _e2e import (
+    ROOT,
+    Cgroups,
+    VgpudProc,
+    built_fixture,
+    find_process,
+    spawn,
+    vgpud_fixture,
+)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(os.getuid() != 0, reason="makes cgroups, drops privileges")]
@@ -34,28 +39,8 @@ LIMITS = {"slice_clients": 64, "slice_hooks": 24, "slice_handshakes": 8,
           "handshake_timeout_ms": 1500}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build()
-    out = tmp_path_factory.mktemp("bin")
-    build_c("client_basic", out)
-    return out
-
-
-@pytest.fixture
-def vgpud(built: Path) -> Iterator[VgpudProc]:
-    # A directory the unprivileged flooder can reach (pytest's is root's only).
-    tmp = Path(tempfile.mkdtemp(prefix="vgpu-flood-", dir="/tmp"))
-    tmp.chmod(0o755)
-    conf = tmp / "vgpud.toml"
-    conf.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in LIMITS.items()))
-    d = VgpudProc(tmp, extra=["--config", str(conf)])
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+built = built_fixture("client_basic")
+vgpud = vgpud_fixture(limits=LIMITS)
 
 
 def _rss_kib(pid: int) -> int:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,12 @@ from _e2e import (
     Cgroups,
     JsonLines,
     VgpudProc,
-    build,
-    build_c,
+    built_fixture,
     find_process,
     sim_mem_sum,
     sim_stats,
     spawn,
+    vgpud_fixture,
 )
 
 pytestmark = pytest.mark.e2e
@@ -31,27 +30,9 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build()
-    out = tmp_path_factory.mktemp("bin")
-    build_c("mem_race", out)
-    build_c("client_basic", out)
-    build_c("free_stall", out)
-    return out
-
-
-
-@pytest.fixture
-def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
-    d = VgpudProc(tmp_path, sim_mem="8G")
-    # Small contexts so that eight processes fit in a 1 GiB slice.
-    d.env["VGPU_SIM_CTX_OVERHEAD"] = str(16 * MiB)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
+built = built_fixture("mem_race", "client_basic", "free_stall")
+# Small contexts so that eight processes fit in a 1 GiB slice.
+vgpud = vgpud_fixture(sim_mem="8G", ctx_overhead=16 * MiB)
 
 
 def _wait(pred: object, timeout: float = 10.0) -> None:
@@ -95,10 +76,13 @@ def test_racing_allocations_never_pass_the_caps(vgpud: VgpudProc, cgroups: Cgrou
     def sample() -> None:
         nonlocal samples
         while not stop.is_set():
+            # Each sum is one reading of the device (under its lock): the
+            # sum of two readings would add the capped slice's peak to what
+            # the sibling took after it, a total that never existed.
             a = sim_mem_sum(vgpud.shm, [p.pid for p in procs])
-            b = sim_mem_sum(vgpud.shm, [p.pid for p in sib])
+            ab = sim_mem_sum(vgpud.shm, [p.pid for p in procs + sib])
             peaks["capped"] = max(peaks["capped"], a)
-            peaks["parent"] = max(peaks["parent"], a + b)
+            peaks["parent"] = max(peaks["parent"], ab)
             samples += 1
 
     t = threading.Thread(target=sample)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +19,20 @@ import pytest
 from _e2e import (
     Cgroups,
     VgpudProc,
-    build,
-    build_c,
+    built_fixture,
     find_process,
     sim_mem_sum,
     sim_stats,
     spawn,
+    vgpud_fixture,
 )
 
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build()
-    out = tmp_path_factory.mktemp("bin")
-    build_c("busy_client", out)
-    build_c("client_basic", out)
-    return out
-
-
-
-@pytest.fixture
-def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
-    d = VgpudProc(tmp_path, sim_mem="8G")
-    d.env["VGPU_SIM_CTX_OVERHEAD"] = str(16 * MiB)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
+built = built_fixture("busy_client", "client_basic")
+vgpud = vgpud_fixture(sim_mem="8G", ctx_overhead=16 * MiB)
 
 
 def _wait(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:

@@ -29,10 +29,10 @@ from conftest import FAKE_DEVICES, FakeHook, RunningDaemon, requires_sim, start_
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vgpu_cgroup import _protocol as proto
-from vgpu_cgroup._config import DaemonConfig
-from vgpu_cgroup._daemon import Daemon, _Client
-from vgpu_cgroup._tree import SliceTree
+from vgpu_cgroup._core._config import DaemonConfig
+from vgpu_cgroup._core._tree import SliceTree
+from vgpu_cgroup._node import Daemon, Session
+from vgpu_cgroup._wire import proto
 
 DEV = FAKE_DEVICES[0].uuid
 MiB = 1 << 20
@@ -227,7 +227,7 @@ ctl_events = st.builds(
                           st.sampled_from(["max", "32M", "50", "-1", "zz"]), max_size=2))
 
 
-def _dispatch_into(d: Daemon, who: _Client, ev: proto.Event,
+def _dispatch_into(d: Daemon, who: Session, ev: proto.Event,
                    out: list[proto.Reply | None]) -> None:
     out.append(d._dispatch(who, ev))
 
@@ -249,7 +249,7 @@ def test_handlers_answer_or_raise_protocol_error(bare_daemon: Daemon,
     wire.hello = proto.Hello(v=1, role="hook", pid=1, comm="fuzz")
     try:
         for ev in evs:
-            who: _Client = ctl if isinstance(ev, proto.Ctl) else hook
+            who: Session = ctl if isinstance(ev, proto.Ctl) else hook
             replies: list[proto.Reply | None] = []
             call = functools.partial(_dispatch_into, d, who, ev, replies)
             if _caught(call) is not None:
@@ -466,7 +466,7 @@ def test_daemon_memory_stays_bounded_under_floods(tmp_path: Path) -> None:
                 socks.append(s)
             for i in range(100):  # garbage
                 _exchange(d.socket, os.urandom(200) if i % 2 else frame({"t": "x" * 3000}))
-            from vgpu_cgroup._client import Client
+            from vgpu_cgroup._wire._client import Client
 
             hooks = []
             for _ in range(20):  # floods of real requests, then a close mid-stream

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _e2e import HOOK, ROOT, SIMDIR, JsonLines, build, build_c
 from hookpeer import Peer, wait_until
-from vgpu_cgroup._abi import lib
+from vgpu_cgroup._wire._abi import lib
 
 MB = 1 << 20
 _n = itertools.count()
@@ -538,7 +538,7 @@ cuda.vgpuSimProcessStats(0, ctypes.byref(busy), ctypes.byref(mem))
 print(json.dumps({"launched": n, "max_inflight_ns": worst, "sim_busy_ns": busy.value - b0}))
 """
 
-INFLIGHT_NS = 5_000_000  # VGPU_INFLIGHT_NS in hook_internal.h
+INFLIGHT_NS = 5_000_000  # VGPU_INFLIGHT_NS in hook_base.h
 
 
 def _probe(sock: str, tmp_path: Path, n: int, k: int, *,
@@ -665,7 +665,7 @@ def test_maximal_denied_frame_keeps_the_connection(bins: dict[str, Path], sock: 
     # A `denied` naming a slice path so long that the frame is the largest
     # the protocol allows (VGPU_MAX_FRAME bytes of body): the hook reads it,
     # refuses the allocation, and keeps talking on the same connection.
-    from vgpu_cgroup._protocol import MAX_FRAME, Connection, Denied
+    from vgpu_cgroup._wire._protocol import MAX_FRAME, Connection, Denied
 
     p = Peer(sock, mem_limit=3 * MB)
     try:

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from vgpu_cgroup._identity import (
+from vgpu_cgroup._core import cgroup2_mount, parse_proc_cgroup
+from vgpu_cgroup._node._identity import (
     SO_PEERPIDFD,
-    cgroup2_mount,
     cgroup_of_pid,
-    find_cgroup2_mount,
-    parse_proc_cgroup,
     peer_cgroup,
     peer_pid_uid,
 )
+from vgpu_cgroup._paths import find_cgroup2_mount
 
 HYBRID = """\
 24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw

@@ -20,7 +20,7 @@ import pytest
 from _k8s import FakeApiServer, FakeDeviceKubelet, GiB, pod
 from conftest import RunningDaemon, wait_for
 
-from vgpu_cgroup import _ctl
+from vgpu_cgroup._cli import _ctl
 from vgpu_cgroup.k8s import (
     DevicePlugin,
     DevicePluginOptions,

@@ -20,8 +20,8 @@ import pytest
 from _k8s import FakeApiServer, GiB, claim, config, pod, result
 from conftest import RunningDaemon, wait_for
 
-from vgpu_cgroup import _ctl
-from vgpu_cgroup._knobs import KNOBS
+from vgpu_cgroup._cli import _ctl
+from vgpu_cgroup._core._knobs import KNOBS
 from vgpu_cgroup.k8s import (
     DraDriver,
     DraOptions,

@@ -23,7 +23,14 @@ from typing import Any
 
 import grpc
 import pytest
-from _e2e import Cgroups, VgpudProc, build, build_c, find_process, spawn
+from _e2e import (
+    Cgroups,
+    VgpudProc,
+    built_fixture,
+    find_process,
+    spawn,
+    vgpud_fixture,
+)
 from _e2e import walk as _walk
 from _k8s import FakeApiServer, FakeDeviceKubelet, MiB, claim, pod, result
 
@@ -47,23 +54,8 @@ NODE = "node-1"
 CAP = 512 * MiB
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build()
-    out = tmp_path_factory.mktemp("bin")
-    build_c("client_basic", out)
-    return out
-
-
-@pytest.fixture
-def vgpud(tmp_path: Path, built: Path) -> Iterator[VgpudProc]:
-    d = VgpudProc(tmp_path, sim_mem="8G")
-    d.env["VGPU_SIM_CTX_OVERHEAD"] = str(16 * MiB)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
+built = built_fixture("client_basic")
+vgpud = vgpud_fixture(sim_mem="8G", ctx_overhead=16 * MiB)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from _k8s import GiB, MiB, claim, config, pod, result
 
-from vgpu_cgroup._config import parse_slice_file
+from vgpu_cgroup._core._config import parse_slice_file
 from vgpu_cgroup.k8s import (
     Gpu,
     GpuShare,
@@ -23,10 +23,12 @@ from vgpu_cgroup.k8s import (
     quantity,
     slice_spec,
 )
-from vgpu_cgroup.k8s._limits import (
+from vgpu_cgroup.k8s._claims import (
     allocated_devices,
     claim_config,
     claim_pod,
+)
+from vgpu_cgroup.k8s._limits import (
     slice_meta,
     slice_text,
 )

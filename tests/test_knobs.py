@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vgpu_cgroup._knobs import (
+from vgpu_cgroup._core._knobs import (
     KNOBS,
     KnobError,
     format_knob,

@@ -14,8 +14,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from vgpu_cgroup import _protocol as proto
-from vgpu_cgroup._lane import MAX_OUTBUF, PAUSE_EVENTS, Lane
+from vgpu_cgroup._node._lane import MAX_OUTBUF, PAUSE_EVENTS, Lane
+from vgpu_cgroup._wire import proto
 
 HELLO = proto.encode_frame({"t": "hello", "v": proto.PROTO_VERSION, "role": "hook", "pid": 1,
                             "comm": "t"})

@@ -17,8 +17,14 @@ import pytest
 from conftest import requires_sim
 from prometheus_client.parser import text_string_to_metric_families
 
-from vgpu_cgroup._client import Client
-from vgpu_cgroup._metrics import MetricsError, parse_listen, registry_for, render, response_for
+from vgpu_cgroup._node._metrics import (
+    MetricsError,
+    parse_listen,
+    registry_for,
+    render,
+    response_for,
+)
+from vgpu_cgroup._wire._client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 

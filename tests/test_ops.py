@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from conftest import FakeHook, RunningDaemon, requires_sim, wait_for
 
-from vgpu_cgroup import _ctl
-from vgpu_cgroup._client import Client
-from vgpu_cgroup._identity import find_cgroup2_mount
+from vgpu_cgroup._cli import _ctl, _run
+from vgpu_cgroup._cli._common import UsageError
+from vgpu_cgroup._paths import HOOK_LIB, find_cgroup2_mount
+from vgpu_cgroup._wire._client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 VGPUD = [sys.executable, "-m", "vgpu_cgroup._daemon_main"]
@@ -409,13 +410,13 @@ def test_errors_say_what_to_do(vgpud: RunningDaemon, capsys: pytest.CaptureFixtu
 
 
 def test_systemd_run_command_line() -> None:
-    argv = _ctl.systemd_run_argv("tenants.slice/tenants-alice.slice", "run-abc.scope",
+    argv = _run.systemd_run_argv("tenants.slice/tenants-alice.slice", "run-abc.scope",
                                  ["python", "-c", "pass"])
     assert argv == ["systemd-run", "--scope", "--quiet", "--collect", "--unit=run-abc.scope",
                     "--slice=tenants-alice.slice", "--", "python", "-c", "pass"]
-    assert _ctl.systemd_run_argv("", "run-x.scope", ["true"])[5] == "--slice=-.slice"
-    with pytest.raises(_ctl.UsageError, match="slice unit"):
-        _ctl.systemd_run_argv("kubepods/pod1", "run-x.scope", ["true"])
+    assert _run.systemd_run_argv("", "run-x.scope", ["true"])[5] == "--slice=-.slice"
+    with pytest.raises(UsageError, match="slice unit"):
+        _run.systemd_run_argv("kubepods/pod1", "run-x.scope", ["true"])
 
 
 def test_run_uses_systemd_when_present(vgpud: RunningDaemon, monkeypatch: pytest.MonkeyPatch,
@@ -434,7 +435,7 @@ def test_run_uses_systemd_when_present(vgpud: RunningDaemon, monkeypatch: pytest
         def wait(self) -> int:
             return 7
 
-    monkeypatch.setattr(_ctl, "_has_systemd", lambda: True)
+    monkeypatch.setattr(_run, "_has_systemd", lambda: True)
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     rc = _ctl.main(["--socket", vgpud.socket, "run", "--slice", "tenants.slice", "-p",
                     "gpu.cores.max=25", "--", "prog", "arg"])
@@ -442,7 +443,7 @@ def test_run_uses_systemd_when_present(vgpud: RunningDaemon, monkeypatch: pytest
     assert seen["argv"][:3] == ["systemd-run", "--scope", "--quiet"]
     assert seen["argv"][-3:] == ["--", "prog", "arg"]
     assert "--slice=tenants.slice" in seen["argv"]
-    assert seen["env"]["LD_PRELOAD"].startswith(_ctl.HOOK_LIB)
+    assert seen["env"]["LD_PRELOAD"].startswith(HOOK_LIB)
     assert seen["show"]["knobs"]["gpu.cores.max"]["value"] == "25"
     # Gone once CMD exited.
     assert [s for s in vgpud.call(vgpud.daemon.tree.slices) if "run-" in s] == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vgpu_cgroup._overhead import overhead_target
+from vgpu_cgroup._core._overhead import overhead_target
 
 MiB = 1 << 20
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vgpu_cgroup._share import ShareModel, _Unit, water_fill
-from vgpu_cgroup._tree import SliceTree
+from vgpu_cgroup._core._share import ShareModel, _Unit, water_fill
+from vgpu_cgroup._core._tree import SliceTree
 
 
 def model(**slices: Mapping[str, object]) -> tuple[SliceTree, ShareModel]:

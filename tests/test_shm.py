@@ -7,9 +7,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from vgpu_cgroup._abi import ffi, lib
+from vgpu_cgroup._wire._abi import ffi, lib
 
-from vgpu_cgroup._shm import CTL_SIZE, RING_SLOTS, STAT_SIZE, UNLIMITED, ClientShm
+from vgpu_cgroup._wire._shm import CTL_SIZE, RING_SLOTS, STAT_SIZE, UNLIMITED, ClientShm
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vgpu_cgroup import _systemd
+from vgpu_cgroup._node import _systemd
 
 ROOT = Path(__file__).resolve().parent.parent
 

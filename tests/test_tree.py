@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vgpu_cgroup._config import ConfigError, SliceSetting
-from vgpu_cgroup._knobs import KnobError, parse_knob
-from vgpu_cgroup._tree import Denial, Grant, SliceTree
+from vgpu_cgroup._core._config import ConfigError, SliceSetting
+from vgpu_cgroup._core._knobs import KnobError, parse_knob
+from vgpu_cgroup._core._tree import Denial, Grant, SliceTree
 
 D = "GPU-0"
 ALICE = "tenants.slice/tenants-alice.slice"
@@ -317,7 +317,7 @@ def test_hierarchical_events_are_sums_of_local_ones(ops: list[tuple[int, int]]) 
 
 
 def test_root_takes_no_knobs_but_has_statistics() -> None:
-    from vgpu_cgroup._config import ConfigError
+    from vgpu_cgroup._core._config import ConfigError
 
     t = SliceTree()
     for name in ("", "-.slice", "/"):

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "hook_internal.h"
+#include "hook_client.h"
 
 static uint64_t mono_ns(void)
 {

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from vgpu_cgroup._abi import ffi, lib
+from vgpu_cgroup._wire._abi import ffi, lib
 
 CTL_SIZE = ffi.sizeof("struct vgpu_ctl_page")
 STAT_SIZE = ffi.sizeof("struct vgpu_stat_page")

@@ -9,6 +9,10 @@ other tools use is re-exported here.
 """
 
 from ._api import ApiError, ClusterApi, KubeApi
+from ._claims import (
+    pod_cgroup,
+    pod_qos,
+)
 from ._deviceplugin import DevicePlugin, DevicePluginOptions, Units, preferred
 from ._dra import DraDriver, DraOptions, DraPlugin
 from ._files import HookFiles, cdi_file, cdi_spec, slice_file
@@ -20,9 +24,7 @@ from ._limits import (
     LimitError,
     SliceConfig,
     parse_config,
-    pod_cgroup,
     pod_limits,
-    pod_qos,
     quantity,
 )
 from ._main import main

@@ -33,6 +33,10 @@ import grpc
 from vgpu_cgroup._log import get_logger
 
 from ._api import ApiError, ClusterApi
+from ._claims import (
+    pod_cgroup,
+    pod_qos,
+)
 from ._files import HookFiles, gpu_cdi_ids, read, slice_file
 from ._gen import deviceplugin_v1beta1_pb2 as dp
 from ._gen import deviceplugin_v1beta1_pb2_grpc as dp_grpc
@@ -49,9 +53,7 @@ from ._limits import (
     SliceConfig,
     check_uid,
     invalid,
-    pod_cgroup,
     pod_limits,
-    pod_qos,
     precondition,
     slice_meta,
     slice_text,

@@ -32,6 +32,13 @@ import grpc
 from vgpu_cgroup._log import get_logger
 
 from ._api import ApiError, ClusterApi
+from ._claims import (
+    allocated_devices,
+    claim_config,
+    claim_pod,
+    pod_cgroup,
+    pod_qos,
+)
 from ._files import (
     HookFiles,
     cdi_file,
@@ -52,14 +59,9 @@ from ._limits import (
     DRIVER,
     GpuShare,
     LimitError,
-    allocated_devices,
     check_uid,
-    claim_config,
-    claim_pod,
     invalid,
-    pod_cgroup,
     pod_limits,
-    pod_qos,
     precondition,
     slice_meta,
     slice_text,

@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vgpu_cgroup._config import CONF_SUFFIX, ConfigError, parse_slice_file
-from vgpu_cgroup._knobs import KNOBS
+from vgpu_cgroup._core import CONF_SUFFIX, KNOBS, ConfigError, parse_slice_file
 
 from ._limits import CORES_IDLE, invalid
 

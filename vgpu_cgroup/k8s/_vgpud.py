@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vgpu_cgroup._client import Client, ClientError
+from vgpu_cgroup._wire import Client, ClientError
 
 from ._files import atomic_write, read, remove, validate_slice_text
 from ._limits import LimitError, unavailable

@@ -1,4 +1,4 @@
-"""cffi builder for vgpu_cgroup._abi: the daemon's view of libhook's header.
+"""cffi builder for vgpu_cgroup._wire._abi: the daemon's view of libhook's header.
 
 API mode: the C compiler checks every field we declare against the real
 header, so the Python and C sides cannot silently disagree on a layout.
@@ -9,7 +9,8 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-INCLUDE = os.path.join(HERE, "..", "libhook", "include")
+ROOT = os.path.join(HERE, "..", "..")
+INCLUDE = os.path.join(ROOT, "libhook", "include")
 
 ffibuilder = FFI()
 ffibuilder.cdef(
@@ -84,7 +85,7 @@ ffibuilder.cdef(
     """
 )
 ffibuilder.set_source(
-    "vgpu_cgroup._abi",
+    "vgpu_cgroup._wire._abi",
     '#include "vgpu_abi.h"\n'
     "#include <limits.h>\n"
     "#include <linux/futex.h>\n"
@@ -100,4 +101,4 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=os.path.join(HERE, ".."), verbose=False)
+    ffibuilder.compile(tmpdir=ROOT, verbose=False)

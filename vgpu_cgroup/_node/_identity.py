@@ -2,7 +2,8 @@
 
 A client's slice is never taken from what it sends: the peer pid comes from
 ``SO_PEERCRED`` and its cgroup from ``/proc/<pid>/cgroup``.  The parsers are
-pure functions over file texts so they are tested on sample data.
+pure functions over file texts (``_core._cgroupfs``) so they are tested on
+sample data.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import select
 import socket
 import struct
 from typing import Protocol
+
+from vgpu_cgroup._core import parse_proc_cgroup
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 #: A pidfd of the peer (Linux 6.5+); not in Python's socket module yet.
@@ -31,55 +34,6 @@ def peer_pid_uid(sock: _HasGetsockopt) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space, etc.)."""
-    out: list[str] = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def cgroup2_mount(mountinfo_text: str) -> str:
-    """Mount point of the cgroup v2 hierarchy from ``/proc/self/mountinfo`` text.
-
-    The fstype follows the ``-`` separator (the optional fields before it vary
-    in number).  LookupError if there is no cgroup2 mount.
-    """
-    for line in mountinfo_text.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if sep < 5 or sep + 1 >= len(fields):
-            continue
-        if fields[sep + 1] == "cgroup2":
-            return _unescape(fields[4])
-    raise LookupError("no cgroup2 filesystem in mountinfo (is cgroup v2 mounted?)")
-
-
-def find_cgroup2_mount() -> str:
-    """The cgroup v2 mount point of this machine."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return cgroup2_mount(f.read())
-
-
-def parse_proc_cgroup(text: str) -> str:
-    """The v2 path (``0::`` line) of a ``/proc/<pid>/cgroup`` text, without the
-    leading ``/`` ("" for the root).  LookupError if the line is missing."""
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            path = line[3:].strip()
-            path = path.removesuffix(" (deleted)")
-            return path.strip("/")
-    raise LookupError("no cgroup v2 ('0::') line in /proc/<pid>/cgroup")
 
 
 def cgroup_of_pid(pid: int, proc: str = "/proc") -> str:

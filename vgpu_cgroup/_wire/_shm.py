@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Final
 
-from vgpu_cgroup._abi import ffi, lib
+from ._abi import ffi, lib
 
 CTL_SIZE: Final[int] = int(ffi.sizeof("struct vgpu_ctl_page"))
 STAT_SIZE: Final[int] = int(ffi.sizeof("struct vgpu_stat_page"))

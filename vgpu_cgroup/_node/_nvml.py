@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import pynvml
 
-SIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib", "sim")
-SIM_NVML = os.path.join(SIM_DIR, "libnvidia-ml.so.1")
+from vgpu_cgroup._paths import SIM_NVML
 
 
 class NvmlError(Exception):

@@ -1,22 +1,21 @@
-"""Configuration layers: the daemon's TOML file and the slice files.
+"""Configuration: the daemon's TOML file and the slice files, as texts.
+
+Pure: file names and texts in, settings (or a located ConfigError) out; no
+file is opened here (``_node._files`` reads and writes the layers on disk).
 
 Like systemd drop-ins: ``/etc/vgpu/slices/*.conf`` is the administrator's
 persistent layer and ``/run/vgpu/slices/*.conf`` the runtime layer written by
-``vgpuctl set --runtime``; the runtime layer wins until reboot. Loading is
-all-or-nothing (the first bad file raises) so a bad edit never leaves the
-daemon half-configured: the caller keeps its previous state.
+``vgpuctl set --runtime``; the runtime layer wins until reboot.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -176,13 +175,13 @@ def slice_file_name(slice: str) -> str:
 # TOML helpers
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_toml(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Dotted keys from nested tables (``[gpu.cores] max=1`` == ``gpu.cores.max=1``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_toml(v, key + "."))
         else:
             out[key] = v
     return out
@@ -210,25 +209,26 @@ def _find_line(text: str, key: str) -> int | None:
     return None
 
 
-def _load_toml(path: str) -> tuple[str, dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from e
+def toml_text(path: str, data: bytes) -> tuple[str, dict[str, Any]]:
+    """The text and the document of a TOML file's bytes (``path`` names it
+    in errors); ConfigError, with the line, if it is not UTF-8 or not TOML."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         bad_line = data[: e.start].count(b"\n") + 1
         raise ConfigError(path, bad_line, "not valid UTF-8") from e
+    return text, toml_document(path, text)
+
+
+def toml_document(path: str, text: str) -> dict[str, Any]:
+    """The TOML document in ``text``; ConfigError with the line if it is not TOML."""
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         line, msg = _toml_error(e)
         if line is None:  # "at end of document": the last line is where it broke
             line = max(1, len(text.rstrip().splitlines()))
         raise ConfigError(path, line, f"TOML syntax error: {msg}") from e
-    return text, doc
 
 
 def _toml_error(e: tomllib.TOMLDecodeError) -> tuple[int | None, str]:
@@ -256,18 +256,10 @@ def _want(path: str, text: str, key: str, v: object, typ: type | tuple[type, ...
         )
 
 
-def load_daemon_config(path: str | None) -> DaemonConfig:
-    """Read the daemon's TOML file; ConfigError on anything unknown or invalid.
-
-    ``path=None`` reads ``/etc/vgpu/vgpud.toml`` when it exists and otherwise
-    returns the built-in defaults; an explicit path must exist.
-    """
-    if path is None:
-        if not os.path.exists(DEFAULT_CONFIG):
-            return DaemonConfig()
-        path = DEFAULT_CONFIG
-    text, doc = _load_toml(path)
-    flat = _flatten(doc)
+def daemon_config(path: str, text: str, doc: Mapping[str, Any]) -> DaemonConfig:
+    """The daemon's settings in vgpud.toml's text and document (``path``
+    names it in errors); ConfigError on anything unknown or invalid."""
+    flat = flatten_toml(doc)
     kw: dict[str, Any] = {}
     limits: dict[str, int] = {}
     str_keys = {
@@ -335,6 +327,7 @@ def load_daemon_config(path: str | None) -> DaemonConfig:
     return cfg
 
 
+
 #: ``[limits]`` keys of vgpud.toml and their ranges (see _bounds).
 LIMIT_KEYS: dict[str, tuple[int, int]] = {
     "limits.clients": (1, 1 << 20),
@@ -375,14 +368,7 @@ def slice_from_filename(path: str) -> str:
 
 def parse_slice_file(path: str, text: str) -> list[SliceSetting]:
     """Settings in one slice file's text (``path`` names the file and the slice)."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        line, msg = _toml_error(e)
-        if line is None:  # "at end of document": the last line is where it broke
-            line = max(1, len(text.rstrip().splitlines()))
-        raise ConfigError(path, line, f"TOML syntax error: {msg}") from e
-    flat = _flatten(doc)
+    flat = flatten_toml(toml_document(path, text))
     if "slice" in flat:
         name = flat.pop("slice")
         if not isinstance(name, str):
@@ -412,39 +398,6 @@ def parse_slice_file(path: str, text: str) -> list[SliceSetting]:
     return out
 
 
-def _conf_files(d: str) -> list[str]:
-    try:
-        names = sorted(os.listdir(d))
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise ConfigError(d, None, f"cannot list: {e.strerror or e}") from e
-    return [
-        os.path.join(d, n)
-        for n in names
-        if n.endswith(CONF_SUFFIX) and not n.startswith(".") and os.path.isfile(os.path.join(d, n))
-    ]
-
-
-def load_slice_layers(
-    etc_dir: str = DEFAULT_ETC_SLICES, run_dir: str = DEFAULT_RUN_SLICES,
-    control_dir: str | None = None,
-) -> list[SliceSetting]:
-    """All slice settings in priority order (later wins): ``/etc/vgpu/slices``,
-    then ``control_dir`` (persistent ``vgpuctl set``), then ``/run``.
-
-    Missing directories are empty layers. Raises ConfigError on the first bad
-    file; nothing is returned in that case, so the caller keeps its old state.
-    """
-    out: list[SliceSetting] = []
-    dirs = (etc_dir, run_dir) if control_dir is None else (etc_dir, control_dir, run_dir)
-    for d in dirs:
-        for path in _conf_files(d):
-            text, _ = _load_toml(path)
-            out.extend(parse_slice_file(path, text))
-    return out
-
-
 def _toml_value(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -465,73 +418,12 @@ RUNTIME_HEADER = "# written by vgpuctl set --runtime; lost on reboot"
 CONTROL_HEADER = "# written by vgpuctl set; persistent (vgpuctl reset SLICE removes it)"
 
 
-def write_runtime_setting(run_dir: str, slice: str, knobs: Mapping[str, str],
-                          header: str = RUNTIME_HEADER) -> str:
-    """Merge knobs into the slice's file in ``run_dir`` atomically; return its path.
-
-    Used for the runtime layer and (with CONTROL_HEADER) for the persistent
-    control layer. Values are validated first (KnobError, nothing written).
-    The merged file is re-parsed before it replaces the old one (temp file +
-    rename), so the layer is never left unreadable.
-    """
-    slice = expand_slice_name(slice)
-    for k, v in knobs.items():
-        parse_knob(k, v)
-    path = os.path.join(run_dir, slice_file_name(slice))
-    merged: dict[str, Any] = {}
-    if os.path.exists(path):
-        _, doc = _load_toml(path)
-        merged = _flatten(doc)
-        merged.pop("slice", None)
-    merged.update(knobs)
-    _write_slice_file(run_dir, path, slice, merged, header)
-    return path
-
-
-def remove_slice_setting(dir: str, slice: str, knobs: Sequence[str] | None = None) -> str | None:
-    """Drop ``knobs`` (all when None) from the slice's file in ``dir``.
-
-    The file is removed when nothing is left. Returns its path when it
-    changed, None when there was nothing to remove.
-    """
-    slice = expand_slice_name(slice)
-    path = os.path.join(dir, slice_file_name(slice))
-    if not os.path.exists(path):
-        return None
-    if knobs is None:
-        os.unlink(path)
-        return path
-    text, doc = _load_toml(path)
-    merged = _flatten(doc)
-    merged.pop("slice", None)
-    if not any(k in merged for k in knobs):
-        return None
-    for k in knobs:
-        merged.pop(k, None)
-    if not merged:
-        os.unlink(path)
-        return path
-    header = text.splitlines()[0] if text.startswith("#") else RUNTIME_HEADER
-    _write_slice_file(dir, path, slice, merged, header)
-    return path
-
-
-def _write_slice_file(dir: str, path: str, slice: str, merged: Mapping[str, Any],
-                      header: str) -> None:
+def slice_file_text(path: str, slice: str, merged: Mapping[str, Any], header: str) -> str:
+    """A slice file setting ``merged`` on ``slice``, checked by parsing it
+    back (as ``path``) before anyone writes it."""
     lines = [header, f"slice = {_toml_value(slice)}"]
     lines += [f"{k} = {_toml_value(merged[k])}" for k in sorted(merged)]
     text = "\n".join(lines) + "\n"
     parse_slice_file(path, text)
-    os.makedirs(dir, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=CONF_SUFFIX, dir=dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    return text
+

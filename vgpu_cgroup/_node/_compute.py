@@ -22,12 +22,17 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from ._arbiter import RUN, WAIT, Arbiter, ArbiterParams
-from ._attrib import Attributor
-from ._clock import ClockScale
-from ._share import ShareModel
-from ._shm import ClientShm
-from ._tree import SliceTree
+from vgpu_cgroup._core import (
+    RUN,
+    WAIT,
+    Arbiter,
+    ArbiterParams,
+    Attributor,
+    ClockScale,
+    ShareModel,
+    SliceTree,
+)
+from vgpu_cgroup._wire import ClientShm
 
 #: Most GPU time per launch a hook may claim (its window sizing input).
 MAX_COST_NS = 100_000_000
@@ -36,7 +41,7 @@ TICK_CHUNK = 16
 
 
 class Peer(Protocol):
-    """What the service needs of a daemon connection (``_daemon._Client``)."""
+    """What the service needs of a daemon connection (``_session.Session``)."""
 
     @property
     def id(self) -> int: ...
@@ -123,7 +128,7 @@ class ComputeService:
         """VGPU_DEBUG_ARBITER=FILE: every event and the owner after it (tuning)."""
         if self._trace is not None:
             arb = self.arbiters[uuid]
-            b = " ".join(f"{k[-2:]}:{v[0] / 1e6:.2f}" for k, v in sorted(arb._buckets.items()))
+            b = " ".join(f"{k[-2:]}:{v / 1e6:.2f}" for k, v in sorted(arb.buckets.tokens().items()))
             vs = " ".join(f"{k[-2:]}:{g.v / 1e6:.1f}" for k, g in sorted(arb._groups.items()))
             self._trace.write(f"{now} {what} {client} {arb.owner} {sorted(arb.states().items())} "
                               f"b[{b}] v[{vs}]\n")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from vgpu_cgroup._daemon import Daemon
+    from ._daemon import Daemon
 
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT_S = 5.0

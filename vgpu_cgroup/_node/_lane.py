@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from vgpu_cgroup import _protocol as proto
+from vgpu_cgroup._wire import proto
 
 RECV_CHUNK = 65536
 #: Unsent replies a connection may hold before it is cut off: the replies to

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from vgpu_cgroup._protocol import FRAME_HEADER, MAX_CTL_REPLY, PROTO_VERSION, encode_frame
+from ._protocol import FRAME_HEADER, MAX_CTL_REPLY, PROTO_VERSION, encode_frame
 
 _HEADER = struct.Struct(">I")
 

@@ -1,0 +1,296 @@
+"""The slice tree's index: slices by path, the nodes and per-client state,
+and the effective limits along a path. Pure state, no I/O.
+
+``SliceTree`` (``_tree``) is this index with its memory books
+(``_tree_memory``), its views (``_tree_views``), knobs and membership.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ._config import ConfigError, canonical_cgroup_path, expand_slice_name
+from ._knobs import (
+    CORES_IDLE,
+    CORES_MAX,
+    CORES_MIN,
+    CORES_WEIGHT,
+    DEVICES,
+    KNOBS,
+    MEMORY_HIGH,
+    MEMORY_MAX,
+    KnobValue,
+    default_value,
+)
+
+_DEFAULTS: dict[str, KnobValue] = {k: default_value(k) for k in KNOBS}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Effective limits of a slice: the tightest along its path from the root.
+
+    ``cores_*`` are percent of one GPU, as the knobs are written.
+    """
+
+    cores_max: float | None
+    cores_min: float
+    weight: int
+    mem_max: int | None
+    mem_high: int | None
+    devices: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A reservation was admitted and booked."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A reservation was refused by ``slice``'s ``gpu.memory.max``."""
+
+    slice: str
+    limit: int
+    current: int
+
+
+@dataclass(eq=False)
+class Node:
+    """One slice. Usage counters include every descendant (hierarchical)."""
+
+    path: str
+    parent: Node | None
+    children: dict[str, Node] = field(default_factory=dict)
+    knobs: dict[str, tuple[KnobValue, object, str]] = field(default_factory=dict)
+    configured: bool = False
+    clients: set[int] = field(default_factory=set)
+    current: dict[str, int] = field(default_factory=dict)
+    peak: dict[str, int] = field(default_factory=dict)
+    #: gpu.memory.events: this slice's events and its descendants'
+    ev_high: int = 0
+    ev_max: int = 0
+    ev_oom: int = 0
+    #: gpu.memory.events.local: this slice's own
+    lev_high: int = 0
+    lev_max: int = 0
+    lev_oom: int = 0
+    usage_ns: int = 0
+    throttled_ns: int = 0
+    nr_throttled: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def get(self, knob: str) -> KnobValue:
+        """The knob's own value on this slice (default when unset)."""
+        v = self.knobs.get(knob)
+        return _DEFAULTS[knob] if v is None else v[0]
+
+    @property
+    def cores_max(self) -> float | None:
+        v = self.get(CORES_MAX)
+        return None if v is None else float(v)  # type: ignore[arg-type]
+
+    @property
+    def cores_min(self) -> float:
+        return float(self.get(CORES_MIN))  # type: ignore[arg-type]
+
+    @property
+    def weight(self) -> int:
+        return int(self.get(CORES_WEIGHT))  # type: ignore[arg-type]
+
+    @property
+    def cores_idle(self) -> bool:
+        """``gpu.cores.idle``: best-effort, like cgroup v2's ``cpu.idle``."""
+        return bool(self.get(CORES_IDLE))
+
+    @property
+    def mem_max(self) -> int | None:
+        v = self.get(MEMORY_MAX)
+        return None if v is None else int(v)  # type: ignore[arg-type]
+
+    @property
+    def mem_high(self) -> int | None:
+        v = self.get(MEMORY_HIGH)
+        return None if v is None else int(v)  # type: ignore[arg-type]
+
+    @property
+    def devices(self) -> tuple[str, ...] | None:
+        v = self.get(DEVICES)
+        assert v is None or isinstance(v, tuple)
+        return v
+
+    def ancestry(self) -> Iterator[Node]:
+        """This node, then its parent, up to the root."""
+        n: Node | None = self
+        while n is not None:
+            yield n
+            n = n.parent
+
+    def subtree(self) -> Iterator[Node]:
+        yield self
+        for c in self.children.values():
+            yield from c.subtree()
+
+
+@dataclass(eq=False)
+class ClientState:
+    """One connection: where it lives and what it holds."""
+
+    client: int
+    node: Node
+    pid: int
+    comm: str
+    held: dict[str, int] = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)
+    usage_ns: int = 0
+    throttled_ns: int = 0
+    nr_throttled: int = 0
+    #: (slice, its gpu.memory.max, its gpu.memory.high), leaf first, valid
+    #: while the tree's generation is ``chain_gen`` (see SliceTree._chain)
+    chain: list[tuple[Node, int | None, int | None]] = field(default_factory=list)
+    chain_gen: int = -1
+
+
+def tightest(node: Node, knob: str) -> int | None:
+    """The smallest value of an integer knob set on the node or an ancestor."""
+    best: int | None = None
+    for n in node.ancestry():
+        v = n.get(knob)
+        if v is not None:
+            best = int(v) if best is None else min(best, int(v))  # type: ignore[arg-type]
+    return best
+
+
+def check_bytes(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"byte count must be a positive integer, got {n!r}")
+    return n
+
+
+class SliceIndex:
+    """The nodes of the tree and the clients in them, found by path; the
+    state every part of ``SliceTree`` shares."""
+
+    def __init__(self) -> None:
+        self.root = Node("", None)
+        self.clients: dict[int, ClientState] = {}
+        #: bumped on every knob change, so caches (the share scheduler) can tell.
+        self.generation = 0
+        #: bumped whenever a client attaches, detaches or starts using a device.
+        self.membership = 0
+        #: bumped whenever memory is booked or given back anywhere.
+        self.mem_version = 0
+
+    def _lookup(self, path: str) -> Node | None:
+        node = self.root
+        if path == "":
+            return node
+        for comp in path.split("/"):
+            nxt = node.children.get(comp)
+            if nxt is None:
+                return None
+            node = nxt
+        return node
+
+    def _ensure(self, path: str) -> Node:
+        node = self.root
+        if path == "":
+            return node
+        acc = ""
+        for comp in path.split("/"):
+            acc = comp if not acc else f"{acc}/{comp}"
+            nxt = node.children.get(comp)
+            if nxt is None:
+                nxt = Node(acc, node)
+                node.children[comp] = nxt
+            node = nxt
+        return node
+
+    def _prune(self, node: Node | None) -> None:
+        """Remove implicit slices with nothing left in them, walking upwards."""
+        while node is not None and node.parent is not None:
+            if (
+                node.configured
+                or node.clients
+                or node.children
+                or any(node.current.values())
+            ):
+                return
+            parent = node.parent
+            if parent.children.get(node.name) is node:
+                del parent.children[node.name]
+            node = parent
+
+    def resolve(self, slice: str) -> str:
+        """Canonical path of a slice named by path or by systemd unit name.
+
+        An existing slice with exactly that path wins (``my-job.slice`` at
+        the root); otherwise a unit name is expanded (``tenants-alice.slice``
+        → ``tenants.slice/tenants-alice.slice``). Raises ConfigError.
+        """
+        path = canonical_cgroup_path(slice)
+        if self._lookup(path) is not None:
+            return path
+        return expand_slice_name(slice)
+
+    def node(self, slice: str) -> Node:
+        """The node of an existing slice; KeyError if there is none."""
+        try:
+            path = self.resolve(slice)
+        except ConfigError as e:
+            raise KeyError(slice) from e
+        node = self._lookup(path)
+        if node is None:
+            raise KeyError(slice)
+        return node
+
+    def slices(self) -> list[str]:
+        """Every slice path, parents before children."""
+        return [n.path for n in self.root.subtree()]
+
+    def node_at(self, path: str) -> Node:
+        """The node at a canonical path, taken literally; KeyError if none."""
+        node = self._lookup(path)
+        if node is None:
+            raise KeyError(path)
+        return node
+
+    def _client(self, client: int) -> ClientState:
+        try:
+            return self.clients[client]
+        except KeyError:
+            raise KeyError(f"unknown client {client}") from None
+
+    def effective_limits(self, slice: str) -> Limits:
+        """Tightest limits along the slice's path (KeyError if unknown).
+
+        ``cores_max``, ``mem_max``, ``mem_high``: the minimum set on the path;
+        ``cores_min``: the slice's own, capped by the effective max;
+        ``weight``: the slice's own; ``devices``: those every level allows
+        (compared as written: an index and a UUID of the same GPU differ).
+        """
+        return self._limits(self.node(slice))
+
+    def _limits(self, node: Node) -> Limits:
+        cmax: float | None = None
+        mmax: int | None = None
+        mhigh: int | None = None
+        devs: tuple[str, ...] | None = None
+        for n in node.ancestry():
+            if n.cores_max is not None:
+                cmax = n.cores_max if cmax is None else min(cmax, n.cores_max)
+            if n.mem_max is not None:
+                mmax = n.mem_max if mmax is None else min(mmax, n.mem_max)
+            if n.mem_high is not None:
+                mhigh = n.mem_high if mhigh is None else min(mhigh, n.mem_high)
+            d = n.devices
+            if d is not None:
+                devs = d if devs is None else tuple(x for x in devs if x in d)
+        cmin = node.cores_min if cmax is None else min(node.cores_min, cmax)
+        return Limits(cmax, cmin, node.weight, mmax, mhigh, devs)
