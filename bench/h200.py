@@ -42,6 +42,7 @@ class Bench:
         self.env["PYTHONPATH"] = ROOT + os.pathsep + self.env.get("PYTHONPATH", "")
         self.env["PYTHONUNBUFFERED"] = "1"
         self.daemon: subprocess.Popen[bytes] | None = None
+        self.config: str | None = None
         self.procs: list[subprocess.Popen[str]] = []
         self.log = open(os.path.join(workdir, "vgpud.log"), "wb")  # noqa: SIM115
 
@@ -50,6 +51,7 @@ class Bench:
         self.daemon = subprocess.Popen(
             [
                 *VGPUD,
+                *(["--config", self.config] if self.config else []),
                 "--socket",
                 self.socket,
                 "--runtime-dir",
@@ -77,6 +79,16 @@ class Bench:
                     pass
             time.sleep(0.1)
         raise RuntimeError("vgpud did not come up; see vgpud.log")
+
+    def restart_daemon(self, compute: dict[str, int]) -> None:
+        """Stop vgpud and start it again with these ``[compute]`` settings
+        (slice knobs set with --runtime survive: they are files)."""
+        self.kill_daemon()
+        conf = os.path.join(self.workdir, "vgpud.toml")
+        with open(conf, "w") as f:
+            f.write("".join(f"{k} = {v}\n" for k, v in compute.items()))
+        self.config = conf if compute else None
+        self.start_daemon()
 
     def kill_daemon(self, sig: int = signal.SIGTERM) -> None:
         if self.daemon is not None:
@@ -398,10 +410,12 @@ def sc_shares(b: Bench) -> dict[str, Any]:
     })
     mm, tr, inf = ["matmul", *secs], ["trainer", *secs], ["infer", *secs]
     nat: dict[str, float] = {}
+    nat_busy: dict[str, float] = {}
 
     def native(key: str, wl: list[str]) -> dict[str, Any]:
         (r,) = b.group([(wl, {"native": True})])
         nat[key] = float(r["rate"])
+        nat_busy[key] = float(r.get("gpu_busy", 1.0))
         return r
 
     step("native_matmul", lambda: native("matmul", mm))
@@ -436,7 +450,7 @@ def sc_shares(b: Bench) -> dict[str, Any]:
     def light() -> dict[str, Any]:
         li, hv = b.group([(inf, {"slice_": "bench-light.slice"}),
                           (mm, {"slice_": "bench-heavy.slice"})])
-        left = 1.0 - float(li["gpu_busy"])
+        left = 1.0 - float(nat_busy["infer"])  # what the light one uses alone
         got = float(hv["rate"]) / nat["matmul"]
         return {"light": li, "heavy_ratio": got, "left_by_light": left,
                 "heavy_of_what_is_left": got / left}
@@ -481,6 +495,15 @@ def sc_latency(b: Bench) -> dict[str, Any]:
                                       {"slice_": "bench-lat-idle.slice"}))
     step("trainer_cap30", lambda: pair({"slice_": "bench-lat-infer.slice"},
                                        {"slice_": "bench-lat-cap30.slice"}))
+    for us in (int(x) for x in os.environ.get("BENCH_YIELD_US", "").split(",") if x):
+        def variant(us: int = us) -> dict[str, Any]:
+            b.restart_daemon({"compute.yield_inflight_us": us})
+            try:
+                return pair({"slice_": "bench-lat-infer.slice"},
+                            {"slice_": "bench-lat-idle.slice"})
+            finally:
+                b.restart_daemon({})
+        step(f"trainer_idle_yield_{us}us", variant)
     step("infer_min70_trainer_unlimited", lambda: pair({"slice_": "bench-lat-soft.slice"},
                                                        {"slice_": "bench-lat-infer.slice"}))
     return res

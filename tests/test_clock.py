@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vgpu_cgroup._core._clock import ClockScale
+from vgpu_cgroup._core._clock import CLOCK_EXPONENT, ClockScale
 
 
 def test_no_clock_is_plain_time() -> None:
@@ -18,7 +18,8 @@ def test_boosted_work_costs_more_than_its_time() -> None:
         c.sample(1700, 100, max_mhz=1980)
     assert c.full_mhz == pytest.approx(1700, abs=5)
     c.sample(1980, 30)  # a capped tenant runs its share at boost clocks
-    assert c.charge(1_000_000) == pytest.approx(1_000_000 * (1980 / 1700) ** 0.55, rel=0.01)
+    boosted = 1_000_000 * (1980 / 1700) ** CLOCK_EXPONENT
+    assert c.charge(1_000_000) == pytest.approx(boosted, rel=0.01)
     c.exponent = 1.0  # work that only computes: the whole clock ratio
     assert c.charge(1_000_000) == pytest.approx(1_000_000 * 1980 / 1700, rel=0.01)
     c.exponent = 0.0  # work that only waits on memory: plain time
@@ -31,7 +32,7 @@ def test_light_load_does_not_teach_the_full_load_clock() -> None:
     for _ in range(100):
         c.sample(1200, 10)
     assert c.full_mhz == 1980
-    assert c.scale == pytest.approx((1200 / 1980) ** 0.55)
+    assert c.scale == pytest.approx((1200 / 1980) ** CLOCK_EXPONENT)
 
 
 def test_scale_is_bounded() -> None:

@@ -231,3 +231,16 @@ def test_clients_max_cannot_be_set_on_the_root(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="root slice"):
         write_runtime_setting(str(tmp_path / "run"), "", {"gpu.clients.max": "10"})
     assert not (tmp_path / "run").exists()
+
+
+def test_compute_settings_reach_the_arbiter(tmp_path: Path) -> None:
+    from vgpu_cgroup._core import arbiter_params
+
+    conf = write(tmp_path / "vgpud.toml",
+                 "[compute]\nwindow_us = 30000\nyield_inflight_us = 1000\n")
+    cfg = load_daemon_config(conf)
+    assert cfg.compute == {"window_us": 30000, "yield_inflight_us": 1000}
+    p = arbiter_params(cfg.compute)
+    assert (p.window_ns, p.yield_inflight_ns) == (30_000_000, 1_000_000)
+    with pytest.raises(ConfigError, match="out of range"):
+        load_daemon_config(write(tmp_path / "bad.toml", "[compute]\nwindow_us = 5\n"))

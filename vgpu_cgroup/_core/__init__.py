@@ -84,6 +84,7 @@ from ._device import (
     ArbiterParams,
     DeviceGroups,
     Group,
+    arbiter_params,
 )
 from ._handovers import (
     HandoverLog,
@@ -206,6 +207,7 @@ __all__ = [
     "SliceTree",
     "Ticket",
     "TreeViews",
+    "arbiter_params",
     "canonical_cgroup_path",
     "cgroup2_mount",
     "daemon_config",

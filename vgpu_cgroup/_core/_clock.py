@@ -34,7 +34,7 @@ FULL_UTIL = 95
 ALPHA = 0.05
 MIN_SCALE, MAX_SCALE = 0.5, 1.5
 #: default exponent of the clock ratio (see the module's docstring)
-CLOCK_EXPONENT = 0.55
+CLOCK_EXPONENT = 0.25
 
 
 @dataclass

@@ -53,6 +53,13 @@ ROOT_KNOBS = ("the root slice (-.slice) takes no knobs, as in cgroup v2 (its lim
 
 IDENTITY_MODES = ("cgroup", "declared")
 LOG_FORMATS = ("auto", "json", "console")
+#: ``[compute]`` settings (µs) and their ranges; see ``_arbiter.ArbiterParams``
+COMPUTE_KEYS: dict[str, tuple[int, int]] = {
+    "compute.window_us": (1_000, 1_000_000),
+    "compute.inflight_us": (100, 1_000_000),
+    "compute.yield_inflight_us": (0, 1_000_000),
+    "compute.linger_us": (0, 100_000),
+}
 
 
 @dataclass
@@ -65,7 +72,11 @@ class DaemonConfig:
     tick_ms: int = 10
     lag_ms: int = 30
     #: how strongly GPU work speeds up with the clock (see _clock)
-    clock_exponent: float = 0.55
+    clock_exponent: float = 0.25
+    #: ``[compute]``: the arbiter's windows and in-flight bounds, in µs
+    #: (``compute.window_us``, ``inflight_us``, ``yield_inflight_us``,
+    #: ``linger_us``); absent keys keep ``ArbiterParams``' defaults
+    compute: dict[str, int] = field(default_factory=dict)
     simulate: bool = False
     log_format: str = "auto"
     metrics_listen: str | None = None
@@ -262,6 +273,7 @@ def daemon_config(path: str, text: str, doc: Mapping[str, Any]) -> DaemonConfig:
     flat = flatten_toml(doc)
     kw: dict[str, Any] = {}
     limits: dict[str, int] = {}
+    compute: dict[str, int] = {}
     str_keys = {
         "socket": "socket",
         "runtime_dir": "runtime_dir",
@@ -309,6 +321,13 @@ def daemon_config(path: str, text: str, doc: Mapping[str, Any]) -> DaemonConfig:
         elif key == "metrics.listen_any":
             _want(path, text, key, v, bool)
             kw["metrics_listen_any"] = v
+        elif key in COMPUTE_KEYS:
+            _want(path, text, key, v, int)
+            assert isinstance(v, int)
+            lo, hi = COMPUTE_KEYS[key]
+            if not lo <= v <= hi:
+                raise ConfigError(path, line, f"{key}: {v} out of range {lo}..{hi}")
+            compute[key.removeprefix("compute.")] = v
         elif key in LIMIT_KEYS:
             _want(path, text, key, v, int)
             assert isinstance(v, int)
@@ -319,6 +338,7 @@ def daemon_config(path: str, text: str, doc: Mapping[str, Any]) -> DaemonConfig:
         else:
             raise ConfigError(path, line, f"unknown setting {key!r}")
     cfg = DaemonConfig(**kw)
+    cfg.compute = compute
     if limits:
         fields = {k.removeprefix("limits."): v for k, v in limits.items()}
         if "handshake_timeout_ms" in fields:

@@ -6,7 +6,7 @@ The state the arbiter (``_arbiter``) decides ownership on. Pure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ._buckets import CapBuckets
 from ._share import ShareModel
@@ -57,7 +57,14 @@ class ArbiterParams:
     #: GPU time an owner may keep queued when other groups use the device.
     inflight_ns: int = 5_000_000
     #: ...when it yields to a non-idle neighbour (best-effort owners).
-    yield_inflight_ns: int = 500_000
+    yield_inflight_ns: int = 2_000_000
+
+
+def arbiter_params(us: dict[str, int]) -> ArbiterParams:
+    """ArbiterParams from vgpud.toml's ``[compute]`` (µs; see ``_config``)."""
+    names = {"window_us": "window_ns", "inflight_us": "inflight_ns",
+             "yield_inflight_us": "yield_inflight_ns", "linger_us": "linger_ns"}
+    return replace(ArbiterParams(), **{names[k]: v * 1000 for k, v in us.items() if k in names})
 
 
 @dataclass(eq=False, slots=True)

@@ -52,6 +52,7 @@ from vgpu_cgroup._core import (
     KnobError,
     SliceTree,
     Ticket,
+    arbiter_params,
 )
 from vgpu_cgroup._log import get_logger
 from vgpu_cgroup._wire import proto
@@ -114,7 +115,8 @@ class Daemon:
         self.clients: dict[int, Session] = {}
         # The services (see the module docstring).
         self.compute = ComputeService(self.tree, self.devices, lag_ns=self.lag_ns,
-                                      clock_exponent=cfg.clock_exponent)
+                                      clock_exponent=cfg.clock_exponent,
+                                      params=arbiter_params(cfg.compute))
         self.memory = MemoryService(self.tree, self.devices, self.compute, clock=clock,
                                     log=self.log)
         self.recovery = Recovery(self.tree, self.memory, self.log)
