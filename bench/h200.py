@@ -306,7 +306,7 @@ def sc_compute(b: Bench) -> dict[str, Any]:
     """Issue 4: shares against native, each ratio from this run. Knobs sit on
     the slices (so a later run in the same slice sees them); each figure is
     stored as soon as it is measured, so one failure loses only itself."""
-    secs = ["--seconds", "6"]
+    secs = ["--seconds", "5"]
     res: dict[str, Any] = {}
     slices = {
         "solo30": {"gpu.cores.max": "30"},
@@ -396,7 +396,7 @@ def sc_shares(b: Bench) -> dict[str, Any]:
     """Issue 11: many tenants, a real training loop, two processes in one
     slice, a light neighbour; every figure a throughput ratio against the
     same workload alone and native in this run."""
-    secs = ["--seconds", "6"]
+    secs = ["--seconds", "5"]
     res: dict[str, Any] = {}
     step = _stepper(b, res, "shares")
     _knob_slices(b, {
@@ -464,7 +464,7 @@ def sc_latency(b: Bench) -> dict[str, Any]:
     4 ms) beside a transformer trainer, natively time-sliced and under vgpu
     with the trainer best-effort (gpu.cores.idle=1), capped 30, or with the
     inference soft (min 70); latency against the inference alone."""
-    secs = ["--seconds", "8"]
+    secs = ["--seconds", "6"]
     res: dict[str, Any] = {}
     step = _stepper(b, res, "latency")
     _knob_slices(b, {"lat-idle": {"gpu.cores.idle": "1"}, "lat-cap30": {"gpu.cores.max": "30"},
@@ -504,6 +504,15 @@ def sc_latency(b: Bench) -> dict[str, Any]:
             finally:
                 b.restart_daemon({})
         step(f"trainer_idle_yield_{us}us", variant)
+    for us in (int(x) for x in os.environ.get("BENCH_LEAD_US", "").split(",") if x):
+        def lead_variant(us: int = us) -> dict[str, Any]:
+            b.restart_daemon({"compute.yield_lead_us": us})
+            try:
+                return pair({"slice_": "bench-lat-infer.slice"},
+                            {"slice_": "bench-lat-idle.slice"})
+            finally:
+                b.restart_daemon({})
+        step(f"trainer_idle_lead_{us}us", lead_variant)
     step("infer_min70_trainer_unlimited", lambda: pair({"slice_": "bench-lat-soft.slice"},
                                                        {"slice_": "bench-lat-infer.slice"}))
     return res
@@ -622,6 +631,106 @@ def sc_restart(b: Bench) -> dict[str, Any]:
     return res
 
 
+class _PowerSampler:
+    """NVML every 20 ms: SM clock, power (the driver's average and, where it
+    has one, the instant reading), utilization and whether the power cap
+    holds the clock down; summed per labelled phase."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        self.nv = pynvml
+        pynvml.nvmlInit()
+        self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.phase = ""
+        self.sums: dict[str, list[float]] = {}
+        self.stop = threading.Event()
+        self.limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self.h) / 1000
+        self.max_mhz = pynvml.nvmlDeviceGetMaxClockInfo(self.h, pynvml.NVML_CLOCK_SM)
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        nv, h = self.nv, self.h
+        inst_id = getattr(nv, "NVML_FI_DEV_POWER_INSTANT", None)
+        while not self.stop.wait(0.02):
+            ph = self.phase
+            if not ph:
+                continue
+            try:
+                mhz = nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)
+                pw = nv.nvmlDeviceGetPowerUsage(h) / 1000
+                util = nv.nvmlDeviceGetUtilizationRates(h).gpu
+                reasons = nv.nvmlDeviceGetCurrentClocksEventReasons(h)
+                inst = pw
+                if inst_id is not None:
+                    fv = nv.nvmlDeviceGetFieldValues(h, [inst_id])[0]
+                    if fv.nvmlReturn == 0:
+                        inst = fv.value.uiVal / 1000
+            except Exception:
+                continue
+            capped = 1.0 if reasons & 0x4 else 0.0  # nvmlClocksEventReasonSwPowerCap
+            acc = self.sums.setdefault(ph, [0.0] * 6)
+            for i, x in enumerate((1.0, mhz, pw, inst, util, capped)):
+                acc[i] += x
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"limit_w": self.limit_w, "max_mhz": self.max_mhz}
+        for ph, a in self.sums.items():
+            n = a[0] or 1
+            out[ph] = {"n": int(a[0]), "mhz": round(a[1] / n), "power_w": round(a[2] / n, 1),
+                       "instant_w": round(a[3] / n, 1), "util": round(a[4] / n, 1),
+                       "power_capped": round(a[5] / n, 3)}
+        return out
+
+
+def sc_power(b: Bench) -> dict[str, Any]:
+    """What the clock premium rests on: clock, power and utilization of a
+    matmul loop and a transformer trainer, natively flat out and under
+    caps, with their throughput ratios (the windows of a capped tenant
+    alone, ``_buckets.start_tokens``), and four hard-capped tenants."""
+    secs = ["--seconds", "4"]
+    res: dict[str, Any] = {}
+    step = _stepper(b, res, "power")
+    _knob_slices(b, {"pw-mm30": {"gpu.cores.max": "30"}, "pw-mm60": {"gpu.cores.max": "60"},
+                     "pw-tr30": {"gpu.cores.max": "30"}, "pw-tr60": {"gpu.cores.max": "60"},
+                     **{f"h{c}": _hard(c) for c in (10, 20, 30, 40)}})
+    ps = _PowerSampler()
+    nat: dict[str, float] = {}
+    try:
+        ps.phase = "idle"
+        time.sleep(1.5)
+        for key, wl in (("matmul", "matmul"), ("trainer", "trainer")):
+            def native(key: str = key, wl: str = wl) -> float:
+                ps.phase = f"native_{key}"
+                (r,) = b.group([([wl, *secs], {"native": True})])
+                ps.phase = ""
+                nat[key] = float(r["rate"])
+                return nat[key]
+            step(f"native_{key}", native)
+        for key, wl, cap in (("mm30", "matmul", 30), ("mm60", "matmul", 60),
+                             ("tr30", "trainer", 30), ("tr60", "trainer", 60)):
+            def capped(key: str = key, wl: str = wl) -> float:
+                ps.phase = key
+                (r,) = b.group([([wl, *secs], {"slice_": f"bench-pw-{key}.slice"})])
+                ps.phase = ""
+                return round(float(r["rate"]) / nat[wl], 4)
+            step(f"{key}_cap{cap}", capped)
+
+        def four() -> list[float]:
+            ps.phase = "four"
+            got = b.group([(["matmul", *secs], {"slice_": f"bench-h{c}.slice"})
+                           for c in (10, 20, 30, 40)])
+            ps.phase = ""
+            return [round(float(g["rate"]) / nat["matmul"], 4) for g in got]
+        step("four_10_20_30_40", four)
+    finally:
+        ps.stop.set()
+        res["nvml"] = ps.summary()
+        print(f"   power nvml: {json.dumps(res['nvml'])}", flush=True)
+    return res
+
+
 def sc_probe(b: Bench) -> dict[str, Any]:
     """The hook's assumptions about this driver: headers match NVIDIA's, and
     cuGetProcAddress hands out exported entry points for what we intercept."""
@@ -655,6 +764,7 @@ def sc_probe(b: Bench) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "probe": sc_probe,
+    "power": sc_power,
     "train": sc_train,
     "mem": sc_mem,
     "shares": sc_shares,
@@ -673,7 +783,7 @@ def main(argv: list[str]) -> int:
         print("== build: -Werror failed; rebuilding with -Wno-error", flush=True)
         subprocess.check_call(["make", "-s", "-C", os.path.join(ROOT, "libhook"),
                                "HOOK_EXTRA_CFLAGS=-Wno-error"])
-    subprocess.check_call([PY, os.path.join(ROOT, "vgpu_cgroup", "_abi_build.py")])
+    subprocess.check_call([PY, os.path.join(ROOT, "vgpu_cgroup", "_wire", "_abi_build.py")])
     out_dir = os.environ.get("OUT", ROOT)
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": argv}
     try:

@@ -327,3 +327,85 @@ def test_alone_and_uncapped_queues_without_bound() -> None:
     assert dev.arb.inflight_ns(1) == 0
     dev.add(2, "b")
     assert dev.arb.inflight_ns(1) == ArbiterParams().inflight_ns
+
+
+def test_best_effort_owner_stops_launching_before_a_periodic_neighbour_is_due() -> None:
+    tree = SliceTree()
+    dev = Device(tree)
+    knobs(tree, "train", idle=1)
+    dev.add(1, "train")
+    dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    dev.run(100 * MS + MS // 2)  # requests at every 5 ms; this one is served
+    lead = dev.arb.p.yield_lead_ns
+    due = dev.arb._groups["infer"].expected_wake()
+    assert due is not None
+    assert abs(due - 105 * MS) < 1000
+    dev.run(due - lead - MS // 10 - dev.t)
+    assert dev.arb.states()[1] == RUN  # before the lead: the trainer launches
+    dev.run(2 * MS // 10)
+    # Within the lead: it stops, so its queued work has run when the request
+    # comes, which still takes the device at once.
+    assert dev.arb.states() == {1: WAIT, 2: TAKE}
+    dev.run(due - dev.t + 1)
+    assert dev.arb.owner == "infer"
+
+
+def test_a_late_neighbour_stalls_the_best_effort_owner_only_for_the_slack() -> None:
+    tree = SliceTree()
+    dev = Device(tree)
+    knobs(tree, "train", idle=1)
+    dev.add(1, "train")
+    dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    dev.run(100 * MS + MS // 2)
+    dev.periodic[2][2] += 50 * MS  # the next request comes 50 ms late
+    dev.run(5 * MS - dev.arb.p.yield_lead_ns)  # hold starts near 103 ms
+    assert dev.arb.states()[1] == WAIT
+    dev.run(dev.arb.p.yield_lead_ns + dev.arb.p.yield_slack_ns + MS // 10)
+    assert dev.arb.states()[1] == RUN  # slot missed: the trainer launches again
+    dev.run(20 * MS)
+    assert dev.arb.states()[1] == RUN  # no hold until the neighbour wakes again
+
+
+def test_no_hold_for_a_neighbour_without_a_schedule_or_a_normal_owner() -> None:
+    tree = SliceTree()
+    dev = Device(tree)
+    knobs(tree, "train", idle=1)
+    dev.add(1, "train")
+    dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    for i in range(40):  # wake-ups 2 ms and 13 ms apart: no schedule
+        dev.periodic[2][2] = dev.t + (2 if i % 2 else 13) * MS
+        dev.run(15 * MS)
+        assert dev.arb._hold is None
+    tree2 = SliceTree()
+    dev2 = Device(tree2)  # an owner that does not yield to the neighbour
+    knobs(tree2, "light", min=70)
+    knobs(tree2, "heavy", min=30, max=100)
+    dev2.add_requests(1, "light", period=5 * MS, work=MS)
+    dev2.add(2, "heavy")
+    dev2.run(200 * MS)
+    assert dev2.arb._hold is None
+
+
+def test_only_power_bound_work_pays_the_clock_premium() -> None:
+    tree = SliceTree()
+    dev = Device(tree)
+    knobs(tree, "mm", max=30)
+    knobs(tree, "tr", max=30)
+    dev.add(1, "mm")
+    dev.add(2, "tr")
+    dev.arb.scale = 1.2
+    for _ in range(40):  # NVML samples while each owns the device
+        dev.run(5 * MS)
+        dev.arb.note_power(dev.arb.owner == "mm")
+    assert dev.arb.group_scale("mm") == pytest.approx(1.2)
+    assert dev.arb.group_scale("tr") == 1.0
+
+
+def test_a_capped_group_alone_may_queue_deeper_than_beside_others() -> None:
+    tree = SliceTree()
+    dev = Device(tree)
+    knobs(tree, "a", max=30)
+    dev.add(1, "a")
+    assert dev.arb.inflight_ns(1) == dev.arb.p.alone_inflight_ns
+    dev.add(2, "b")
+    assert dev.arb.inflight_ns(1) == dev.arb.p.inflight_ns

@@ -39,3 +39,15 @@ def test_scale_is_bounded() -> None:
     c = ClockScale(full_mhz=1000.0, exponent=1.0)
     c.sample(5000, 0)
     assert c.scale == 1.5
+
+
+def test_a_fully_busy_gpu_below_its_power_cap_does_not_teach_the_full_load_clock() -> None:
+    # A trainer's small kernels keep the GPU busy at its boost clock without
+    # reaching the power limit: that is no full-load clock of power-bound work.
+    c = ClockScale()
+    for _ in range(200):
+        c.sample(1980, 100, max_mhz=1980, power_capped=False)
+    assert c.full_mhz == 1980
+    for _ in range(200):
+        c.sample(1550, 100, power_capped=True)
+    assert c.full_mhz == pytest.approx(1550, abs=5)

@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from ._device import _MIN_RATE, ArbiterParams, DeviceGroups, Group
 from ._handovers import HandoverLog
+from ._lookahead import hold_window
 from ._share import ShareModel
 
 __all__ = ["RUN", "TAKE", "WAIT", "Arbiter", "ArbiterParams", "diff_states"]
@@ -83,8 +84,10 @@ class Arbiter(DeviceGroups):
         self._drain_since = 0
         #: an idle owner keeps the device until then (0: not lingering)
         self._linger_until = 0
-        self._seen = (-1, -1)
-        self._yielding: dict[str, bool] = {}
+        #: a best-effort owner held back ahead of a neighbour due on its
+        #: schedule: (hold from, hold until), and whether it holds now
+        self._hold: tuple[int, int] | None = None
+        self._holding = False
         self.handovers = 0  # counter, for stats and tests
         self.debug: Callable[[str], None] | None = None
 
@@ -121,6 +124,8 @@ class Arbiter(DeviceGroups):
         pre_approved = key in self._take
         self._settle(now)
         g.busy.add(client)
+        if woke:
+            g.note_wake(now)
         if woke and g.idle_at >= 0:
             gap = now - g.idle_at
             g.idle_ns = gap if g.idle_ns == float("inf") else 0.75 * g.idle_ns + 0.25 * gap
@@ -208,14 +213,15 @@ class Arbiter(DeviceGroups):
         ivs = sorted(intervals)
         if not ivs:
             return
+        scale = self.group_scale(key)
         self._log.measured(key, ivs, charge=self._charge, alive=self._groups.__contains__,
-                           cursor=self._cursor, scale=self.scale, debug=self.debug)
-        if self.scale != 1.0:
+                           cursor=self._cursor, scale=scale, debug=self.debug)
+        if scale != 1.0:
             # Windows are charged as wall time; the clock premium goes on the
             # part of them the group's work ran in (its CPU gaps ran at no clock).
             busy = self._log.busy_in_windows(key, ivs)
             if busy:
-                self._charge(key, 0, busy * (self.scale - 1.0))
+                self._charge(key, 0, busy * (scale - 1.0))
 
     # ------------------------------------------------------------ decisions
 
@@ -223,7 +229,7 @@ class Arbiter(DeviceGroups):
         """The gate state of every attached process."""
         out: dict[int, int] = {}
         for key, g in self._groups.items():
-            owns = key == self.owner and self._drain is None
+            owns = key == self.owner and self._drain is None and not self._holding
             st = RUN if owns else TAKE if key in self._take else WAIT
             for c in g.members:
                 out[c] = st
@@ -234,8 +240,10 @@ class Arbiter(DeviceGroups):
         key = self._group_of.get(client)
         if key is None:
             return self.p.inflight_ns
-        if len(self._groups) == 1 and self.model.ceiling(key) >= 1.0:
-            return 0  # alone and uncapped: nobody to hand over to, no bound
+        if len(self._groups) == 1:
+            if self.model.ceiling(key) >= 1.0:
+                return 0  # alone and uncapped: nobody to hand over to, no bound
+            return self.p.alone_inflight_ns
         return self.p.yield_inflight_ns if self._yields(key) else self.p.inflight_ns
 
     def deadline(self) -> int | None:
@@ -249,7 +257,9 @@ class Arbiter(DeviceGroups):
             out.append(self._linger_until)
         elif o is not None:
             out.append(self._window_start + self._window(o))
-            out.extend(self.buckets.empty_deadlines(o.key, now, self.scale))
+            out.extend(self.buckets.empty_deadlines(o.key, now, self.group_scale(o.key)))
+            if self._hold is not None:
+                out.append(self._hold[0] if now < self._hold[0] else self._hold[1])
         else:
             for g in self._groups.values():
                 if not g.busy or g.rate <= 0:
@@ -260,24 +270,6 @@ class Arbiter(DeviceGroups):
         return min(out) if out else None
 
     # ------------------------------------------------------------- internals
-
-    def _fresh(self) -> None:
-        seen = (self.model.tree.generation, self.model.tree.membership)
-        if seen != self._seen:
-            self._seen = seen
-            self._yielding.clear()
-
-    def _yields(self, key: str) -> bool:
-        """Whether the group's rate drops to 0 beside some other attached
-        group (it is best-effort next to it): it then keeps less queued, so
-        that it hands the device over quickly."""
-        self._fresh()
-        y = self._yielding.get(key)
-        if y is None:
-            y = any(self.model.rates(frozenset((key, other))).get(key, 0.0) <= 0
-                    for other in self._groups if other != key)
-            self._yielding[key] = y
-        return y
 
     def _settle(self, now: int) -> None:
         """Charge the owner up to ``now`` and fill the buckets."""
@@ -355,6 +347,11 @@ class Arbiter(DeviceGroups):
             if nxt is not None:
                 self._handover(now, nxt)
         self._take = self._pre_approved()
+        o = self._owner_group()
+        self._hold = None
+        if o is not None and o.busy and self._drain is None and self._yields(o.key):
+            self._hold = hold_window(now, [self._groups[k] for k in self._take], self.p)
+        self._holding = self._hold is not None and self._hold[0] <= now < self._hold[1]
 
 
 def diff_states(old: Mapping[int, int], new: Mapping[int, int]) -> dict[int, int]:

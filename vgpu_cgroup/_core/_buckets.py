@@ -29,11 +29,13 @@ class CapBuckets:
         return {path: b[0] for path, b in self._b.items()}
 
     def start_tokens(self, b: list[float]) -> float:
-        """A capped group waits for this much budget before a window: at
-        least ``quantum_ns``, and its cap's share of a window, so that a
-        slice held to its cap alone owns the device in windows of a few ms
-        rather than slivers (each hand-over has its cost)."""
-        return min(max(self.quantum_ns, b[1] * self.window_ns), self.bucket_ns / 2)
+        """A capped group waits for this much budget before a window: enough
+        that, alone on the device, it owns it for about a window (the bucket
+        drains at 1 - cap while it does), at least ``quantum_ns``. Each
+        hand-over costs a capped tenant alone its pipeline (a PyTorch
+        trainer capped at 30 did 0.71 of its charged time's work in
+        windows of 8 ms, 0.97 in windows of 25 ms: H200)."""
+        return min(max(self.quantum_ns, (1.0 - b[1]) * self.window_ns), self.bucket_ns / 2)
 
     def startable(self, key: str, owner: str | None = None) -> bool:
         """Whether group ``key`` may start a window: every capped slice on

@@ -13,15 +13,20 @@ follows the clock:
     charge = busy_ns * (clock_now / clock_full) ** exponent
 
 Work that only computes runs in proportion to the clock (exponent 1); work
-that waits on memory hardly cares (0). On the H200, bf16 matmuls did 0.35
-of native work in 0.300 of the time at clocks 1.32x apart, so their speed
-goes as the clock to the power ln(0.35/0.30)/ln(1.32) = 0.55; charging the
-whole clock ratio (exponent 1) gave 0.269-0.277 for a 30 % cap. The
-default is 0.55 and ``clock_exponent`` in vgpud.toml sets it.
+that waits on memory hardly cares (0). The premium is the device's, and each
+group pays it in proportion to how often the GPU was held down by its power
+cap while that group owned it (``Arbiter.group_scale``): on the H200 a bf16
+matmul loop capped at 30 ran its windows at about 1910 MHz, power-capped in
+most samples, and did 0.353 of its native work in 0.30 of the time against
+a full-load clock of about 1550 MHz (exponent 0.7; 1.1 at a cap of 60),
+while a transformer trainer's small kernels were never power-capped and
+did no more than their share of time's work at any clock. The default is
+0.8 and ``clock_exponent`` in vgpud.toml sets it.
 
 ``clock_full`` is learned from NVML whenever the device is (nearly) fully
-busy, and starts at the maximum SM clock (so before it is learned, caps err
-towards the tenant). Devices that report no clock are charged plain time.
+busy *and* power-capped, and starts at the maximum SM clock (so before it
+is learned, caps err towards the tenant). Devices that report no clock are
+charged plain time.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ FULL_UTIL = 95
 ALPHA = 0.05
 MIN_SCALE, MAX_SCALE = 0.5, 1.5
 #: default exponent of the clock ratio (see the module's docstring)
-CLOCK_EXPONENT = 0.25
+CLOCK_EXPONENT = 0.8
 
 
 @dataclass
@@ -45,13 +50,18 @@ class ClockScale:
     now_mhz: float | None = None
     exponent: float = CLOCK_EXPONENT
 
-    def sample(self, mhz: int, util: int, max_mhz: int | None = None) -> None:
+    def sample(self, mhz: int, util: int, max_mhz: int | None = None,
+               power_capped: bool = True) -> None:
+        """One NVML sample. The full-load clock is learned only where the
+        GPU is both fully busy and held down by its power cap: a fully busy
+        GPU running work that does not draw that power stays at its boost
+        clock, which would make every premium vanish."""
         if mhz <= 0:
             return
         self.now_mhz = float(mhz)
         if self.full_mhz is None:
             self.full_mhz = float(max_mhz or mhz)
-        if util >= FULL_UTIL:
+        if util >= FULL_UTIL and power_capped:
             self.full_mhz += ALPHA * (mhz - self.full_mhz)
 
     @property

@@ -56,14 +56,28 @@ class ArbiterParams:
     history_ns: int = 1_000_000_000
     #: GPU time an owner may keep queued when other groups use the device.
     inflight_ns: int = 5_000_000
+    #: ...when it is alone on the device but capped: its hand-overs are to
+    #: nobody (what it queued runs after its window and is charged to it), and
+    #: a PyTorch loop whose CPU may run only 5 ms ahead of its GPU loses the
+    #: slack its Python needs (a trainer capped at 60 did 0.84 of its charged
+    #: time's work: H200).
+    alone_inflight_ns: int = 20_000_000
     #: ...when it yields to a non-idle neighbour (best-effort owners).
     yield_inflight_ns: int = 2_000_000
+    #: A best-effort owner beside a neighbour that wakes on a schedule (a
+    #: request every few ms) stops launching this long before the neighbour's
+    #: next expected wake-up, so that what it queued has run by then; 0: never.
+    yield_lead_ns: int = 2_000_000
+    #: ...and launches again if the neighbour has not come this long after it
+    #: was expected (late, or no longer periodic).
+    yield_slack_ns: int = 500_000
 
 
 def arbiter_params(us: dict[str, int]) -> ArbiterParams:
     """ArbiterParams from vgpud.toml's ``[compute]`` (µs; see ``_config``)."""
     names = {"window_us": "window_ns", "inflight_us": "inflight_ns",
-             "yield_inflight_us": "yield_inflight_ns", "linger_us": "linger_ns"}
+             "yield_inflight_us": "yield_inflight_ns", "linger_us": "linger_ns",
+             "yield_lead_us": "yield_lead_ns"}
     return replace(ArbiterParams(), **{names[k]: v * 1000 for k, v in us.items() if k in names})
 
 
@@ -78,9 +92,42 @@ class Group:
     #: after it went idle (its tail, measured late) are divided by
     last_rate: float = 0.0
     cost_ns: int = 0
+    #: how often the GPU was held down by its power cap while this group
+    #: owned it (moving average of NVML's samples): work that draws the
+    #: power to be throttled at full load gains from a lightly loaded GPU's
+    #: boost clocks and pays their premium (``_clock``); work that does not
+    #: (a PyTorch trainer's small kernels) runs no faster and does not
+    power_bound: float = 0.0
     #: when it last went idle, and a moving average of how long it stays so
     idle_at: int = -1
     idle_ns: float = float("inf")
+    #: when it last woke (went from no work to work), and moving averages of
+    #: the time between wake-ups and of how far one strays from the average:
+    #: a request-driven group wakes on a schedule an owner can yield ahead of
+    woke_at: int = -1
+    period_ns: float = float("inf")
+    jitter_ns: float = 0.0
+    wakes: int = 0
+
+    def note_wake(self, now: int) -> None:
+        self.wakes += 1
+        if self.woke_at >= 0:
+            gap = float(now - self.woke_at)
+            if self.period_ns == float("inf"):
+                self.period_ns = gap
+            else:
+                self.jitter_ns = 0.75 * self.jitter_ns + 0.25 * abs(gap - self.period_ns)
+                self.period_ns = 0.75 * self.period_ns + 0.25 * gap
+        self.woke_at = now
+
+    def expected_wake(self) -> int | None:
+        """When it should next wake, if it wakes on a schedule (seen a few
+        times, its wake-ups stray by less than a quarter of their period)."""
+        if self.wakes < 5 or self.period_ns == float("inf"):
+            return None  # a schedule shows in a few wake-ups, not one
+        if self.jitter_ns * 4 > self.period_ns:
+            return None
+        return self.woke_at + int(self.period_ns)
 
 
 
@@ -100,6 +147,8 @@ class DeviceGroups:
                                   quantum_ns=self.p.quantum_ns, window_ns=self.p.window_ns)
         self._usage: dict[str, int] = {}
         self.owner: str | None = None
+        self._seen = (-1, -1)
+        self._yielding: dict[str, bool] = {}
 
     def attach(self, client: int, group: str) -> None:
         """A process attached the device; it belongs to ``group`` (its slice)."""
@@ -202,3 +251,37 @@ class DeviceGroups:
             if o is None or rates.get(o.key, 0.0) <= 0:
                 out.add(key)  # nobody owns it, or its owner yields to this group
         return out
+
+    def note_power(self, capped: bool) -> None:
+        """An NVML sample: whether the power cap holds the clock down now.
+        Counted for the owner, if its work is running (see ``Group.power_bound``)."""
+        o = self._groups.get(self.owner) if self.owner is not None else None
+        if o is not None and o.busy:
+            o.power_bound += 0.2 * (float(capped) - o.power_bound)
+
+    def group_scale(self, key: str) -> float:
+        """The clock premium a group pays (``_clock``): the device's, for
+        work seen power-bound at least half the time it owned the device,
+        in proportion below that, none for work never seen so."""
+        g = self._groups.get(key)
+        if g is None or self.scale == 1.0:
+            return self.scale
+        return 1.0 + (self.scale - 1.0) * min(1.0, 2.0 * g.power_bound)
+
+    def _fresh(self) -> None:
+        seen = (self.model.tree.generation, self.model.tree.membership)
+        if seen != self._seen:
+            self._seen = seen
+            self._yielding.clear()
+
+    def _yields(self, key: str) -> bool:
+        """Whether the group's rate drops to 0 beside some other attached
+        group (it is best-effort next to it): it then keeps less queued, so
+        that it hands the device over quickly."""
+        self._fresh()
+        y = self._yielding.get(key)
+        if y is None:
+            y = any(self.model.rates(frozenset((key, other))).get(key, 0.0) <= 0
+                    for other in self._groups if other != key)
+            self._yielding[key] = y
+        return y

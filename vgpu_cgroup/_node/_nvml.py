@@ -87,16 +87,27 @@ def shutdown() -> None:
         pynvml.nvmlShutdown()
 
 
-def clocks(index: int) -> tuple[int, int] | None:
-    """(current SM clock MHz, GPU utilization %) of a device, or None where
-    the driver does not report them (the simulated GPU, some vGPUs)."""
+#: nvmlClocksEventReasonSwPowerCap: the clock is held down to stay within the power limit
+POWER_CAP_REASON = 0x4
+
+
+def clocks(index: int) -> tuple[int, int, bool] | None:
+    """(current SM clock MHz, GPU utilization %, whether the power cap holds
+    the clock down) of a device, or None where the driver does not report
+    them (the simulated GPU, some vGPUs)."""
     try:
         h = pynvml.nvmlDeviceGetHandleByIndex(index)
         sm = int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
         util = int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
     except (pynvml.NVMLError, AttributeError):
         return None
-    return sm, util
+    get = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+           or getattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None))
+    try:
+        reasons = int(get(h)) if get is not None else 0
+    except pynvml.NVMLError:
+        reasons = 0
+    return sm, util, bool(reasons & POWER_CAP_REASON)
 
 
 def max_sm_clock(index: int) -> int | None:

@@ -151,7 +151,8 @@ class ControlTick:
             for uuid, dev in d.devices.items():
                 got = clocks(dev.index)
                 if got is not None:
-                    compute.clock[uuid].sample(got[0], got[1], self._max_mhz[uuid])
+                    compute.clock[uuid].sample(got[0], got[1], self._max_mhz[uuid], got[2])
+                    compute.arbiters[uuid].note_power(got[2])
         clients = list(d.clients.values())
         yield from compute.tick_steps([c for c in clients if c.in_tree], now)
         compute.trim_window(now, TOP_WINDOW_NS)
