@@ -406,6 +406,10 @@ def test_a_capped_group_alone_may_queue_deeper_than_beside_others() -> None:
     dev = Device(tree)
     knobs(tree, "a", max=30)
     dev.add(1, "a")
-    assert dev.arb.inflight_ns(1) == dev.arb.p.alone_inflight_ns
+    assert dev.arb.inflight_ns(1) == dev.arb.p.alone_inflight_ns  # off 47 ms a window
+    knobs(tree, "a", max=60)
+    assert dev.arb.inflight_ns(1) == pytest.approx(6_666_666, abs=1)  # off 13 ms
+    knobs(tree, "a", max=90)
+    assert dev.arb.inflight_ns(1) == dev.arb.p.inflight_ns
     dev.add(2, "b")
     assert dev.arb.inflight_ns(1) == dev.arb.p.inflight_ns

@@ -241,9 +241,13 @@ class Arbiter(DeviceGroups):
         if key is None:
             return self.p.inflight_ns
         if len(self._groups) == 1:
-            if self.model.ceiling(key) >= 1.0:
+            cap = self.model.ceiling(key)
+            if cap >= 1.0:
                 return 0  # alone and uncapped: nobody to hand over to, no bound
-            return self.p.alone_inflight_ns
+            # Alone and capped: half of the time its cap keeps it off the
+            # device after a window (see ArbiterParams.alone_inflight_ns).
+            off = self.p.window_ns * (1.0 - cap) / max(cap, 0.01)
+            return int(min(self.p.alone_inflight_ns, max(self.p.inflight_ns, off / 2)))
         return self.p.yield_inflight_ns if self._yields(key) else self.p.inflight_ns
 
     def deadline(self) -> int | None:

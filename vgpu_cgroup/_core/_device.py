@@ -56,11 +56,13 @@ class ArbiterParams:
     history_ns: int = 1_000_000_000
     #: GPU time an owner may keep queued when other groups use the device.
     inflight_ns: int = 5_000_000
-    #: ...when it is alone on the device but capped: its hand-overs are to
-    #: nobody (what it queued runs after its window and is charged to it), and
-    #: a PyTorch loop whose CPU may run only 5 ms ahead of its GPU loses the
-    #: slack its Python needs (a trainer capped at 60 did 0.84 of its charged
-    #: time's work: H200).
+    #: ...when it is alone on the device but capped: half of the time its
+    #: cap keeps it off the device after a window, between ``inflight_ns``
+    #: and this. Its hand-overs are to nobody (what it queued runs after its
+    #: window, charged to it), and a PyTorch loop's CPU, blocked while it
+    #: is off, can run ahead in its window: an H200 trainer capped at 30 did
+    #: 0.248 of native with 5 ms queued and 0.279 with 20 ms; capped at 60
+    #: (off 13 ms a window) 0.527 with 5 ms and 0.49 with 20 ms.
     alone_inflight_ns: int = 20_000_000
     #: ...when it yields to a non-idle neighbour (best-effort owners).
     yield_inflight_ns: int = 2_000_000
