@@ -495,24 +495,18 @@ def sc_latency(b: Bench) -> dict[str, Any]:
                                       {"slice_": "bench-lat-idle.slice"}))
     step("trainer_cap30", lambda: pair({"slice_": "bench-lat-infer.slice"},
                                        {"slice_": "bench-lat-cap30.slice"}))
-    for us in (int(x) for x in os.environ.get("BENCH_YIELD_US", "").split(",") if x):
-        def variant(us: int = us) -> dict[str, Any]:
-            b.restart_daemon({"compute.yield_inflight_us": us})
-            try:
-                return pair({"slice_": "bench-lat-infer.slice"},
-                            {"slice_": "bench-lat-idle.slice"})
-            finally:
-                b.restart_daemon({})
-        step(f"trainer_idle_yield_{us}us", variant)
-    for us in (int(x) for x in os.environ.get("BENCH_LEAD_US", "").split(",") if x):
-        def lead_variant(us: int = us) -> dict[str, Any]:
-            b.restart_daemon({"compute.yield_lead_us": us})
-            try:
-                return pair({"slice_": "bench-lat-infer.slice"},
-                            {"slice_": "bench-lat-idle.slice"})
-            finally:
-                b.restart_daemon({})
-        step(f"trainer_idle_lead_{us}us", lead_variant)
+    # Variants that restart vgpud with other [compute] settings (µs each).
+    for env, key, label in (("BENCH_YIELD_US", "yield_inflight_us", "yield"),
+                            ("BENCH_LEAD_US", "yield_lead_us", "lead")):
+        for us in (int(x) for x in os.environ.get(env, "").split(",") if x):
+            def variant(us: int = us, key: str = key) -> dict[str, Any]:
+                b.restart_daemon({f"compute.{key}": us})
+                try:
+                    return pair({"slice_": "bench-lat-infer.slice"},
+                                {"slice_": "bench-lat-idle.slice"})
+                finally:
+                    b.restart_daemon({})
+            step(f"trainer_idle_{label}_{us}us", variant)
     step("infer_min70_trainer_unlimited", lambda: pair({"slice_": "bench-lat-soft.slice"},
                                                        {"slice_": "bench-lat-infer.slice"}))
     return res

@@ -329,12 +329,19 @@ def test_alone_and_uncapped_queues_without_bound() -> None:
     assert dev.arb.inflight_ns(1) == ArbiterParams().inflight_ns
 
 
-def test_best_effort_owner_stops_launching_before_a_periodic_neighbour_is_due() -> None:
+def trainer_beside_requests() -> Device:
+    """A best-effort trainer (1) beside an inference slice (2) that gets a
+    1 ms request every 5 ms."""
     tree = SliceTree()
     dev = Device(tree)
     knobs(tree, "train", idle=1)
     dev.add(1, "train")
     dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    return dev
+
+
+def test_best_effort_owner_stops_launching_before_a_periodic_neighbour_is_due() -> None:
+    dev = trainer_beside_requests()
     dev.run(100 * MS + MS // 2)  # requests at every 5 ms; this one is served
     lead = dev.arb.p.yield_lead_ns
     due = dev.arb._groups["infer"].expected_wake()
@@ -351,11 +358,7 @@ def test_best_effort_owner_stops_launching_before_a_periodic_neighbour_is_due() 
 
 
 def test_a_late_neighbour_stalls_the_best_effort_owner_only_for_the_slack() -> None:
-    tree = SliceTree()
-    dev = Device(tree)
-    knobs(tree, "train", idle=1)
-    dev.add(1, "train")
-    dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    dev = trainer_beside_requests()
     dev.run(100 * MS + MS // 2)
     dev.periodic[2][2] += 50 * MS  # the next request comes 50 ms late
     dev.run(5 * MS - dev.arb.p.yield_lead_ns)  # hold starts near 103 ms
@@ -367,11 +370,7 @@ def test_a_late_neighbour_stalls_the_best_effort_owner_only_for_the_slack() -> N
 
 
 def test_no_hold_for_a_neighbour_without_a_schedule_or_a_normal_owner() -> None:
-    tree = SliceTree()
-    dev = Device(tree)
-    knobs(tree, "train", idle=1)
-    dev.add(1, "train")
-    dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    dev = trainer_beside_requests()
     for i in range(40):  # wake-ups 2 ms and 13 ms apart: no schedule
         dev.periodic[2][2] = dev.t + (2 if i % 2 else 13) * MS
         dev.run(15 * MS)
