@@ -90,6 +90,8 @@ def test_devices() -> None:
     assert parse_knob("gpu.devices", " 0 , 01 ") == ("0", "1")
     assert parse_knob("gpu.devices", ["0", "GPU-abc-123"]) == ("0", "GPU-abc-123")
     assert parse_knob("gpu.devices", 2) == ("2",)
+    # UUIDs as NVML writes them, whatever case they were given in
+    assert parse_knob("gpu.devices", "GPU-ABCDEF01-2345") == ("GPU-abcdef01-2345",)
     assert parse_knob("gpu.devices", "") == ()
     for bad in ("x", ["-1"], [True], "GPU", 1.5):
         with pytest.raises(KnobError, match=r"gpu\.devices"):

@@ -182,6 +182,10 @@ def test_effective_limits_and_devices() -> None:
     assert t.device_allowed(1, "GPU-y", 1)
     assert not t.device_allowed(1, "GPU-y", 0)  # a allows 0 but b does not
     assert not t.device_allowed(1, "GPU-z", 3)
+    node = [("GPU-w", 0), ("GPU-y", 1), ("GPU-x", 2), ("GPU-z", 3)]
+    assert t.allowed_devices(1, node) == ["GPU-y", "GPU-x"]  # in the order given
+    t.set_knobs("a/b", {"gpu.devices": "all"}, "v")
+    assert t.allowed_devices(1, node) == ["GPU-w", "GPU-y", "GPU-x"]  # a's still hold
     with pytest.raises(KeyError):
         t.effective_limits("nope")
     with pytest.raises(KeyError):

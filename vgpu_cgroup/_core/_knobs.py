@@ -191,8 +191,9 @@ def _parse_devices(name: str, value: object) -> KnobValue:
             s = str(it)
         elif isinstance(it, str) and (it.strip().isdigit() or _UUID_RE.match(it.strip())):
             s = it.strip()
-            if s.isdigit():
-                s = str(int(s))
+            # An index as NVML numbers the node's GPUs, or a UUID as NVML
+            # and cuDeviceGetUuid write it (hex digits in lower case).
+            s = str(int(s)) if s.isdigit() else s[:4].upper() + s[4:].lower()
         else:
             raise KnobError(name, value, f"bad device {it!r}: expected {accepts}")
         if s not in out:

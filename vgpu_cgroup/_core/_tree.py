@@ -170,6 +170,11 @@ class SliceTree(MemoryBooks, TreeViews):
                 return False
         return True
 
+    def allowed_devices(self, client: int, devices: Sequence[tuple[str, int]]) -> list[str]:
+        """The UUIDs of ``devices`` ((uuid, index) pairs) that every slice on
+        the client's path allows, in the order given."""
+        return [uuid for uuid, index in devices if self.device_allowed(client, uuid, index)]
+
     def add_core_usage(
         self, client: int, dev: str, usage_ns: int, throttled_ns: int, nr_throttled: int
     ) -> None:
