@@ -160,3 +160,68 @@ def test_devices_taken_away_later_fail_at_context_creation(vgpud: VgpudProc, cgr
     first, second = r["ctx"]
     assert first["retain"] == CUDA_ERROR_INVALID_DEVICE, err
     assert (second["retain"], second["alloc"]) == (0, 0)
+
+
+def _until(pred: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_a_process_on_two_devices_is_charged_on_each(vgpud: VgpudProc, cgroups: Cgroups,
+                                                     built: Path) -> None:
+    """One process with contexts on GPUs 0 and 2: its slice's memory and
+    GPU time are booked on each device, equal to what each simulated device
+    counted for it (show, top), and nothing on GPU 1."""
+    phys = physical(vgpud)
+    slc = cgroups.make("both")
+    e = vgpud.client_env(VGPU_TEST_UUIDS=",".join(phys))
+    p = spawn([str(built / "devices"), "ctx=0,2", f"alloc={32 * MiB}", "kernels=300",
+               "kernel_ns=1000000", "hold=1"], e, slc, cgroups, stdout=subprocess.PIPE,
+              stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = JsonLines(p)
+    try:
+        r = lines.next(60)
+        assert [x["launch"] for x in r["run"]] == [0, 0]
+        (busy0, mem0), (busy1, mem1), (busy2, mem2) = r["sim"]
+        assert min(busy0, busy2) >= 0.3e9
+        assert busy1 == mem1 == 0
+        want_mem = {phys[0]: mem0, phys[2]: mem2}
+
+        def booked() -> bool:
+            s = vgpud.ctl("show", slc)
+            return bool(s["gpu.memory.current"]["devices"] == want_mem and
+                        all(s["gpu.cores.stat.devices"].get(u, {}).get("usage_usec", 0) * 1000
+                            >= 0.95 * b for u, b in ((phys[0], busy0), (phys[2], busy2))))
+
+        _until(booked)  # the context's and module's memory is reconciled within 200 ms
+        show = vgpud.ctl("show", slc)
+        top = vgpud.ctl("top")["slices"][slc]
+        lines.say()
+        assert p.wait(30) == 0
+    finally:
+        p.kill()
+        p.wait()
+    per = show["gpu.cores.stat.devices"]
+    assert set(per) == {phys[0], phys[2]}
+    for uuid, busy in ((phys[0], busy0), (phys[2], busy2)):
+        assert per[uuid]["usage_usec"] * 1000 == pytest.approx(busy, rel=0.05), (per, r["sim"])
+    total = sum(x["usage_usec"] for x in per.values())
+    assert 0 <= show["gpu.cores.stat"]["usage_usec"] - total <= len(per)  # each rounded down
+    assert top["memory_devices"] == want_mem
+    assert show["gpu.memory.current"]["total"] == mem0 + mem2
+
+
+def test_a_cap_holds_on_each_device(vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
+    """gpu.cores.max=30 is 30 % of each GPU the slice uses: a process busy on
+    two GPUs gets 0.30 of each (not 0.15 of each, as a cap shared between
+    them would give), by the simulated devices' own busy time."""
+    slc = cgroups.make("capped")
+    vgpud.ctl("set", slc, "gpu.cores.max=30")
+    r, err = devices(vgpud, cgroups, built, slc, "ctx=0,1", "kernels=600",
+                     "kernel_ns=1000000")
+    assert [x["launch"] for x in r["run"]] == [0, 0], err
+    for dev, run in enumerate(r["run"]):
+        share = r["sim"][dev][0] / 1e9 / run["seconds"]
+        assert share == pytest.approx(0.30, abs=0.05), r

@@ -9,8 +9,9 @@
  *                   destroyed, to see that creation is refused alike)
  *   alloc=BYTES     cuMemAlloc_v2 in each of those contexts
  *   kernels=N       N launches of sim_sleep_ns(kernel_ns) in each context,
- *                   interleaved so the devices run side by side, then a
- *                   synchronize of each
+ *                   each context from a thread of its own (so the devices
+ *                   run side by side and a wait on one never holds up the
+ *                   other), then a synchronize
  *   kernel_ns=1000000
  *   wait=1          read a line from stdin before making any context
  *   hold=1          after the JSON line, read a line from stdin before
@@ -23,14 +24,18 @@
  * ordinal's UUID; cuDeviceGet of the ordinal past the last; the
  * CUDA_VISIBLE_DEVICES the program has after cuInit; NVML's count, each
  * index's UUID and what nvmlDeviceGetIndex says of it; per context asked
- * for, the results of retain, create, alloc and cuMemGetInfo; and per
+ * for, the results of retain, create, alloc and cuMemGetInfo, and of the
+ * launches (the first error, and the seconds from the first launch to the
+ * end of the synchronize); and per
  * physical device the simulated device's own busy time and memory of this
  * process (vgpuSimProcessDeviceStats).
  */
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "vgpu_cuda.h"
 #include "vgpu_nvml.h"
@@ -111,6 +116,38 @@ static void nvml_view(void)
     printf("]}");
 }
 
+struct runner {
+    CUcontext ctx;
+    CUfunction fn;
+    long kernels;
+    uint64_t kernel_ns;
+    int rc;
+    double seconds;
+};
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void *run_kernels(void *arg)
+{
+    struct runner *r = arg;
+    cuCtxSetCurrent(r->ctx);
+    double t0 = mono_s();
+    for (long k = 0; k < r->kernels && !r->rc; k++) {
+        void *params[] = {&r->kernel_ns};
+        r->rc = cuLaunchKernel(r->fn, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL);
+    }
+    int s = cuCtxSynchronize();
+    if (!r->rc)
+        r->rc = s;
+    r->seconds = mono_s() - t0;
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     int ords[MAXD], nords = 0;
@@ -170,25 +207,22 @@ int main(int argc, char **argv)
                retain, create, arc, mfree, mtotal);
     }
     printf("]");
-    int lrc = 0;
-    for (long k = 0; k < kernels; k++)
-        for (int i = 0; i < nords; i++) {
-            if (!fn[i])
-                continue;
-            void *params[] = {&kernel_ns};
-            cuCtxSetCurrent(prim[i]);
-            int r = cuLaunchKernel(fn[i], 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL);
-            if (r)
-                lrc = r;
-        }
-    for (int i = 0; i < nords; i++)
-        if (prim[i]) {
-            cuCtxSetCurrent(prim[i]);
-            int r = cuCtxSynchronize();
-            if (r)
-                lrc = r;
-        }
-    printf(",\"launch\":%d,\"sim\":[", lrc);
+    struct runner run[MAXD];
+    pthread_t th[MAXD];
+    for (int i = 0; i < nords; i++) {
+        run[i] = (struct runner){.ctx = prim[i], .fn = fn[i], .kernels = fn[i] ? kernels : 0,
+                                 .kernel_ns = kernel_ns};
+        if (prim[i] && pthread_create(&th[i], NULL, run_kernels, &run[i]) != 0)
+            run[i].rc = -1;
+    }
+    printf(",\"run\":[");
+    for (int i = 0; i < nords; i++) {
+        if (prim[i] && run[i].rc != -1)
+            pthread_join(th[i], NULL);
+        printf("%s{\"ord\":%d,\"launch\":%d,\"seconds\":%.6f}", i ? "," : "", ords[i], run[i].rc,
+               run[i].seconds);
+    }
+    printf("],\"sim\":[");
     for (int d = 0; d < MAXD; d++) {
         uint64_t busy = 0, mem = 0;
         if (vgpuSimDeviceStats(d, NULL, NULL, NULL) != 0)

@@ -81,6 +81,8 @@ class Node:
     usage_ns: int = 0
     throttled_ns: int = 0
     nr_throttled: int = 0
+    #: the same three per device (UUID): [usage_ns, throttled_ns, nr_throttled]
+    cores_dev: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

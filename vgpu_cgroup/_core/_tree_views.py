@@ -44,6 +44,12 @@ class TreeViews(SliceIndex):
             "nr_throttled": node.nr_throttled,
         }
 
+    @staticmethod
+    def _stat_devices(node: Node) -> dict[str, dict[str, int]]:
+        """``gpu.cores.stat`` per device (UUID), like cgroup v2's io.stat."""
+        return {dev: {"usage_usec": u // 1000, "throttled_usec": t // 1000, "nr_throttled": n}
+                for dev, (u, t, n) in sorted(node.cores_dev.items())}
+
     def _node_or_detached(self, slice: str) -> Node:
         """The slice's node, or one made for the view only (not in the tree)
         under its nearest existing ancestor: a slice known elsewhere (one
@@ -103,6 +109,7 @@ class TreeViews(SliceIndex):
             "gpu.memory.events.local": {"high": node.lev_high, "max": node.lev_max,
                                         "oom": node.lev_oom},
             "gpu.cores.stat": self._stat(node),
+            "gpu.cores.stat.devices": self._stat_devices(node),
             "processes": self._procs(node),
             "children": sorted(node.children),
         }
@@ -115,7 +122,7 @@ class TreeViews(SliceIndex):
             "knobs": {k: format_knob(k, v[0]) for k, v in sorted(node.knobs.items())},
             "processes": self._procs(node),
             "memory": self._mem(node.current),
-            "cores": self._stat(node),
+            "cores": {**self._stat(node), "devices": self._stat_devices(node)},
             "children": [self._snap(c) for _, c in sorted(node.children.items())],
         }
 

@@ -99,14 +99,14 @@ class VgpuCollector:
         mem_max: dict[str, int | None] = data["mem_max"]
         devices: list[str] = data["devices"]
         gpu = CounterMetricFamily("vgpu_slice_gpu_time_seconds",
-                                  "GPU time charged to the slice (descendants included)",
-                                  labels=["slice"])
+                                  "GPU time charged to the slice on the device (descendants "
+                                  "included)", labels=["slice", "device"])
         thr = CounterMetricFamily("vgpu_slice_throttled_seconds",
-                                  "Time launching threads waited for GPU-time budget",
-                                  labels=["slice"])
+                                  "Time launching threads waited for GPU-time budget on the "
+                                  "device", labels=["slice", "device"])
         nthr = CounterMetricFamily("vgpu_slice_throttled",
-                                   "Kernel launches that had to wait for budget",
-                                   labels=["slice"])
+                                   "Kernel launches on the device that had to wait for budget",
+                                   labels=["slice", "device"])
         cur = GaugeMetricFamily("vgpu_slice_memory_current_bytes",
                                 "GPU memory held by the slice", labels=["slice", "device"])
         peak = GaugeMetricFamily("vgpu_slice_memory_peak_bytes",
@@ -126,11 +126,12 @@ class VgpuCollector:
                                     "included)", labels=["slice"])
         for node in _walk(snap):
             slc = node["slice"] or "-.slice"
-            cores = node["cores"]
-            gpu.add_metric([slc], cores["usage_usec"] / 1e6)
-            thr.add_metric([slc], cores["throttled_usec"] / 1e6)
-            nthr.add_metric([slc], cores["nr_throttled"])
+            per_dev: dict[str, dict[str, int]] = node["cores"].get("devices", {})
             for dev in devices:
+                cores = per_dev.get(dev, {})
+                gpu.add_metric([slc, dev], cores.get("usage_usec", 0) / 1e6)
+                thr.add_metric([slc, dev], cores.get("throttled_usec", 0) / 1e6)
+                nthr.add_metric([slc, dev], cores.get("nr_throttled", 0))
                 cur.add_metric([slc, dev], node["memory"]["devices"].get(dev, 0))
                 peak.add_metric([slc, dev], node["peak"].get(dev, 0))
                 lim = mem_max.get(node["slice"])
