@@ -225,3 +225,27 @@ def test_a_cap_holds_on_each_device(vgpud: VgpudProc, cgroups: Cgroups, built: P
     for dev, run in enumerate(r["run"]):
         share = r["sim"][dev][0] / 1e9 / run["seconds"]
         assert share == pytest.approx(0.30, abs=0.05), r
+
+
+def test_limits_on_one_device_only(vgpud: VgpudProc, cgroups: Cgroups, built: Path) -> None:
+    """A slice allowed every GPU, capped on GPU 1 only (values per device:
+    ``1=...``): its process is held to 64 MiB and 30 % of the GPU there,
+    while on GPU 0 it allocates 96 MiB, sees the whole device and runs
+    unthrottled. vgpuctl show has the effective limits per GPU."""
+    phys = physical(vgpud)
+    slc = cgroups.make("lopsided")
+    vgpud.ctl("set", slc, "gpu.memory.max=1=64M", "gpu.cores.max=1=30")
+    r, err = devices(vgpud, cgroups, built, slc, "ctx=0,1", f"alloc={96 * MiB}",
+                     "kernels=600", "kernel_ns=1000000")
+    free0, capped = r["ctx"]
+    assert (free0["retain"], free0["alloc"], free0["total"]) == (0, 0, 4 << 30), err
+    assert capped["retain"] == 0, err
+    assert capped["alloc"] == 2  # CUDA_ERROR_OUT_OF_MEMORY: over 64 MiB on GPU 1
+    assert capped["total"] == 64 * MiB  # cuMemGetInfo: the slice's limit there
+    share = [r["sim"][d][0] / 1e9 / r["run"][d]["seconds"] for d in (0, 1)]
+    assert share[0] >= 0.9, r  # GPU 0: nothing asks for control there
+    assert share[1] == pytest.approx(0.30, abs=0.05), r
+    eff = vgpud.ctl("show", slc)["effective.devices"]
+    assert eff[phys[1]]["gpu.memory.max"] == str(64 * MiB)
+    assert eff[phys[1]]["gpu.cores.max"] == "30"
+    assert eff[phys[0]]["gpu.memory.max"] == eff[phys[2]]["gpu.memory.max"] == "max"

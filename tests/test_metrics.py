@@ -66,7 +66,9 @@ def _fake_source() -> dict[str, Any]:
             "events": {"high": 1, "max": 2, "oom": 3},
             "events_local": {"high": 0, "max": 0, "oom": 0}}
     ev = {"max": 0, "clients": 0, "hooks": 5, "handshakes": 0, "node": 0, "depth": 0}
-    return {"tree": root, "mem_max": {"": None, "a.slice": 4096}, "devices": [dev, "GPU-1"],
+    return {"tree": root, "mem_max": {"": {dev: None, "GPU-1": None},
+                                      "a.slice": {dev: 4096, "GPU-1": None}},
+            "devices": [dev, "GPU-1"],
             "connections": 4,
             "clients": {"": (4, {**ev, "hooks": 0}), "a.slice": (3, ev),
                         "flood.slice": (0, {**ev, "hooks": 0, "clients": 9})}}
@@ -84,6 +86,7 @@ def test_collector_and_http_responses() -> None:
     # per device: one the slice has not used yet reads 0
     assert s[("vgpu_slice_gpu_time_seconds_total", a1)] == 0
     assert s[("vgpu_slice_memory_current_bytes", a1)] == 0
+    assert ("vgpu_slice_memory_max_bytes", a1) not in s  # a cap on GPU-0 only
     assert s[("vgpu_slice_memory_current_bytes", ad)] == 10
     assert s[("vgpu_slice_memory_peak_bytes", ad)] == 20
     assert s[("vgpu_slice_memory_max_bytes", ad)] == 4096

@@ -16,6 +16,8 @@ def print_show(d: dict[str, Any], out: TextIO) -> None:
         eff = d["effective"].get(knob)
         extra = f", effective {eff}" if eff is not None and eff != ent["value"] else ""
         print(f"{knob} {ent['value']} ({ent['source']}{extra})", file=out)
+    for dev, eff in d.get("effective.devices", {}).items():
+        print(f"effective on {dev}: " + " ".join(f"{k} {v}" for k, v in eff.items()), file=out)
     for key in ("gpu.memory.current", "gpu.memory.peak"):
         m = d[key]
         devs = " ".join(f"{k}={v}" for k, v in m["devices"].items())

@@ -103,6 +103,7 @@ class TreeViews(SliceIndex):
             "configured": node.configured,
             "knobs": knobs,
             "effective": effective,
+            "effective.devices": self._effective_devices(node),
             "gpu.memory.current": self._mem(node.current),
             "gpu.memory.peak": self._mem(node.peak),
             "gpu.memory.events": {"high": node.ev_high, "max": node.ev_max, "oom": node.ev_oom},
@@ -113,6 +114,23 @@ class TreeViews(SliceIndex):
             "processes": self._procs(node),
             "children": sorted(node.children),
         }
+
+    def _effective_devices(self, node: Node) -> dict[str, dict[str, str]]:
+        """Where a knob on the path has values per GPU: the effective limits
+        on each of the node's GPUs (UUID: knob: text); else nothing."""
+        if not any(n.per_device() for n in node.ancestry()):
+            return {}
+        out: dict[str, dict[str, str]] = {}
+        for uuid, ref in sorted(self.device_refs.items(), key=lambda kv: kv[1].index):
+            lim = self._limits(node, ref)
+            out[uuid] = {
+                CORES_MAX: format_knob(CORES_MAX, lim.cores_max),
+                CORES_MIN: format_knob(CORES_MIN, lim.cores_min),
+                CORES_WEIGHT: format_knob(CORES_WEIGHT, lim.weight),
+                MEMORY_MAX: format_knob(MEMORY_MAX, lim.mem_max),
+                MEMORY_HIGH: format_knob(MEMORY_HIGH, lim.mem_high),
+            }
+        return out
 
     def _snap(self, node: Node) -> dict[str, Any]:
         return {

@@ -96,7 +96,8 @@ class VgpuCollector:
 
         data = self.source()
         snap: dict[str, Any] = data["tree"]
-        mem_max: dict[str, int | None] = data["mem_max"]
+        #: per slice, the effective gpu.memory.max on each device (UUID)
+        mem_max: dict[str, dict[str, int | None]] = data["mem_max"]
         devices: list[str] = data["devices"]
         gpu = CounterMetricFamily("vgpu_slice_gpu_time_seconds",
                                   "GPU time charged to the slice on the device (descendants "
@@ -134,7 +135,7 @@ class VgpuCollector:
                 nthr.add_metric([slc, dev], cores.get("nr_throttled", 0))
                 cur.add_metric([slc, dev], node["memory"]["devices"].get(dev, 0))
                 peak.add_metric([slc, dev], node["peak"].get(dev, 0))
-                lim = mem_max.get(node["slice"])
+                lim = mem_max.get(node["slice"], {}).get(dev)
                 if lim is not None:
                     mmax.add_metric([slc, dev], lim)
             for typ, n in node["events"].items():
@@ -172,13 +173,15 @@ def daemon_source(daemon: Daemon) -> Callable[[], dict[str, Any]]:
 
     def source() -> dict[str, Any]:
         snap = daemon.snapshot()
-        mem_max: dict[str, int | None] = {}
+        mem_max: dict[str, dict[str, int | None]] = {}
         for node in _walk(snap):
             show = daemon.tree.show(node["slice"])
             node["peak"] = show["gpu.memory.peak"]["devices"]
             node["events"] = show["gpu.memory.events"]
             node["events_local"] = show["gpu.memory.events.local"]
-            mem_max[node["slice"]] = daemon.tree.effective_limits(node["slice"]).mem_max
+            mem_max[node["slice"]] = {
+                dev: daemon.tree.effective_limits(node["slice"], dev).mem_max
+                for dev in daemon.devices}
         b = daemon.bounds
         paths = {*mem_max, *b.slices()}
         clients = {p: (b.current(p), b.events(p)) for p in paths}
