@@ -8,7 +8,7 @@ CFLAGS_COMMON ?= -std=gnu11 -O2 -g -fPIC -Wall -Wextra -Werror -fvisibility=hidd
 # By layer (hook_base.h): base; transport; services; interposition.
 HOOK_SRCS = hook_base.c \
             hook_msgpack.c hook_wire.c hook_client.c \
-            hook_dev.c hook_mem.c hook_capture.c hook_batch.c hook_gate.c hook_account.c \
+            hook_dev.c hook_view.c hook_mem.c hook_capture.c hook_batch.c hook_gate.c hook_account.c \
             hook_init.c hook_dlsym.c hook_ctx.c hook_alloc.c hook_launch.c hook_nvml.c
 HOOK_OBJDIR = $(OUT)/.hook-obj
 HOOK_OBJS = $(HOOK_SRCS:%.c=$(HOOK_OBJDIR)/%.o)

@@ -13,8 +13,8 @@
  *   2 services       hook_services.h   devices and contexts, memory
  *                                      reservations, the launch gate and its
  *                                      batches, stream captures, the
- *                                      accountant (hook_dev.c, hook_mem.c,
- *                                      hook_gate.c, hook_batch.c,
+ *                                      accountant (hook_dev.c, hook_view.c,
+ *                                      hook_mem.c, hook_gate.c, hook_batch.c,
  *                                      hook_capture.c, hook_account.c)
  *   1 transport      hook_client.h     the connection to vgpud: msgpack,
  *                                      framing, handshake, requests, the
@@ -129,7 +129,13 @@ CUresult cuStreamBeginCapture_ptsz(CUstream hStream, CUstreamCaptureMode mode);
 
 #define VGPU_HOOKED_NVML(X)                                                    \
     X(nvmlDeviceGetMemoryInfo)                                                 \
-    X(nvmlDeviceGetMemoryInfo_v2)
+    X(nvmlDeviceGetMemoryInfo_v2)                                              \
+    X(nvmlDeviceGetCount)                                                      \
+    X(nvmlDeviceGetCount_v2)                                                   \
+    X(nvmlDeviceGetHandleByIndex)                                              \
+    X(nvmlDeviceGetHandleByIndex_v2)                                           \
+    X(nvmlDeviceGetHandleByUUID)                                               \
+    X(nvmlDeviceGetIndex)
 
 #define VGPU_USED_NVML(X) X(nvmlDeviceGetUUID)
 
@@ -176,7 +182,7 @@ enum {
     VGPU_W_CONNECT = 0, VGPU_W_LIBCUDA, VGPU_W_NVML, VGPU_W_PROTO, VGPU_W_LOST,
     VGPU_W_REGIONS, VGPU_W_TABLE, VGPU_W_ACCOUNT, VGPU_W_DEVICE, VGPU_W_THREAD,
     VGPU_W_CONF, VGPU_W_RELEASE, VGPU_W_BATCH, VGPU_W_CTXMEM, VGPU_W_GETPROC,
-    VGPU_W_DLSYM, VGPU_W_CODE, VGPU_W_STALL,
+    VGPU_W_DLSYM, VGPU_W_CODE, VGPU_W_STALL, VGPU_W_NOGPU, VGPU_W_VIEW,
 };
 
 uint64_t vgpu_now_ns(void);         /* CLOCK_MONOTONIC */
@@ -212,8 +218,11 @@ bool vgpu_start_thread(void *(*fn)(void *));
 /* to declare what is held in a hello and to attach them again after a     */
 /* reconnect (slots are per connection). Defined in hook_base.c.           */
 
+/* Room for a device's UUID ("GPU-" and 36 characters) and its NUL. */
+#define VGPU_UUID_MAX 48
+
 struct vgpu_hdev {
-    char uuid[48];              /* "GPU-xxxxxxxx-..." */
+    char uuid[VGPU_UUID_MAX];   /* "GPU-xxxxxxxx-..." */
     uint64_t total;
     _Atomic int slot;           /* -1 not attached */
     _Atomic int refused;        /* daemon said no */

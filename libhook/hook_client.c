@@ -49,6 +49,11 @@ static _Atomic int monitor_started;
 static _Atomic int cfd_snapshot = -1;
 static uint64_t client_id;
 static char client_slice[256];
+/* The welcome's device list, written at each handshake: -1 every device.
+ * Under amu, held only around a copy (never behind a round trip). */
+static pthread_mutex_t amu = PTHREAD_MUTEX_INITIALIZER;
+static int allowed_n = -1;
+static char allowed[VGPU_MAX_DEVICES][VGPU_UUID_MAX];
 /* Bytes freed (or rolled back) but not yet sent to the daemon on the current
  * connection, per device (hmu). Reset at each (re)connection to what the
  * daemon adopted from the hello minus what is held now. */
@@ -394,6 +399,15 @@ static bool handshake_once_locked(uint64_t deadline, char *why, size_t whylen, b
     st->pid = (uint32_t)getpid();
     client_id = (uint64_t)rep.id;
     snprintf(client_slice, sizeof client_slice, "%s", rep.slice);
+    if (rep.devices_dropped)
+        vgpu_warn_once(VGPU_W_VIEW, "vgpu: %d of the %d entries in the daemon's list of this slice's devices are "
+                       "no UUID or past the %u this hook can use; it shows the other %d",
+                       rep.devices_dropped, rep.ndevices + rep.devices_dropped, VGPU_MAX_DEVICES, rep.ndevices);
+    pthread_mutex_lock(&amu);
+    allowed_n = rep.ndevices;
+    if (allowed_n > 0)
+        memcpy(allowed, rep.devices, sizeof allowed);
+    pthread_mutex_unlock(&amu);
     /* Old mappings stay mapped: a launching thread may still hold a pointer. */
     atomic_store_explicit(&vgpu_stat, st, memory_order_release);
     atomic_store_explicit(&vgpu_ctl, ctl, memory_order_release);
@@ -474,6 +488,16 @@ static void start_monitor(void)
         atomic_store(&monitor_started, 0);
         vgpu_warn_once(VGPU_W_THREAD, "vgpu: cannot start the monitor thread");
     }
+}
+
+int vgpu_client_devices(char (*out)[VGPU_UUID_MAX], int cap)
+{
+    pthread_mutex_lock(&amu);
+    int n = allowed_n;
+    for (int i = 0; i < n && i < cap; i++)
+        memcpy(out[i], allowed[i], VGPU_UUID_MAX);
+    pthread_mutex_unlock(&amu);
+    return n < cap ? n : cap;
 }
 
 bool vgpu_client_register(void)
@@ -719,6 +743,7 @@ uint64_t vgpu_client_oneway_dropped(void)
 void vgpu_client_atfork_child(void)
 {
     pthread_mutex_init(&cmu, NULL);
+    pthread_mutex_init(&amu, NULL);
     pthread_mutex_init(&smu, NULL);
     pthread_mutex_init(&hmu, NULL);
     init_cv();

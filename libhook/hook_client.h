@@ -44,6 +44,7 @@ struct mp_r {
 enum mp_type { MP_NIL, MP_BOOL, MP_INT, MP_UINT, MP_STR, MP_ARRAY, MP_MAP, MP_OTHER, MP_ERR };
 enum mp_type mp_peek(struct mp_r *r);
 bool mp_read_map(struct mp_r *r, uint32_t *n);
+bool mp_read_array(struct mp_r *r, uint32_t *n);
 /* str: pointer into the buffer, not NUL-terminated. */
 bool mp_read_str(struct mp_r *r, const char **s, uint32_t *n);
 /* any integer that fits int64 (uint > INT64_MAX fails) */
@@ -87,6 +88,13 @@ struct vgpu_wire_reply {
     char msg[160];
     char slice[256];
     int64_t limit, current;
+    /* welcome: the devices the slice may use (docs/protocol.md); -1 when
+     * the welcome has no list (every device). Entries past
+     * VGPU_MAX_DEVICES, and any that is not a string short enough for a
+     * UUID, are left out and counted in devices_dropped. */
+    int ndevices;
+    int devices_dropped;
+    char devices[VGPU_MAX_DEVICES][VGPU_UUID_MAX];
 };
 /* Decode one reply map; unknown keys are skipped. false if malformed. */
 bool vgpu_parse_reply(const uint8_t *buf, size_t len, struct vgpu_wire_reply *out);
@@ -113,6 +121,11 @@ extern _Atomic int vgpu_connected;    /* 1 while the daemon connection is up */
 extern _Atomic uint64_t vgpu_conn_gen; /* bumped on every (re)registration */
 
 enum vgpu_reply { VGPU_R_OK = 0, VGPU_R_DENIED, VGPU_R_REFUSED, VGPU_R_DOWN };
+/* The devices the slice may use, as the last welcome listed them (UUIDs,
+ * in the node's order): how many, copied into out (at most cap), or -1
+ * when the slice may use every device of the node or there has been no
+ * welcome. */
+int vgpu_client_devices(char (*out)[VGPU_UUID_MAX], int cap);
 /* attach: slot out; mem_limit ignored (read from ctl). */
 int vgpu_client_attach(const char *uuid, uint64_t total, int *slot);
 /* reserve n bytes on device hidx (its current slot); waits up to 10 s for a

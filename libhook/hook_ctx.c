@@ -2,15 +2,19 @@
  * hook_ctx.c - the entry points about devices and contexts: cuInit, making,
  * destroying and switching contexts, and what the program is told about its
  * memory (cuMemGetInfo, cuDeviceTotalMem: the slice's limit, clamped to the
- * device). A device the slice may not use fails at context creation, with
- * nothing allocated (hook_dev.c attaches it first).
+ * device). A slice that gpu.devices restricts sees only its devices from
+ * cuInit on (hook_view.c); a device the slice may not use fails at context
+ * creation all the same, with nothing allocated (hook_dev.c attaches it
+ * first).
  */
 #include "hook_interpose.h"
 
 VGPU_EXPORT CUresult cuInit(unsigned int Flags)
 {
     ENTER(cuInit);
-    return VGPU_DRIVER(real_cuInit(Flags));
+    if (mode_ != VGPU_MODE_REGISTERED)
+        return VGPU_DRIVER(real_cuInit(Flags));
+    return vgpu_view_cuinit(Flags); /* a slice's devices only (hook_view.c) */
 }
 
 /* Attach before the context exists: a device the slice may not use must

@@ -91,7 +91,7 @@ int vgpu_hdev_of_cudev(CUdevice dev)
     size_t total = 0;
     if (!real_cuDeviceTotalMem_v2 || VGPU_DRIVER(real_cuDeviceTotalMem_v2(&total, dev)) != CUDA_SUCCESS)
         return -1;
-    char uuid[48];
+    char uuid[VGPU_UUID_MAX];
     format_uuid(uuid, sizeof uuid, &u);
     int h = vgpu_hdev_of_uuid(uuid, total);
     if (h >= 0)

@@ -234,6 +234,7 @@ static void atfork_child(void)
     pthread_mutex_init(&nvml_mu, NULL);
     vgpu_client_atfork_child();
     vgpu_dev_atfork_child();
+    vgpu_view_atfork_child();
     vgpu_mem_atfork_child();
     vgpu_launch_atfork_child();
     vgpu_account_atfork_child();

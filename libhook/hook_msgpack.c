@@ -173,7 +173,7 @@ bool mp_read_map(struct mp_r *r, uint32_t *n)
     return true;
 }
 
-static bool read_array(struct mp_r *r, uint32_t *n)
+bool mp_read_array(struct mp_r *r, uint32_t *n)
 {
     if (!need(r, 1))
         return false;
@@ -311,7 +311,7 @@ static bool skip_depth(struct mp_r *r, int depth)
     case MP_STR:
         return mp_read_str(r, &s, &n);
     case MP_ARRAY:
-        if (!read_array(r, &n))
+        if (!mp_read_array(r, &n))
             return false;
         for (uint32_t k = 0; k < n; k++)
             if (!skip_depth(r, depth + 1))

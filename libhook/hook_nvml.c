@@ -1,9 +1,13 @@
 /*
- * hook_nvml.c - NVML memory info inside a slice: nvidia-smi, pynvml and
- * frameworks that ask NVML see the slice's limit as the device's memory.
+ * hook_nvml.c - NVML inside a slice: nvidia-smi, pynvml and frameworks that
+ * ask NVML see the slice's limit as the device's memory and, where
+ * gpu.devices restricts the slice, only its devices, numbered from 0 in the
+ * node's order as CUDA numbers them (hook_view.c).
  *
  * NVML may be used by a process that never touches CUDA, so the device is
- * found by UUID (the daemon's key) and attached here if needed.
+ * found by UUID (the daemon's key) and attached here if needed. Handles
+ * stay the driver's own: a restricted view hands out the handles of its
+ * devices, found by UUID.
  */
 #include <string.h>
 
@@ -65,4 +69,110 @@ VGPU_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMem
     uint64_t t = memory->total, f = memory->free;
     memory->used = t - f > memory->reserved ? t - f - memory->reserved : 0;
     return r;
+}
+
+/* ---- the device list of a restricted slice ---- */
+
+/* The view to answer from: NULL (ask the driver as it is) when the slice is
+ * not restricted, NVML or the hook is not usable, or the driver called us. */
+static const struct vgpu_view *nvml_view(void)
+{
+    return registered() ? vgpu_view() : NULL;
+}
+
+static nvmlReturn_t view_count(const struct vgpu_view *v, nvmlReturn_t (*real)(unsigned int *),
+                               unsigned int *count)
+{
+    unsigned int all;
+    nvmlReturn_t r = VGPU_DRIVER(real(&all)); /* NVML's own errors: not initialised... */
+    if (r == NVML_SUCCESS) {
+        if (!count)
+            return NVML_ERROR_INVALID_ARGUMENT;
+        *count = (unsigned int)v->n;
+    }
+    return r;
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetCount_v2)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    const struct vgpu_view *v = nvml_view();
+    if (!v)
+        return VGPU_DRIVER(real_nvmlDeviceGetCount_v2(count));
+    return view_count(v, real_nvmlDeviceGetCount_v2, count);
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned int *count)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetCount)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    const struct vgpu_view *v = nvml_view();
+    if (!v)
+        return VGPU_DRIVER(real_nvmlDeviceGetCount(count));
+    return view_count(v, real_nvmlDeviceGetCount, count);
+}
+
+static nvmlReturn_t view_handle(const struct vgpu_view *v, unsigned int index, nvmlDevice_t *device)
+{
+    if (!real_nvmlDeviceGetHandleByUUID)
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
+    if (index >= (unsigned int)v->n) {
+        unsigned int all; /* NVML's own error first: not initialised... */
+        nvmlReturn_t r = real_nvmlDeviceGetCount_v2 ? VGPU_DRIVER(real_nvmlDeviceGetCount_v2(&all))
+                         : real_nvmlDeviceGetCount  ? VGPU_DRIVER(real_nvmlDeviceGetCount(&all))
+                                                    : NVML_SUCCESS;
+        return r != NVML_SUCCESS ? r : NVML_ERROR_INVALID_ARGUMENT;
+    }
+    return VGPU_DRIVER(real_nvmlDeviceGetHandleByUUID(v->uuid[index], device));
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetHandleByIndex_v2)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    const struct vgpu_view *v = nvml_view();
+    if (!v)
+        return VGPU_DRIVER(real_nvmlDeviceGetHandleByIndex_v2(index, device));
+    return view_handle(v, index, device);
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, nvmlDevice_t *device)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetHandleByIndex)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    const struct vgpu_view *v = nvml_view();
+    if (!v)
+        return VGPU_DRIVER(real_nvmlDeviceGetHandleByIndex(index, device));
+    return view_handle(v, index, device);
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetHandleByUUID)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    nvmlReturn_t r = VGPU_DRIVER(real_nvmlDeviceGetHandleByUUID(uuid, device));
+    const struct vgpu_view *v = nvml_view();
+    if (r == NVML_SUCCESS && v && vgpu_view_index(v, uuid) < 0)
+        return NVML_ERROR_NOT_FOUND; /* a GPU of the node, not of the slice */
+    return r;
+}
+
+VGPU_EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
+{
+    if (!vgpu_resolve_nvml() || !real_nvmlDeviceGetIndex)
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    nvmlReturn_t r = VGPU_DRIVER(real_nvmlDeviceGetIndex(device, index));
+    const struct vgpu_view *v = nvml_view();
+    if (r != NVML_SUCCESS || !v || !real_nvmlDeviceGetUUID)
+        return r;
+    char uuid[NVML_DEVICE_UUID_V2_BUFFER_SIZE];
+    r = VGPU_DRIVER(real_nvmlDeviceGetUUID(device, uuid, sizeof uuid));
+    if (r != NVML_SUCCESS)
+        return r;
+    int k = vgpu_view_index(v, uuid);
+    if (k < 0)
+        return NVML_ERROR_INVALID_ARGUMENT; /* not a device of this slice */
+    *index = (unsigned int)k;
+    return NVML_SUCCESS;
 }

@@ -3,6 +3,9 @@
  * entry point (see hook_base.h for the layers). Uses layers 0 and 1.
  *
  *   hook_dev.c      devices (by UUID, attached lazily) and contexts
+ *   hook_view.c     the devices a slice restricted by gpu.devices shows:
+ *                   CUDA's (through the driver's CUDA_VISIBLE_DEVICES) and
+ *                   NVML's lists
  *   hook_mem.c      the reserve / commit / rollback steps of an allocation
  *                   and the table of what each handle holds
  *   hook_capture.c  which streams are being captured into a CUDA graph
@@ -39,6 +42,31 @@ int vgpu_current_hdev(void);
 void vgpu_dev_atfork_child(void);
 /* Clamp (free,total) to the slot's limit. */
 void vgpu_clamp_mem(int hidx, uint64_t *free_b, uint64_t *total_b);
+
+/* ---------------------------------------------------------------------- */
+/* hook_view.c: the device list of a slice that gpu.devices restricts.      */
+
+/* The slice's devices in the order the program sees them (NVML's indices
+ * inside the slice; CUDA's ordinals unless CUDA_VISIBLE_DEVICES narrows
+ * them further), fixed the first time it is asked for in a process image.
+ * NULL when nothing is restricted: the slice may use every device, or the
+ * hook is not registered. */
+struct vgpu_view {
+    int n;
+    char uuid[VGPU_MAX_HDEV][VGPU_UUID_MAX];
+};
+const struct vgpu_view *vgpu_view(void);
+/* The position of a device's UUID in the view, -1 if it is not there. */
+int vgpu_view_index(const struct vgpu_view *v, const char *uuid);
+/* A CUDA_VISIBLE_DEVICES value (NULL: unset) read on a node that has just
+ * the view's devices: the positions in the view of the devices it leaves,
+ * in its order, into out (at most cap); how many. Pure. */
+int vgpu_view_compose(const struct vgpu_view *v, const char *cvd, int *out, int cap);
+/* The driver's cuInit, with CUDA_VISIBLE_DEVICES set to what the view and
+ * the program's own value leave (CUDA_ERROR_NO_DEVICE, without the driver,
+ * when that is nothing). */
+CUresult vgpu_view_cuinit(unsigned int flags);
+void vgpu_view_atfork_child(void);
 
 /* Per-context record: the device and the accountant's timing anchor. */
 struct vgpu_ctxinfo {

@@ -157,12 +157,42 @@ static void copy_str(char *dst, size_t cap, const char *s, uint32_t n)
     dst[n] = 0;
 }
 
+/* A welcome's "devices": an array of UUID strings (or nil: every device). */
+static bool parse_devices(struct mp_r *r, struct vgpu_wire_reply *out)
+{
+    if (mp_peek(r) != MP_ARRAY)
+        return mp_skip(r); /* nil, or not a list: no restriction known */
+    uint32_t n;
+    if (!mp_read_array(r, &n))
+        return false;
+    out->ndevices = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const char *s;
+        uint32_t sl;
+        if (mp_peek(r) != MP_STR || out->ndevices >= (int)VGPU_MAX_DEVICES) {
+            out->devices_dropped++;
+            if (!mp_skip(r))
+                return false;
+            continue;
+        }
+        if (!mp_read_str(r, &s, &sl))
+            return false;
+        if (sl == 0 || sl >= VGPU_UUID_MAX) {
+            out->devices_dropped++;
+            continue;
+        }
+        copy_str(out->devices[out->ndevices++], VGPU_UUID_MAX, s, sl);
+    }
+    return true;
+}
+
 /* Decode one reply map; unknown keys are skipped. false if malformed. */
 bool vgpu_parse_reply(const uint8_t *buf, size_t len, struct vgpu_wire_reply *out)
 {
     memset(out, 0, sizeof *out);
     out->id = -1;
     out->slot = -1;
+    out->ndevices = -1;
     struct mp_r r = {.p = buf, .len = len};
     uint32_t n;
     if (!mp_read_map(&r, &n))
@@ -209,6 +239,9 @@ bool vgpu_parse_reply(const uint8_t *buf, size_t len, struct vgpu_wire_reply *ou
                 out->limit = v;
             else
                 out->current = v;
+        } else if (KEY("devices")) {
+            if (!parse_devices(&r, out))
+                return false;
         } else if (!mp_skip(&r)) {
             return false;
         }

@@ -116,8 +116,8 @@ def spawn(cmd: Sequence[str], env: dict[str, str], cgroup: str | None = None,
 class VgpudProc:
     """vgpud --simulate in a subprocess with its own socket, dirs and device."""
 
-    def __init__(self, tmp: Path, *, sim_mem: str = "16G", extra: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, *, sim_mem: str = "16G", sim_devices: int = 1,
+                 extra: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.socket = str(tmp / "vgpud.sock")
         self.shm = f"vgpu-e2e-{os.getpid()}-{next(_counter)}"
@@ -126,6 +126,7 @@ class VgpudProc:
         # dependencies were installed with --target, as on the H200 host).
         path = [str(ROOT), *filter(None, self.env.get("PYTHONPATH", "").split(os.pathsep))]
         self.env.update({"VGPU_SIM_SHM": self.shm, "VGPU_SIM_MEM": sim_mem,
+                         "VGPU_SIM_DEVICES": str(sim_devices),
                          "PYTHONPATH": os.pathsep.join(path)})
         (tmp / "etc").mkdir(exist_ok=True)
         self.extra = list(extra)
@@ -203,11 +204,12 @@ def built_fixture(*programs: str) -> Any:
 
 
 def vgpud_fixture(*, sim_mem: str | None = None, ctx_overhead: int | None = None,
-                  limits: Mapping[str, int] | None = None) -> Any:
+                  limits: Mapping[str, int] | None = None, sim_devices: int = 1) -> Any:
     """The fixture ``vgpud``: a started ``VgpudProc`` (after ``built``),
     stopped and cleaned up after the test.
 
-    ``sim_mem``: the simulated GPU's memory (VgpudProc's default if None);
+    ``sim_mem``: the simulated GPU's memory (VgpudProc's default if None),
+    on each of its ``sim_devices`` devices;
     ``ctx_overhead``: bytes a simulated context takes (VGPU_SIM_CTX_OVERHEAD);
     ``limits``: vgpud.toml's ``[limits]``, in a directory under /tmp that an
     unprivileged process can reach (pytest's is root's only), removed after.
@@ -224,8 +226,8 @@ def vgpud_fixture(*, sim_mem: str | None = None, ctx_overhead: int | None = None
         else:
             tmp = request.getfixturevalue("tmp_path")
             extra = []
-        d = VgpudProc(tmp, extra=extra) if sim_mem is None else \
-            VgpudProc(tmp, sim_mem=sim_mem, extra=extra)
+        d = VgpudProc(tmp, extra=extra, sim_devices=sim_devices) if sim_mem is None else \
+            VgpudProc(tmp, sim_mem=sim_mem, extra=extra, sim_devices=sim_devices)
         if ctx_overhead is not None:
             d.env["VGPU_SIM_CTX_OVERHEAD"] = str(ctx_overhead)
         d.start()

@@ -30,6 +30,8 @@ CUDA_SUCCESS = 0
 CUDA_ERROR_INVALID_VALUE = 1
 CUDA_ERROR_OUT_OF_MEMORY = 2
 CUDA_ERROR_NOT_INITIALIZED = 3
+CUDA_ERROR_NO_DEVICE = 100
+CUDA_ERROR_INVALID_DEVICE = 101
 CUDA_ERROR_INVALID_CONTEXT = 201
 CUDA_ERROR_INVALID_HANDLE = 400
 CUDA_ERROR_NOT_FOUND = 500
@@ -117,6 +119,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "cuGraphDestroy": [_vp],
     "cuGetProcAddress_v2": [ctypes.c_char_p, _pvp, _int, _u64, ctypes.POINTER(_int)],
     "vgpuSimProcessStats": [_int, _pu64, _pu64],
+    "vgpuSimProcessDeviceStats": [_int, _int, _pu64, _pu64],
     "vgpuSimDeviceStats": [_int, _pu64, _pu64, _pu64],
     "vgpuSimReset": [],
 }
@@ -220,6 +223,14 @@ class Cuda:
         """(busy_ns, mem_bytes) of pid (0: this process) on the device in VGPU_SIM_SHM."""
         busy, mem = _u64(), _u64()
         if self.lib.vgpuSimProcessStats(pid, ctypes.byref(busy), ctypes.byref(mem)) != 0:
+            raise LookupError(f"pid {pid} unknown to the simulated device")
+        return int(busy.value), int(mem.value)
+
+    def dev_stats(self, dev: int, pid: int = 0) -> tuple[int, int]:
+        """(busy_ns, mem_bytes) of pid (0: this process) on physical device dev."""
+        busy, mem = _u64(), _u64()
+        if self.lib.vgpuSimProcessDeviceStats(pid, dev, ctypes.byref(busy),
+                                              ctypes.byref(mem)) != 0:
             raise LookupError(f"pid {pid} unknown to the simulated device")
         return int(busy.value), int(mem.value)
 

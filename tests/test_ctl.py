@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeHook, RunningDaemon
+from conftest import FAKE_DEVICES, FakeHook, RunningDaemon
 
 from vgpu_cgroup._cli import _ctl
 from vgpu_cgroup._paths import HOOK_LIB, find_cgroup2_mount
@@ -59,6 +59,39 @@ def test_tree_and_top(vgpud: RunningDaemon, capsys: pytest.CaptureFixture[str]) 
         assert top["slices"]["a.slice/job1"]["processes"] == 1
         assert _ctl.main(["--socket", vgpud.socket, "top"]) == 0  # not a tty: one iteration
         assert "a.slice/job1" in capsys.readouterr().out
+    finally:
+        hook.close()
+
+
+def test_top_and_show_have_a_row_per_device(vgpud: RunningDaemon,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """On a node of two GPUs, ``top`` follows each slice's row with one per
+    device it used, and ``show`` has ``gpu.cores.stat`` per device."""
+    hook = FakeHook(vgpud, slice="m.slice")
+    try:
+        slot0 = hook.attach(FAKE_DEVICES[0].uuid)["slot"]
+        slot1 = hook.attach(FAKE_DEVICES[1].uuid)["slot"]
+        assert hook.reserve(slot0, 3 << 20)["t"] == "granted"
+        assert hook.reserve(slot1, 5 << 20)["t"] == "granted"
+        cid = hook.client.welcome["id"]
+        vgpud.call(lambda: vgpud.daemon.tree.add_core_usage(cid, FAKE_DEVICES[1].uuid,
+                                                            7_000, 2_000, 1))
+        top = ctl_json(capsys, vgpud, "top")
+        assert top["devices"] == {d.uuid: d.index for d in FAKE_DEVICES}
+        assert top["slices"]["m.slice"]["memory_devices"] == {FAKE_DEVICES[0].uuid: 3 << 20,
+                                                              FAKE_DEVICES[1].uuid: 5 << 20}
+        assert _ctl.main(["--socket", vgpud.socket, "top"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        at = next(i for i, ln in enumerate(lines) if ln.startswith("m.slice"))
+        assert lines[at + 1].split() == ["gpu", "0", "0.0", "3M"]
+        assert lines[at + 2].split() == ["gpu", "1", "0.0", "5M"]
+        shown = ctl_json(capsys, vgpud, "show", "m.slice")
+        assert shown["gpu.cores.stat.devices"] == {
+            FAKE_DEVICES[1].uuid: {"usage_usec": 7, "throttled_usec": 2, "nr_throttled": 1}}
+        assert _ctl.main(["--socket", vgpud.socket, "show", "m.slice"]) == 0
+        text = capsys.readouterr().out
+        assert (f"gpu.cores.stat {FAKE_DEVICES[1].uuid} usage_usec 7 throttled_usec 2 "
+                "nr_throttled 1") in text
     finally:
         hook.close()
 

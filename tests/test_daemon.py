@@ -155,6 +155,33 @@ def test_unknown_device_is_an_error_not_a_close(vgpud: RunningDaemon) -> None:
         hook.close()
 
 
+def test_welcome_lists_the_devices_of_a_restricted_slice(vgpud: RunningDaemon) -> None:
+    """A hook learns at registration which devices its slice may use (its
+    CUDA and NVML views are made from it): none listed where that is every
+    device of the node; the node's order whatever the knobs' order; UUIDs
+    and indices both name devices; and nothing for a control connection."""
+    every = FakeHook(vgpud, slice="open.slice")
+    assert "devices" not in every.client.welcome
+    with vgpud.client() as c:
+        c.ctl("set", slice="one.slice", knobs={"gpu.devices": "1"})
+        c.ctl("set", slice="both.slice", knobs={"gpu.devices": f"1,{FAKE_DEVICES[0].uuid}"})
+        c.ctl("set", slice="none.slice", knobs={"gpu.devices": "7"})
+        assert "devices" not in c.welcome
+    one = FakeHook(vgpud, slice="one.slice/job")
+    both = FakeHook(vgpud, slice="both.slice")
+    none = FakeHook(vgpud, slice="none.slice")
+    try:
+        assert one.client.welcome["devices"] == [FAKE_DEVICES[1].uuid]
+        assert "devices" not in both.client.welcome  # both of the node's: every device
+        assert none.client.welcome["devices"] == []
+        with pytest.raises(ClientError, match="not allowed"):
+            one.attach(FAKE_DEVICES[0].uuid)
+        assert one.attach(FAKE_DEVICES[1].uuid)["t"] == "attached"
+    finally:
+        for h in (every, one, both, none):
+            h.close()
+
+
 def test_silent_client_dropped_after_handshake_timeout(tmp_path: Path) -> None:
     rd, stop = start_daemon(tmp_path, handshake_timeout=0.3)
     try:

@@ -41,6 +41,7 @@ def bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "hook_allocs": build_c("hook_allocs", out),
         "hook_interpose": build_c("hook_interpose", out, link_cuda=False),
         "busy_client": build_c("busy_client", out),
+        "devices": build_c("devices", out),
     }
 
 
@@ -501,6 +502,31 @@ def test_refused_device_fails_context_creation(bins: dict[str, Path], sock: str,
         out, err = run([str(bins["client_basic"]), "1", "1000", str(MB)], e)
         assert out["ctx_rc"] == 101, err  # CUDA_ERROR_INVALID_DEVICE
         assert "refused device" in err
+    finally:
+        p.close()
+
+
+def test_welcome_device_list_is_read_defensively(bins: dict[str, Path], sock: str,
+                                                 tmp_path: Path) -> None:
+    """The welcome's list of the slice's devices makes the program's view
+    (tests/test_e2e_devices.py has the real daemon's): entries the hook
+    cannot use are left out, with one line on stderr, and a list that is
+    not a list restricts nothing."""
+    e = env(sock, tmp_path, VGPU_SIM_DEVICES="2")
+    p = Peer(sock)
+    try:
+        every, _ = run([str(bins["devices"])], e)
+        assert every["count"] == 2
+        p.devices = [7, "GPU-" + "f" * 60, every["uuids"][1]]
+        one, err = run([str(bins["devices"]), "ctx=0", f"alloc={MB}"], e)
+        assert one["uuids"] == [every["uuids"][1]]
+        assert [d["uuid"] for d in one["nvml"]["devices"]] == [every["uuids"][1]]
+        assert one["ctx"][0]["alloc"] == 0
+        assert [m["dev"] for m in msgs(p, "attach", len(p.conns) - 1)] == [every["uuids"][1]]
+        assert "2 of the 3 entries in the daemon's list of this slice's devices" in err
+        p.devices = "all of them"
+        again, _ = run([str(bins["devices"])], e)
+        assert again["uuids"] == every["uuids"]
     finally:
         p.close()
 

@@ -90,6 +90,8 @@ def test_devices() -> None:
     assert parse_knob("gpu.devices", " 0 , 01 ") == ("0", "1")
     assert parse_knob("gpu.devices", ["0", "GPU-abc-123"]) == ("0", "GPU-abc-123")
     assert parse_knob("gpu.devices", 2) == ("2",)
+    # UUIDs as NVML writes them, whatever case they were given in
+    assert parse_knob("gpu.devices", "GPU-ABCDEF01-2345") == ("GPU-abcdef01-2345",)
     assert parse_knob("gpu.devices", "") == ()
     for bad in ("x", ["-1"], [True], "GPU", 1.5):
         with pytest.raises(KnobError, match=r"gpu\.devices"):
@@ -163,3 +165,40 @@ def test_clients_max() -> None:
             parse_knob("gpu.clients.max", bad)
     with pytest.raises(KnobError, match="read-only"):
         knob_spec("gpu.clients.events")
+
+
+def test_values_per_device() -> None:
+    """A limit may differ between GPUs, like io.max's lines per device:
+    ``DEV=VALUE`` entries (an index or a UUID) and at most one plain value
+    for the GPUs they do not name; shown the way they are read back."""
+    from vgpu_cgroup._core._knobs import DeviceRef, PerDevice
+
+    v = parse_knob("gpu.memory.max", "8G 1=2G")
+    assert v == PerDevice(8 << 30, (("1", 2 << 30),))
+    assert format_knob("gpu.memory.max", v) == f"{8 << 30} 1={2 << 30}"
+    assert parse_knob("gpu.memory.max", format_knob("gpu.memory.max", v)) == v
+    only = parse_knob("gpu.cores.max", "1=30")
+    assert only == PerDevice(None, (("1", 30.0),))
+    assert format_knob("gpu.cores.max", only) == "max 1=30"
+    assert parse_knob("gpu.cores.weight", "0=200, GPU-AB-CD=50") == PerDevice(
+        100, (("0", 200), ("GPU-ab-cd", 50)))
+    assert parse_knob("gpu.memory.high", ["max", "GPU-ab=1G"]) == PerDevice(
+        None, (("GPU-ab", 1 << 30),))
+    assert parse_knob("gpu.cores.min", "20") == 20.0  # one value: for every GPU, as before
+    assert parse_knob("gpu.memory.max", "8 G") == 8 << 30
+    gpu1 = DeviceRef("GPU-ab", 1)
+    by_both = parse_knob("gpu.memory.max", "1=1G GPU-ab=2G 3G")
+    assert isinstance(by_both, PerDevice)
+    assert by_both.on(gpu1) == 2 << 30  # the UUID's entry wins over the index's
+    assert by_both.on(DeviceRef("GPU-cd", 1)) == 1 << 30
+    assert by_both.on(DeviceRef("GPU-cd", 0)) == 3 << 30
+    assert by_both.on(None) == 3 << 30
+    for bad, why in (("1=", "expected bytes"), ("x=5G", "bad device 'x'"),
+                     ("1=5G 1=6G", "device 1 given twice"),
+                     ("5G 6G 1=2G", "more than one value"), ("1=-5", "expected bytes")):
+        with pytest.raises(KnobError, match=why):
+            parse_knob("gpu.memory.max", bad)
+    with pytest.raises(KnobError, match="out of range"):
+        parse_knob("gpu.cores.max", "0=30 1=130")
+    with pytest.raises(KnobError):
+        parse_knob("gpu.cores.idle", "1=1")  # gpu.cores.idle is one value for every GPU

@@ -52,17 +52,23 @@ def test_parse_listen_loopback_only() -> None:
 def _fake_source() -> dict[str, Any]:
     dev = "GPU-0"
     leaf = {"slice": "a.slice", "processes": [{"pid": 1}], "children": [],
-            "cores": {"usage_usec": 2_500_000, "throttled_usec": 500_000, "nr_throttled": 7},
+            "cores": {"usage_usec": 2_500_000, "throttled_usec": 500_000, "nr_throttled": 7,
+                      "devices": {dev: {"usage_usec": 2_500_000, "throttled_usec": 500_000,
+                                        "nr_throttled": 7}}},
             "memory": {"total": 10, "devices": {dev: 10}}, "peak": {dev: 20},
             "events": {"high": 1, "max": 2, "oom": 3},
             "events_local": {"high": 1, "max": 1, "oom": 3}}
     root = {"slice": "", "processes": [], "children": [leaf],
-            "cores": {"usage_usec": 2_500_000, "throttled_usec": 500_000, "nr_throttled": 7},
+            "cores": {"usage_usec": 2_500_000, "throttled_usec": 500_000, "nr_throttled": 7,
+                      "devices": {dev: {"usage_usec": 2_500_000, "throttled_usec": 500_000,
+                                        "nr_throttled": 7}}},
             "memory": {"total": 10, "devices": {dev: 10}}, "peak": {dev: 20},
             "events": {"high": 1, "max": 2, "oom": 3},
             "events_local": {"high": 0, "max": 0, "oom": 0}}
     ev = {"max": 0, "clients": 0, "hooks": 5, "handshakes": 0, "node": 0, "depth": 0}
-    return {"tree": root, "mem_max": {"": None, "a.slice": 4096}, "devices": [dev],
+    return {"tree": root, "mem_max": {"": {dev: None, "GPU-1": None},
+                                      "a.slice": {dev: 4096, "GPU-1": None}},
+            "devices": [dev, "GPU-1"],
             "connections": 4,
             "clients": {"": (4, {**ev, "hooks": 0}), "a.slice": (3, ev),
                         "flood.slice": (0, {**ev, "hooks": 0, "clients": 9})}}
@@ -73,9 +79,14 @@ def test_collector_and_http_responses() -> None:
     s = _samples(render(reg).decode())
     a = frozenset({("slice", "a.slice")})
     ad = frozenset({("slice", "a.slice"), ("device", "GPU-0")})
-    assert s[("vgpu_slice_gpu_time_seconds_total", a)] == 2.5
-    assert s[("vgpu_slice_throttled_seconds_total", a)] == 0.5
-    assert s[("vgpu_slice_throttled_total", a)] == 7
+    a1 = frozenset({("slice", "a.slice"), ("device", "GPU-1")})
+    assert s[("vgpu_slice_gpu_time_seconds_total", ad)] == 2.5
+    assert s[("vgpu_slice_throttled_seconds_total", ad)] == 0.5
+    assert s[("vgpu_slice_throttled_total", ad)] == 7
+    # per device: one the slice has not used yet reads 0
+    assert s[("vgpu_slice_gpu_time_seconds_total", a1)] == 0
+    assert s[("vgpu_slice_memory_current_bytes", a1)] == 0
+    assert ("vgpu_slice_memory_max_bytes", a1) not in s  # a cap on GPU-0 only
     assert s[("vgpu_slice_memory_current_bytes", ad)] == 10
     assert s[("vgpu_slice_memory_peak_bytes", ad)] == 20
     assert s[("vgpu_slice_memory_max_bytes", ad)] == 4096
@@ -166,7 +177,7 @@ def test_scrape_running_daemon(tmp_path: Path) -> None:
         assert ev("", alice, "oom") == ev("_local", alice + "/job1", "oom") == 1
         assert ev("_local", alice, "oom") == 0
         assert s[("vgpu_slice_clients", frozenset({("slice", alice)}))] == 1
-        assert ("vgpu_slice_gpu_time_seconds_total", frozenset({("slice", alice)})) in s
+        assert ("vgpu_slice_gpu_time_seconds_total", ad) in s
         # Connections are charged to this process's own cgroup (identity is
         # declared here, the charge is not): the root sees all of them.
         assert s[("vgpu_slice_connections", frozenset({("slice", "-.slice")}))] >= 1

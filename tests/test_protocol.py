@@ -196,6 +196,9 @@ def test_send_replies_roundtrip() -> None:
     cases: list[tuple[Reply, dict[str, Any]]] = [
         (Welcome(id=3, slice="a.slice", tick_ns=10, epoch=9),
          {"t": "welcome", "v": 1, "id": 3, "slice": "a.slice", "tick_ns": 10, "epoch": 9}),
+        (Welcome(id=3, slice="a.slice", tick_ns=10, epoch=9, devices=("GPU-b",)),
+         {"t": "welcome", "v": 1, "id": 3, "slice": "a.slice", "tick_ns": 10, "epoch": 9,
+          "devices": ["GPU-b"]}),
         (Attached(id=1, slot=0, mem_limit=None),
          {"t": "attached", "id": 1, "slot": 0, "mem_limit": None}),
         (Granted(id=2), {"t": "granted", "id": 2}),

@@ -148,3 +148,18 @@ def test_rates_never_exceed_caps_or_one_gpu_and_use_what_they_can(
     # work-conserving: what the busy groups' caps allow is handed out
     room = min(1.0, sum(1.0 if (c := caps[int(g[1:])]) is None else c / 100 for g in groups))
     assert sum(r.values()) == pytest.approx(room, abs=1e-6)
+
+
+def test_caps_per_device() -> None:
+    """Each GPU's model reads the knobs' values on that GPU: a cap on GPU 1
+    only leaves GPU 0 ungated (no knob there asks for control)."""
+    from vgpu_cgroup._core._knobs import DeviceRef
+
+    tree, _ = model(a={"max": "1=30"}, b={})
+    on0, on1 = ShareModel(tree, DeviceRef("GPU-0", 0)), ShareModel(tree, DeviceRef("GPU-1", 1))
+    assert rates(on1, "a", "b") == {"a": 0.3, "b": 0.7}
+    assert rates(on0, "a", "b") == {"a": 0.5, "b": 0.5}
+    assert on1.ceiling("a") == pytest.approx(0.3)
+    assert on0.ceiling("a") == 1.0
+    assert on1.limited({"a", "b"})
+    assert not on0.limited({"a", "b"})

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 from _simlib import (
+    CUDA_ERROR_INVALID_DEVICE,
     CUDA_ERROR_INVALID_HANDLE,
+    CUDA_ERROR_NO_DEVICE,
     CUDA_ERROR_NOT_FOUND,
     CUDA_ERROR_NOT_INITIALIZED,
     ROOT,
@@ -526,3 +528,105 @@ def test_concurrent_creation_agrees(simdir: Path, shm: str) -> None:
     assert all(r == res[0] for r in res)
     assert res[0][0] == 3 << 30
     assert os.path.exists(f"/dev/shm/{shm}")
+
+
+def test_devices_have_their_own_memory_and_time_slices(simdir: Path, shm: str) -> None:
+    """VGPU_SIM_DEVICES=2: a full device 0 leaves device 1 all its memory,
+    and kernels on the two devices run at the same time, while two contexts
+    on one device take turns (the serialized pair takes the sum of its
+    kernels: a lower bound that no machine load can break)."""
+    res = run_py("""
+        check(lib.cuInit(0))
+        n = ctypes.c_int(); check(lib.cuDeviceGetCount(ctypes.byref(n)))
+        ctx, fns = [], []
+        for d in (0, 1, 0):
+            c = ctypes.c_void_p(); check(lib.cuCtxCreate_v2(ctypes.byref(c), 0, d))
+            ctx.append(c.value); fns.append(cu.sleep_fn())
+        r = {'n': n.value}
+        check(lib.cuCtxSetCurrent(ctx[0]))
+        free0 = cu.mem_info()[0]
+        rc, p = cu.alloc(free0); check(rc)
+        r['full0'] = cu.alloc(2 * MiB)[0]
+        r['info0'] = cu.mem_info()
+        check(lib.cuCtxSetCurrent(ctx[1]))
+        r['info1'] = cu.mem_info()
+        rc, p1 = cu.alloc(256 * MiB); check(rc)
+        r['mem'] = [cu.dev_stats(0)[1], cu.dev_stats(1)[1]]
+
+        def pair(a, b):
+            t0 = time.monotonic()
+            for k in (a, b):
+                check(lib.cuCtxSetCurrent(ctx[k])); check(cu.launch_sleep(fns[k], 300_000_000))
+            for k in (a, b):
+                check(lib.cuCtxSetCurrent(ctx[k])); check(lib.cuCtxSynchronize())
+            return time.monotonic() - t0
+        r['two_devices_s'] = pair(0, 1)
+        r['one_device_s'] = pair(0, 2)
+        r['busy'] = [cu.dev_stats(0)[0], cu.dev_stats(1)[0]]
+        out(r)
+    """, simdir, env_for(shm, VGPU_SIM_MEM="1G", VGPU_SIM_DEVICES="2",
+                         VGPU_SIM_CTX_OVERHEAD=str(64 * MiB)))
+    assert res["n"] == 2
+    assert res["full0"] == 2  # CUDA_ERROR_OUT_OF_MEMORY on device 0 ...
+    assert res["info0"] == [0, 1 << 30]
+    assert res["info1"] == [(1 << 30) - 64 * MiB - 2 * MiB, 1 << 30]  # ... not on device 1
+    assert res["mem"] == [1 << 30, 64 * MiB + 2 * MiB + 256 * MiB]
+    assert res["two_devices_s"] < 0.55, res  # side by side: 0.3 s, not 0.6
+    assert res["one_device_s"] >= 0.6, res  # one device: one after the other
+    assert 0.9e9 <= res["busy"][0] < 1.2e9, res
+    assert 0.3e9 <= res["busy"][1] < 0.4e9, res
+
+
+_VISIBLE = """
+    r = {'init': lib.cuInit(0)}
+    if r['init'] == 0:
+        n = ctypes.c_int(); check(lib.cuDeviceGetCount(ctypes.byref(n))); r['n'] = n.value
+        r['uuids'] = []
+        for d in range(n.value):
+            u = ctypes.create_string_buffer(16); check(lib.cuDeviceGetUuid_v2(u, d))
+            r['uuids'].append(u.raw.hex())
+        r['past_end'] = lib.cuDeviceGet(ctypes.byref(ctypes.c_int()), n.value)
+        c = ctypes.c_void_p(); check(lib.cuCtxCreate_v2(ctypes.byref(c), 0, 0))
+        got = ctypes.c_int(-1); check(lib.cuCtxGetDevice(ctypes.byref(got)))
+        r['ordinal'] = got.value
+        rc, p = cu.alloc(64 * MiB); check(rc)
+        r['mem'] = [cu.dev_stats(d)[1] for d in range(3)]
+    out(r)
+"""
+
+
+def _uuid_text(hexes: str) -> str:
+    h = hexes
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def test_cuda_visible_devices_picks_and_orders_devices(simdir: Path, shm: str) -> None:
+    """The simulated driver reads CUDA_VISIBLE_DEVICES at cuInit as the real
+    one does: indices or UUID prefixes, in the order given, up to the first
+    entry that names no device (or one already named); none left is
+    CUDA_ERROR_NO_DEVICE. The process's ordinals then name those devices,
+    its memory lands on them, and the shared device's figures (NVML) keep
+    the physical numbering."""
+    base = {"VGPU_SIM_DEVICES": "3", "VGPU_SIM_CTX_OVERHEAD": "0"}
+    every = run_py(_VISIBLE, simdir, env_for(shm, **base))
+    assert every["n"] == 3
+    assert len(set(every["uuids"])) == 3
+    phys = every["uuids"]
+
+    def run(cvd: str) -> dict[str, object]:
+        got: dict[str, object] = run_py(_VISIBLE, simdir,
+                                        env_for(shm, CUDA_VISIBLE_DEVICES=cvd, **base))
+        return got
+
+    one = run("2")
+    assert one["uuids"] == [phys[2]]
+    assert one["past_end"] == CUDA_ERROR_INVALID_DEVICE
+    assert one["ordinal"] == 0
+    assert one["mem"] == [0, 0, 64 * MiB]
+    by_uuid = run(f"{_uuid_text(phys[1])[:12]}, 0")
+    assert by_uuid["uuids"] == [phys[1], phys[0]]
+    assert by_uuid["mem"] == [0, 64 * MiB, 0]  # ordinal 0 is physical device 1
+    assert run("1,7,0")["uuids"] == [phys[1]]  # stops at the device that does not exist
+    assert run("0,0,1")["uuids"] == [phys[0]]
+    assert run("")["init"] == CUDA_ERROR_NO_DEVICE
+    assert run("-1")["init"] == CUDA_ERROR_NO_DEVICE

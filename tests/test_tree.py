@@ -182,6 +182,10 @@ def test_effective_limits_and_devices() -> None:
     assert t.device_allowed(1, "GPU-y", 1)
     assert not t.device_allowed(1, "GPU-y", 0)  # a allows 0 but b does not
     assert not t.device_allowed(1, "GPU-z", 3)
+    node = [("GPU-w", 0), ("GPU-y", 1), ("GPU-x", 2), ("GPU-z", 3)]
+    assert t.allowed_devices(1, node) == ["GPU-y", "GPU-x"]  # in the order given
+    t.set_knobs("a/b", {"gpu.devices": "all"}, "v")
+    assert t.allowed_devices(1, node) == ["GPU-w", "GPU-y", "GPU-x"]  # a's still hold
     with pytest.raises(KeyError):
         t.effective_limits("nope")
     with pytest.raises(KeyError):
@@ -370,3 +374,36 @@ def test_show_missing_ok_views_a_slice_the_tree_does_not_have() -> None:
     assert shown["effective"]["gpu.clients.max"] == "10"
     assert shown["effective"]["gpu.memory.max"] == str(1 << 30)
     assert "ten.slice/ghost.scope/x" not in t.slices()  # the view added nothing
+
+
+def test_memory_limits_per_device() -> None:
+    """gpu.memory.max on one GPU only: admission, the memory view and the
+    effective limits on that GPU, none on the other; an ancestor's value for
+    every GPU still holds on both."""
+    from vgpu_cgroup._core._knobs import DeviceRef
+
+    g0, g1 = "GPU-aa", "GPU-bb"
+    t = SliceTree()
+    t.set_devices([DeviceRef(g0, 0), DeviceRef(g1, 1)])
+    t.set_knobs("p", {"gpu.memory.max": "3M"}, "v")
+    t.set_knobs("p/c", {"gpu.memory.max": "1=1M", "gpu.cores.max": "max GPU-bb=30"}, "v")
+    t.attach(1, "p/c", 10, "x")
+    assert t.reserve(1, g1, 1 << 20) == Grant(1 << 20)
+    assert t.reserve(1, g1, 1) == Denial("p/c", 1 << 20, 1 << 20)
+    assert t.reserve(1, g0, 2 << 20) == Grant(2 << 20)  # p's 3M holds here
+    assert t.admit(1, g0, 2 << 20, 0) is None
+    assert t.mem_view(1, g1) == (1 << 20, 1 << 20)
+    assert t.mem_view(1, g0) == (3 << 20, 2 << 20)
+    assert t.effective_limits("p/c", g1).mem_max == 1 << 20
+    assert t.effective_limits("p/c", g1).cores_max == 30
+    assert t.effective_limits("p/c", g0).cores_max is None
+    assert t.effective_limits("p/c").mem_max == 3 << 20  # on a GPU no entry names
+    show = t.show("p/c")
+    assert show["knobs"]["gpu.memory.max"]["value"] == f"max 1={1 << 20}"
+    assert show["effective.devices"][g1]["gpu.memory.max"] == str(1 << 20)
+    assert show["effective.devices"][g0]["gpu.memory.max"] == str(3 << 20)
+    assert show["effective.devices"][g1]["gpu.cores.max"] == "30"
+    assert t.show("p")["effective.devices"] == {}  # nothing per device on its path
+    t.release(1, g1, 1 << 20)
+    t.set_knobs("p/c", {"gpu.memory.max": "2M"}, "v")  # a live change, on every GPU
+    assert t.reserve(1, g1, 2 << 20) == Grant(2 << 20)

@@ -1,6 +1,6 @@
 /*
- * vgpu_nvml.h - the subset of NVML that vgpu hooks (memory info inside a
- * slice) and simulates (so pynvml works on the simulated GPU).
+ * vgpu_nvml.h - the subset of NVML that vgpu hooks (memory info and the
+ * device list inside a slice) and simulates (so pynvml works on the simulated GPU).
  *
  * Layouts and values follow NVIDIA's nvml.h; keep them bit-exact.
  */
@@ -80,7 +80,9 @@ nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length);
 nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int length);
 nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *cudaDriverVersion);
 nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *cudaDriverVersion);
+nvmlReturn_t nvmlDeviceGetCount(unsigned int *deviceCount);
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount);
+nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, nvmlDevice_t *device);
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device);
 nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device);
 nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index);

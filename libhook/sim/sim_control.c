@@ -31,11 +31,17 @@ int vgpuSimMemorySum(const int *pids, int n, uint64_t *mem_bytes)
     return 0;
 }
 
-int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes)
+/* pid's busy time and memory on device dev (physical), or summed over
+ * every device when dev < 0. */
+static int process_stats(int pid, int dev, uint64_t *busy_ns, uint64_t *mem_bytes)
 {
     struct sim_shm *s = ctl_map();
     if (s == NULL)
         return -1;
+    if (dev >= SIM_MAX_DEVS) {
+        sim_shm_detach(s);
+        return -1;
+    }
     if (pid <= 0)
         pid = getpid();
     sim_lock(&s->table_mu);
@@ -48,6 +54,8 @@ int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes)
     uint64_t busy = 0, mem = 0;
     if (slot >= 0)
         for (int d = 0; d < SIM_MAX_DEVS; d++) {
+            if (dev >= 0 && d != dev)
+                continue;
             busy += __atomic_load_n(&s->proc[slot].busy[d], __ATOMIC_RELAXED);
             mem += s->proc[slot].mem[d];
         }
@@ -60,6 +68,18 @@ int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes)
     if (mem_bytes)
         *mem_bytes = mem;
     return 0;
+}
+
+int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes)
+{
+    return process_stats(pid, -1, busy_ns, mem_bytes);
+}
+
+int vgpuSimProcessDeviceStats(int pid, int dev, uint64_t *busy_ns, uint64_t *mem_bytes)
+{
+    if (dev < 0)
+        return -1;
+    return process_stats(pid, dev, busy_ns, mem_bytes);
 }
 
 int vgpuSimDeviceStats(int dev, uint64_t *busy_ns, uint64_t *used_bytes, uint64_t *total_bytes)

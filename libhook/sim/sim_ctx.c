@@ -27,7 +27,7 @@ static CUstream stream_new_locked(CUcontext c, unsigned flags)
 
 static CUresult ctx_new_locked(int dev, bool primary, unsigned flags, CUcontext *out)
 {
-    if (g_nctx[dev] == 0 && g_overhead && sim_mem_charge(g_s, dev, g_overhead) != 0)
+    if (g_nctx[dev] == 0 && g_overhead && sim_mem_charge(g_s, phys(dev), g_overhead) != 0)
         return CUDA_ERROR_OUT_OF_MEMORY;
     CUcontext c = calloc(1, sizeof *c);
     if (c == NULL)
@@ -63,7 +63,7 @@ oom_free:
     free(c);
 oom:
     if (g_nctx[dev] == 0 && g_overhead)
-        sim_mem_uncharge(g_s, dev, g_overhead);
+        sim_mem_uncharge(g_s, phys(dev), g_overhead);
     return CUDA_ERROR_OUT_OF_MEMORY;
 }
 
@@ -103,12 +103,12 @@ static void ctx_free_locked(CUcontext c)
         case T_EVENT: reg_del(o); event_unref((CUevent)o); break;
         case T_MODULE: module_free_locked((CUmodule)o); break;
         case T_ARRAY:
-            sim_mem_uncharge(g_s, ((CUarray)o)->dev, ((CUarray)o)->bytes);
+            sim_mem_uncharge(g_s, phys(((CUarray)o)->dev), ((CUarray)o)->bytes);
             reg_del(o);
             free(o);
             break;
         case T_MIPMAP:
-            sim_mem_uncharge(g_s, ((CUmipmappedArray)o)->dev, ((CUmipmappedArray)o)->bytes);
+            sim_mem_uncharge(g_s, phys(((CUmipmappedArray)o)->dev), ((CUmipmappedArray)o)->bytes);
             reg_del(o);
             free(o);
             break;
@@ -124,7 +124,7 @@ static void ctx_free_locked(CUcontext c)
     }
     pools_sync_trim(c->dev);
     if (--g_nctx[c->dev] == 0 && g_overhead)
-        sim_mem_uncharge(g_s, c->dev, g_overhead);
+        sim_mem_uncharge(g_s, phys(c->dev), g_overhead);
     /* The calling thread's stack forgets it; other threads see INVALID_CONTEXT. */
     int j = 0;
     for (int i = 0; i < t_depth; i++)

@@ -67,6 +67,7 @@ int g_init;
 int g_forked;
 struct sim_shm *g_s;
 int g_ndev;
+int g_phys[SIM_MAX_DEVS];
 uint64_t g_overhead, g_kernel_ns, g_slice_ns;
 struct hmap g_reg;
 struct hmap g_allocs;
@@ -168,6 +169,69 @@ CUresult cuGetErrorName(CUresult error, const char **pStr)
 }
 
 /* ---- init, devices ---- */
+
+/* One CUDA_VISIBLE_DEVICES entry: an index below ndev, or "GPU-" and a
+ * prefix of exactly one device's UUID. The physical index, or -1. */
+static int visible_entry(const char *e, size_t len, int ndev)
+{
+    if (len == 0)
+        return -1;
+    if (len > 4 && !strncmp(e, "GPU-", 4)) {
+        int found = -1;
+        for (int d = 0; d < ndev; d++) {
+            char u[64];
+            sim_uuid_string(sim_shm_name(), d, u, sizeof u);
+            if (len <= strlen(u) && !strncmp(u, e, len)) {
+                if (found >= 0)
+                    return -1; /* ambiguous */
+                found = d;
+            }
+        }
+        return found;
+    }
+    int v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (e[i] < '0' || e[i] > '9' || v > SIM_MAX_DEVS)
+            return -1;
+        v = v * 10 + (e[i] - '0');
+    }
+    return v < ndev ? v : -1;
+}
+
+/* The devices CUDA_VISIBLE_DEVICES leaves this process, in its order, as
+ * the real driver reads it at cuInit: unset, all of them; otherwise the
+ * entries (comma-separated, blanks around them ignored) up to the first
+ * that names no device or one already listed. "" (or "-1") leaves none. */
+static int visible_devices(int ndev, int out[SIM_MAX_DEVS])
+{
+    const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
+    if (cvd == NULL) {
+        for (int d = 0; d < ndev; d++)
+            out[d] = d;
+        return ndev;
+    }
+    int n = 0;
+    for (const char *p = cvd; *p && n < ndev;) {
+        while (*p == ' ' || *p == '\t')
+            p++;
+        size_t len = strcspn(p, ",");
+        size_t l = len;
+        while (l && (p[l - 1] == ' ' || p[l - 1] == '\t'))
+            l--;
+        int d = visible_entry(p, l, ndev);
+        for (int k = 0; k < n && d >= 0; k++)
+            if (out[k] == d)
+                d = -1;
+        if (d < 0)
+            break;
+        out[n++] = d;
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    return n;
+}
+
 CUresult cuInit(unsigned int Flags)
 {
     if (__atomic_load_n(&g_forked, __ATOMIC_ACQUIRE))
@@ -181,8 +245,9 @@ CUresult cuInit(unsigned int Flags)
         if (g_s == NULL) {
             fprintf(stderr, "vgpu-sim: cannot open the simulated device's shm\n");
             r = CUDA_ERROR_NO_DEVICE;
+        } else if ((g_ndev = visible_devices((int)g_s->ndev, g_phys)) == 0) {
+            r = CUDA_ERROR_NO_DEVICE; /* CUDA_VISIBLE_DEVICES hides every device */
         } else {
-            g_ndev = (int)g_s->ndev;
             g_overhead = sim_env_u64("VGPU_SIM_CTX_OVERHEAD", 300ull << 20);
             g_kernel_ns = sim_env_u64("VGPU_SIM_KERNEL_NS", 5000);
             g_slice_ns = sim_env_u64("VGPU_SIM_TIMESLICE_NS", 2000000);
@@ -241,7 +306,7 @@ CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev)
         return CUDA_ERROR_INVALID_VALUE;
     if (!valid_dev(dev))
         return CUDA_ERROR_INVALID_DEVICE;
-    sim_uuid_bytes(sim_shm_name(), dev, (unsigned char *)uuid->bytes);
+    sim_uuid_bytes(sim_shm_name(), phys(dev), (unsigned char *)uuid->bytes);
     return CUDA_SUCCESS;
 }
 

@@ -11,14 +11,14 @@ static CUresult module_new(CUmodule *module)
     WITH_CTX(c);
     CUresult r = CUDA_ERROR_OUT_OF_MEMORY;
     CUmodule m = calloc(1, sizeof *m);
-    if (m != NULL && sim_mem_charge(g_s, c->dev, MODULE_OVERHEAD) == 0) {
+    if (m != NULL && sim_mem_charge(g_s, phys(c->dev), MODULE_OVERHEAD) == 0) {
         m->h.type = T_MODULE;
         m->h.ctx = c;
         if (reg_add(m, T_MODULE)) {
             *module = m;
             r = CUDA_SUCCESS;
         } else {
-            sim_mem_uncharge(g_s, c->dev, MODULE_OVERHEAD);
+            sim_mem_uncharge(g_s, phys(c->dev), MODULE_OVERHEAD);
         }
     }
     if (r != CUDA_SUCCESS)
@@ -54,7 +54,7 @@ void module_free_locked(CUmodule m)
             free(f);
         }
     }
-    sim_mem_uncharge(g_s, m->h.ctx->dev, MODULE_OVERHEAD);
+    sim_mem_uncharge(g_s, phys(m->h.ctx->dev), MODULE_OVERHEAD);
     reg_del(m);
     free(m);
 }

@@ -207,6 +207,11 @@ extern int g_init;
 extern int g_forked;
 extern struct sim_shm *g_s;
 extern int g_ndev;
+/* CUDA_VISIBLE_DEVICES, read at cuInit as the real driver does: the
+ * process's ordinal i is the shared device g_phys[i]. Everything process-local
+ * (contexts, primary contexts, pools) is by ordinal; everything in the shm
+ * (memory, the time-slice lock, busy time, UUIDs) by physical index. */
+extern int g_phys[SIM_MAX_DEVS];
 extern uint64_t g_overhead, g_kernel_ns, g_slice_ns;
 extern struct hmap g_reg;    /* handle -> type */
 extern struct hmap g_allocs; /* base address -> struct alloc* (allocations and VA reservations) */
@@ -250,6 +255,12 @@ static inline bool reg_is(const void *p, int type)
 static inline bool valid_dev(CUdevice d)
 {
     return d >= 0 && d < g_ndev;
+}
+
+/* The shared device behind a valid ordinal. */
+static inline int phys(int ordinal)
+{
+    return g_phys[ordinal];
 }
 
 static inline CUcontext current_ctx(void)

@@ -31,7 +31,7 @@ static void pool_trim(CUmemoryPool p, uint64_t keep)
     uint64_t rel = reserved - keep;
     if (rel > p->cached)
         rel = p->cached;
-    sim_mem_uncharge(g_s, p->dev, rel);
+    sim_mem_uncharge(g_s, phys(p->dev), rel);
     p->cached -= rel;
 }
 
@@ -39,9 +39,9 @@ static CUresult pool_take(CUmemoryPool p, uint64_t n)
 {
     if (p->cached >= n) {
         p->cached -= n;
-    } else if (sim_mem_charge(g_s, p->dev, n) != 0) {
+    } else if (sim_mem_charge(g_s, phys(p->dev), n) != 0) {
         pool_trim(p, p->used); /* give back what is cached, then retry */
-        if (sim_mem_charge(g_s, p->dev, n) != 0)
+        if (sim_mem_charge(g_s, phys(p->dev), n) != 0)
             return CUDA_ERROR_OUT_OF_MEMORY;
     }
     p->used += n;
@@ -75,7 +75,7 @@ void alloc_free_locked(struct alloc *a)
             p->cached += a->size;
         }
     } else if (a->charged) {
-        sim_mem_uncharge(g_s, a->dev, a->charged);
+        sim_mem_uncharge(g_s, phys(a->dev), a->charged);
     }
     free(a->shadow);
     free(a);
@@ -94,7 +94,7 @@ static CUresult alloc_new_locked(CUcontext ctx, uint64_t size, uint64_t charge, 
             free(a);
             return r;
         }
-    } else if (charge && sim_mem_charge(g_s, a->dev, charge) != 0) {
+    } else if (charge && sim_mem_charge(g_s, phys(a->dev), charge) != 0) {
         free(a);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -204,7 +204,7 @@ CUresult cuMemGetInfo_v2(size_t *free_, size_t *total)
     WITH_CTX(c);
     int dev = c->dev;
     pthread_mutex_unlock(&g_mu);
-    uint64_t used = sim_mem_used(g_s, dev);
+    uint64_t used = sim_mem_used(g_s, phys(dev));
     *total = (size_t)g_s->total_mem;
     *free_ = used >= g_s->total_mem ? 0 : (size_t)(g_s->total_mem - used);
     return CUDA_SUCCESS;
@@ -280,7 +280,7 @@ static CUresult array_new(void **out, int type, uint64_t bytes)
     WITH_CTX(c);
     CUresult r = CUDA_ERROR_OUT_OF_MEMORY;
     struct CUarray_st *a = calloc(1, sizeof *a); /* same layout as the mipmapped kind */
-    if (a != NULL && sim_mem_charge(g_s, c->dev, bytes) == 0) {
+    if (a != NULL && sim_mem_charge(g_s, phys(c->dev), bytes) == 0) {
         a->h.type = type;
         a->h.ctx = c;
         a->dev = c->dev;
@@ -289,7 +289,7 @@ static CUresult array_new(void **out, int type, uint64_t bytes)
             *out = a;
             r = CUDA_SUCCESS;
         } else {
-            sim_mem_uncharge(g_s, c->dev, bytes);
+            sim_mem_uncharge(g_s, phys(c->dev), bytes);
         }
     }
     if (r != CUDA_SUCCESS)
@@ -340,7 +340,7 @@ static CUresult array_destroy(void *h, int type)
     CUresult r = CUDA_ERROR_INVALID_HANDLE;
     if (reg_is(h, type)) {
         struct CUarray_st *a = h;
-        sim_mem_uncharge(g_s, a->dev, a->bytes);
+        sim_mem_uncharge(g_s, phys(a->dev), a->bytes);
         reg_del(a);
         free(a);
         r = CUDA_SUCCESS;
@@ -394,12 +394,12 @@ CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CU
     m->size = size;
     pthread_mutex_lock(&g_mu);
     CUresult r = CUDA_ERROR_OUT_OF_MEMORY;
-    if (sim_mem_charge(g_s, dev, size) == 0) {
+    if (sim_mem_charge(g_s, phys(dev), size) == 0) {
         if (reg_add(m, T_MEMHANDLE)) {
             *handle = (CUmemGenericAllocationHandle)(uintptr_t)m;
             r = CUDA_SUCCESS;
         } else {
-            sim_mem_uncharge(g_s, dev, size);
+            sim_mem_uncharge(g_s, phys(dev), size);
         }
     }
     pthread_mutex_unlock(&g_mu);
@@ -411,7 +411,7 @@ CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CU
 static void memhandle_maybe_free(struct memhandle *m)
 {
     if (m->released && m->maps == 0) {
-        sim_mem_uncharge(g_s, m->dev, m->size); /* physical memory goes when released and unmapped */
+        sim_mem_uncharge(g_s, phys(m->dev), m->size); /* physical memory goes when released and unmapped */
         reg_del(m);
         free(m);
     }

@@ -26,7 +26,7 @@ static void sleep_until(uint64_t t)
 static void release_device(CUcontext c)
 {
     if (c->holding) {
-        sim_dev_release(g_s, c->dev, c->token);
+        sim_dev_release(g_s, phys(c->dev), c->token);
         c->holding = false;
     }
 }
@@ -37,7 +37,7 @@ static void run_kernel(CUcontext c, uint64_t ns)
     uint64_t left = ns;
     while (left > 0 && !__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
         if (!c->holding) {
-            c->token = sim_dev_acquire(g_s, c->dev);
+            c->token = sim_dev_acquire(g_s, phys(c->dev));
             c->holding = true;
             c->slice_end = sim_now_ns() + g_slice_ns;
         }
@@ -48,10 +48,10 @@ static void run_kernel(CUcontext c, uint64_t ns)
         sleep_until(until);
         uint64_t t1 = sim_now_ns();
         uint64_t ran = t1 - t0;
-        sim_account_busy(g_s, c->dev, ran);
+        sim_account_busy(g_s, phys(c->dev), ran);
         left -= ran < left ? ran : left;
         if (t1 >= c->slice_end) {
-            if (sim_dev_has_waiters(g_s, c->dev))
+            if (sim_dev_has_waiters(g_s, phys(c->dev)))
                 release_device(c); /* hand over: re-queue behind the waiters */
             else
                 c->slice_end = t1 + g_slice_ns;

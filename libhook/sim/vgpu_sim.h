@@ -21,12 +21,16 @@ extern "C" {
  * until its table slot is recycled. */
 int vgpuSimProcessStats(int pid, uint64_t *busy_ns, uint64_t *mem_bytes);
 
+/* The same on one device, by its physical index (NVML's index, whatever
+ * CUDA_VISIBLE_DEVICES the process had). */
+int vgpuSimProcessDeviceStats(int pid, int dev, uint64_t *busy_ns, uint64_t *mem_bytes);
+
 /* Memory held by all of `pids` together, read in one critical section: a
  * consistent snapshot, so a sum over several processes never counts memory
  * one freed and another then got. Unknown or dead pids count 0. */
 int vgpuSimMemorySum(const int *pids, int n, uint64_t *mem_bytes);
 
-/* Total busy time of a device and its memory in use (dead processes reaped) and total. */
+/* Total busy time of a device (physical index) and its memory in use (dead processes reaped) and total. */
 int vgpuSimDeviceStats(int dev, uint64_t *busy_ns, uint64_t *used_bytes, uint64_t *total_bytes);
 
 /* Zeroes busy-time counters and utilization history; memory accounting is kept. */

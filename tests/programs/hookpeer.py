@@ -99,6 +99,8 @@ class Peer:
         self.attach_error = attach_error
         #: the slice a `denied` names (long ones make large frames)
         self.denied_slice = "test.slice"
+        #: the welcome's `devices` (the slice's GPUs), sent when not None
+        self.devices: Any = None
         #: a hung daemon: requests are read (unless stall_reads) but not
         #: answered until resume()
         self.stalled = False
@@ -208,8 +210,11 @@ class Peer:
         ro = os.open(f"/proc/self/fd/{ctl_fd}", os.O_RDONLY)
         conn = Conn(sock=s, ctl_map=ctl, stat_map=stat, pid=int(hello.get("pid", 0)), hello=hello)
         conn.msgs.append(hello)
-        self._send(s, {"t": "welcome", "v": 1, "id": len(self.conns) + 1, "slice": "test.slice",
-                       "tick_ns": 10_000_000, "epoch": 1}, [ro, stat_fd])
+        welcome: dict[str, Any] = {"t": "welcome", "v": 1, "id": len(self.conns) + 1,
+                                   "slice": "test.slice", "tick_ns": 10_000_000, "epoch": 1}
+        if self.devices is not None:
+            welcome["devices"] = self.devices
+        self._send(s, welcome, [ro, stat_fd])
         for fd in (ro, ctl_fd, stat_fd):
             os.close(fd)
         with self.cv:

@@ -16,6 +16,8 @@ def print_show(d: dict[str, Any], out: TextIO) -> None:
         eff = d["effective"].get(knob)
         extra = f", effective {eff}" if eff is not None and eff != ent["value"] else ""
         print(f"{knob} {ent['value']} ({ent['source']}{extra})", file=out)
+    for dev, eff in d.get("effective.devices", {}).items():
+        print(f"effective on {dev}: " + " ".join(f"{k} {v}" for k, v in eff.items()), file=out)
     for key in ("gpu.memory.current", "gpu.memory.peak"):
         m = d[key]
         devs = " ".join(f"{k}={v}" for k, v in m["devices"].items())
@@ -26,6 +28,9 @@ def print_show(d: dict[str, Any], out: TextIO) -> None:
             print(f"{key} " + " ".join(f"{k} {v}" for k, v in ev.items()), file=out)
     st = d["gpu.cores.stat"]
     print("gpu.cores.stat " + " ".join(f"{k} {v}" for k, v in st.items()), file=out)
+    for dev, per in d.get("gpu.cores.stat.devices", {}).items():
+        print(f"gpu.cores.stat {dev} " + " ".join(f"{k} {v}" for k, v in per.items()),
+              file=out)
     if "gpu.clients.current" in d:
         print(f"gpu.clients.current {d['gpu.clients.current']}", file=out)
         cs = d.get("gpu.clients.stat", {})
@@ -65,13 +70,24 @@ def print_tree(node: dict[str, Any], out: TextIO, prefix: str = "", last: bool =
 
 def print_top(d: dict[str, Any], out: TextIO) -> None:
     """systemd-cgtop's columns: PROCS counts descendants, GPU% is percent of
-    one GPU over the last second (summed over devices)."""
+    one GPU over the last second (summed over devices). On a node with more
+    than one GPU, a row per device the slice used follows its own (``gpu N``,
+    NVML's numbering)."""
+    index: dict[str, int] = d.get("devices", {})
     w = max([len("SLICE"), *(len(slice_name(p)) for p in d["slices"])])
     print(f"{'SLICE':<{w}} {'PROCS':>5} {'GPU%':>7} {'MEMORY':>10}", file=out)
     for path, s in sorted(d["slices"].items()):
         gpu = sum(s["gpu_percent"].values())
         print(f"{slice_name(path):<{w}} {s['processes']:>5} {gpu:>7.1f} "
               f"{human_bytes(s['memory_current']):>10}", file=out)
+        if len(index) < 2:
+            continue
+        mem: dict[str, int] = s.get("memory_devices", {})
+        for uuid in sorted({*s["gpu_percent"], *(u for u, n in mem.items() if n)},
+                           key=lambda u: (index.get(u, len(index)), u)):
+            label = f"  gpu {index[uuid]}" if uuid in index else f"  {uuid}"
+            print(f"{label:<{w}} {'':>5} {s['gpu_percent'].get(uuid, 0.0):>7.1f} "
+                  f"{human_bytes(mem.get(uuid, 0)):>10}", file=out)
 
 
 def print_events(d: dict[str, Any], out: TextIO, local: bool = False) -> None:

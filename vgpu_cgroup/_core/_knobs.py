@@ -14,8 +14,43 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+#: One GPU's value of a knob. ``None`` means "max".
+Scalar = float | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """A GPU of the node as knobs name it: its UUID, or its index as NVML
+    numbers the node's GPUs."""
+
+    uuid: str
+    index: int
+
+
+@dataclass(frozen=True)
+class PerDevice:
+    """A limit that differs between GPUs, like cgroup v2's ``io.max`` lines:
+    ``default`` on every GPU but those ``devices`` names (an index or a UUID,
+    with its value). A UUID's entry wins over an index's for the same GPU."""
+
+    default: Scalar
+    devices: tuple[tuple[str, Scalar], ...]
+
+    def on(self, dev: DeviceRef | None) -> Scalar:
+        """The value on ``dev`` (``default`` when None or not named)."""
+        if dev is not None:
+            for name, v in self.devices:
+                if name == dev.uuid:
+                    return v
+            index = str(dev.index)
+            for name, v in self.devices:
+                if name == index:
+                    return v
+        return self.default
+
+
 #: A parsed knob value. ``None`` means "max" (limits) or "all" (devices).
-KnobValue = float | int | tuple[str, ...] | None
+KnobValue = float | int | tuple[str, ...] | PerDevice | None
 
 CORES_MAX = "gpu.cores.max"
 CORES_MIN = "gpu.cores.min"
@@ -170,6 +205,18 @@ def parse_bytes(name: str, value: object) -> int | None:
     return n
 
 
+def _device_name(it: object) -> str | None:
+    """A GPU's name as gpu.devices and per-device values take it: an index
+    as NVML numbers the node's GPUs, or a UUID as NVML and cuDeviceGetUuid
+    write it (hex digits in lower case); None if it is neither."""
+    if isinstance(it, int) and not isinstance(it, bool) and it >= 0:
+        return str(it)
+    if isinstance(it, str) and (it.strip().isdigit() or _UUID_RE.match(it.strip())):
+        s = it.strip()
+        return str(int(s)) if s.isdigit() else s[:4].upper() + s[4:].lower()
+    return None
+
+
 def _parse_devices(name: str, value: object) -> KnobValue:
     accepts = "'all', or GPU indices/UUIDs as '0,1', 'GPU-...' or a list"
     items: list[object]
@@ -187,17 +234,74 @@ def _parse_devices(name: str, value: object) -> KnobValue:
         raise KnobError(name, value, f"expected {accepts}")
     out: list[str] = []
     for it in items:
-        if isinstance(it, int) and not isinstance(it, bool) and it >= 0:
-            s = str(it)
-        elif isinstance(it, str) and (it.strip().isdigit() or _UUID_RE.match(it.strip())):
-            s = it.strip()
-            if s.isdigit():
-                s = str(int(s))
-        else:
+        s = _device_name(it)
+        if s is None:
             raise KnobError(name, value, f"bad device {it!r}: expected {accepts}")
         if s not in out:
             out.append(s)
     return tuple(out)
+
+
+_ENTRY_SEP = re.compile(r"[\s,]+")
+
+
+def _per_device(parse: Callable[[str, object], KnobValue], default: Scalar
+                ) -> Callable[[str, object], KnobValue]:
+    """``parse`` (one GPU's value) extended to values per GPU: ``VALUE`` for
+    every GPU, or entries ``DEV=VALUE`` (DEV an index or a UUID) with at most
+    one plain ``VALUE`` for the others, separated by blanks or commas or
+    given as a TOML list: ``"8G 1=2G"``, ``"1=30"``, ``["max", "GPU-...=4G"]``.
+    A value that names no GPU is the plain one, as before; a list must name
+    one."""
+
+    def parse_per_device(name: str, value: object) -> KnobValue:
+        if isinstance(value, str) and "=" in value:
+            entries: list[object] = [e for e in _ENTRY_SEP.split(value.strip()) if e]
+        elif isinstance(value, list | tuple) and any(isinstance(e, str) and "=" in e
+                                                     for e in value):
+            entries = list(value)
+        else:
+            return parse(name, value)  # one value for every GPU (a list is none)
+        if not entries:
+            raise KnobError(name, value, "expected a value, or DEV=VALUE entries")
+        plain: KnobValue = default
+        seen_plain = False
+        per: list[tuple[str, Scalar]] = []
+        for e in entries:
+            if isinstance(e, str) and "=" in e:
+                dev_s, _, v = e.partition("=")
+                dev = _device_name(dev_s)
+                if dev is None:
+                    raise KnobError(name, value, f"bad device {dev_s!r} in {e!r}: expected "
+                                    "a GPU index or UUID before '='")
+                if any(d == dev for d, _ in per):
+                    raise KnobError(name, value, f"device {dev} given twice")
+                one = parse(name, v)
+                assert one is None or isinstance(one, int | float)
+                per.append((dev, one))
+            else:
+                if seen_plain:
+                    raise KnobError(name, value, "more than one value for every device "
+                                    "(the others need DEV=VALUE)")
+                plain, seen_plain = parse(name, e), True
+        if not per:
+            return plain
+        assert plain is None or isinstance(plain, int | float)
+        return PerDevice(plain, tuple(per))
+
+    return parse_per_device
+
+
+def _fmt_per_device(fmt: Callable[[KnobValue], str]) -> Callable[[KnobValue], str]:
+    """``fmt`` extended to PerDevice: the value on every other GPU first,
+    then ``DEV=VALUE`` (what the parser reads back)."""
+
+    def fmt_per_device(v: KnobValue) -> str:
+        if isinstance(v, PerDevice):
+            return " ".join([fmt(v.default), *(f"{d}={fmt(x)}" for d, x in v.devices)])
+        return fmt(v)
+
+    return fmt_per_device
 
 
 def _parse_count(name: str, value: object) -> KnobValue:
@@ -242,18 +346,22 @@ def _fmt_devices(v: KnobValue) -> str:
 KNOBS: Mapping[str, KnobSpec] = {
     s.name: s
     for s in (
-        KnobSpec(CORES_MAX, "percent 0<x<=100 or 'max'", None, _parse_cores_max, _fmt_percent),
-        KnobSpec(CORES_MIN, "percent 0<=x<=100", 0.0, _parse_cores_min, _fmt_percent),
+        KnobSpec(CORES_MAX, "percent 0<x<=100 or 'max', for every GPU or per GPU (DEV=...)",
+                 None, _per_device(_parse_cores_max, None), _fmt_per_device(_fmt_percent)),
+        KnobSpec(CORES_MIN, "percent 0<=x<=100, for every GPU or per GPU (DEV=...)", 0.0,
+                 _per_device(_parse_cores_min, 0.0), _fmt_per_device(_fmt_percent)),
         KnobSpec(
             CORES_WEIGHT,
-            f"integer {WEIGHT_MIN}..{WEIGHT_MAX}",
+            f"integer {WEIGHT_MIN}..{WEIGHT_MAX}, for every GPU or per GPU (DEV=...)",
             WEIGHT_DEFAULT,
-            _parse_weight,
-            _fmt_int,
+            _per_device(_parse_weight, WEIGHT_DEFAULT),
+            _fmt_per_device(_fmt_int),
         ),
         KnobSpec(CORES_IDLE, "0 or 1", 0, _parse_idle, _fmt_int),
-        KnobSpec(MEMORY_MAX, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
-        KnobSpec(MEMORY_HIGH, "bytes (K/M/G/T suffix) or 'max'", None, parse_bytes, _fmt_int),
+        KnobSpec(MEMORY_MAX, "bytes (K/M/G/T suffix) or 'max', for every GPU or per GPU "
+                 "(DEV=...)", None, _per_device(parse_bytes, None), _fmt_per_device(_fmt_int)),
+        KnobSpec(MEMORY_HIGH, "bytes (K/M/G/T suffix) or 'max', for every GPU or per GPU "
+                 "(DEV=...)", None, _per_device(parse_bytes, None), _fmt_per_device(_fmt_int)),
         KnobSpec(DEVICES, "'all' or GPU indices/UUIDs", None, _parse_devices, _fmt_devices),
         KnobSpec(CLIENTS_MAX, "integer >= 0 or 'max'", None, _parse_count, _fmt_int),
     )

@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ._knobs import WEIGHT_DEFAULT
+from ._knobs import WEIGHT_DEFAULT, DeviceRef
 from ._tree import Node, SliceTree
 
 _EPS = 1e-12
@@ -89,18 +89,22 @@ def frac(pct: float | None) -> float:
 
 
 class ShareModel:
-    """Rates for sets of busy groups, read from the tree's current knobs.
+    """Rates for sets of busy groups on one GPU, read from the tree's current
+    knobs (their values on that GPU: ``dev``; None for a GPU that no
+    per-device value names).
 
     Results are cached per set of groups until the tree's knobs or
     membership change (``SliceTree.generation``/``membership``), so the
     arbiter may ask at every decision.
     """
 
-    def __init__(self, tree: SliceTree) -> None:
+    def __init__(self, tree: SliceTree, dev: DeviceRef | None = None) -> None:
         self.tree = tree
+        self.dev = dev
         self._seen = (-1, -1)
         self._rates: dict[frozenset[str], dict[str, float]] = {}
         self._paths: dict[str, list[Node]] = {}
+        self._caps: dict[str, list[tuple[str, float]]] = {}
 
     def _fresh(self) -> None:
         now = (self.tree.generation, self.tree.membership)
@@ -108,6 +112,7 @@ class ShareModel:
             self._seen = now
             self._rates.clear()
             self._paths.clear()
+            self._caps.clear()
 
     def path(self, group: str) -> list[Node]:
         """The group's slice and its ancestors, leaf first."""
@@ -119,20 +124,30 @@ class ShareModel:
 
     def ceiling(self, group: str) -> float:
         """The tightest ``gpu.cores.max`` on the group's path, as a fraction."""
-        return min(frac(n.cores_max) for n in self.path(group))
+        return min(frac(n.cores_max_on(self.dev)) for n in self.path(group))
 
     def caps(self, group: str) -> list[tuple[str, float]]:
         """The slices on the group's path whose ``gpu.cores.max`` is below a
-        whole GPU: (slice, fraction)."""
-        return [(n.path, frac(n.cores_max)) for n in self.path(group)
-                if n.cores_max is not None and n.cores_max < 100]
+        whole GPU: (slice, fraction). Cached with the paths: the budgets ask
+        at every decision."""
+        path = self.path(group)
+        out = self._caps.get(group)
+        if out is None:
+            out = self._caps[group] = []
+            for n in path:
+                cap = n.cores_max_on(self.dev)
+                if cap is not None and cap < 100:
+                    out.append((n.path, frac(cap)))
+        return out
 
     def limited(self, groups: Iterable[str]) -> bool:
         """Whether any knob on any of these groups' paths asks for GPU-time
         control (a max, a min, a weight, idle): if none does, the device is
         left to the hardware's own time-slicing, with no gate at all."""
-        return any(n.cores_max is not None or n.cores_min > 0 or n.weight != WEIGHT_DEFAULT
-                   or n.cores_idle for g in groups for n in self.path(g))
+        d = self.dev
+        return any(n.cores_max_on(d) is not None or n.cores_min_on(d) > 0
+                   or n.weight_on(d) != WEIGHT_DEFAULT or n.cores_idle
+                   for g in groups for n in self.path(g))
 
     def rates(self, busy: frozenset[str]) -> dict[str, float]:
         """Each busy group's share of one GPU (fraction), the others absent."""
@@ -148,6 +163,7 @@ class ShareModel:
     def _compute(self, busy: frozenset[str]) -> dict[str, float]:
         if not busy:
             return {}
+        d = self.dev
         kids: dict[int, dict[str, Node]] = {}  # id(node) -> children with busy groups below
         own: set[int] = set()  # id(node) of busy groups
         for g in busy:
@@ -163,14 +179,14 @@ class ShareModel:
             if w is None:
                 total = 1.0 if key in own else 0.0
                 total += sum(want(ch) for ch in kids.get(key, {}).values())
-                w = wants[key] = min(total, frac(node.cores_max))
+                w = wants[key] = min(total, frac(node.cores_max_on(d)))
             return w
 
         rates: dict[str, float] = {}
 
         def allocate(node: Node, amount: float) -> None:
-            units = [_Unit(ch, ch.cores_min / 100.0, frac(ch.cores_max), ch.weight,
-                           ch.cores_idle, min(want(ch), frac(ch.cores_max)))
+            units = [_Unit(ch, ch.cores_min_on(d) / 100.0, frac(ch.cores_max_on(d)),
+                           ch.weight_on(d), ch.cores_idle, min(want(ch), frac(ch.cores_max_on(d))))
                      for ch in kids.get(id(node), {}).values()]
             if id(node) in own:
                 units.append(_Unit(None, 0.0, 1.0, WEIGHT_DEFAULT, False, 1.0))
@@ -186,5 +202,5 @@ class ShareModel:
                     allocate(u.node, u.alloc)
 
         root = self.tree.root
-        allocate(root, min(want(root), frac(root.cores_max)))
+        allocate(root, min(want(root), frac(root.cores_max_on(d))))
         return rates

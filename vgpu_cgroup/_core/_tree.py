@@ -170,10 +170,16 @@ class SliceTree(MemoryBooks, TreeViews):
                 return False
         return True
 
+    def allowed_devices(self, client: int, devices: Sequence[tuple[str, int]]) -> list[str]:
+        """The UUIDs of ``devices`` ((uuid, index) pairs) that every slice on
+        the client's path allows, in the order given."""
+        return [uuid for uuid, index in devices if self.device_allowed(client, uuid, index)]
+
     def add_core_usage(
         self, client: int, dev: str, usage_ns: int, throttled_ns: int, nr_throttled: int
     ) -> None:
-        """Accumulate GPU-time statistics into the client and every slice on its path."""
+        """Accumulate GPU-time statistics on device ``dev`` into the client and
+        every slice on its path (the slices' per device too)."""
         if min(usage_ns, throttled_ns, nr_throttled) < 0:
             raise ValueError("core usage counters cannot go backwards")
         st = self._client(client)
@@ -184,3 +190,9 @@ class SliceTree(MemoryBooks, TreeViews):
             node.usage_ns += usage_ns
             node.throttled_ns += throttled_ns
             node.nr_throttled += nr_throttled
+            per = node.cores_dev.get(dev)
+            if per is None:
+                per = node.cores_dev[dev] = [0, 0, 0]
+            per[0] += usage_ns
+            per[1] += throttled_ns
+            per[2] += nr_throttled

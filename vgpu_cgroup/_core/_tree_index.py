@@ -20,7 +20,11 @@ from ._knobs import (
     KNOBS,
     MEMORY_HIGH,
     MEMORY_MAX,
+    WEIGHT_DEFAULT,
+    DeviceRef,
     KnobValue,
+    PerDevice,
+    Scalar,
     default_value,
 )
 
@@ -81,6 +85,8 @@ class Node:
     usage_ns: int = 0
     throttled_ns: int = 0
     nr_throttled: int = 0
+    #: the same three per device (UUID): [usage_ns, throttled_ns, nr_throttled]
+    cores_dev: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -91,18 +97,50 @@ class Node:
         v = self.knobs.get(knob)
         return _DEFAULTS[knob] if v is None else v[0]
 
+    def on(self, knob: str, dev: DeviceRef | None) -> Scalar:
+        """The knob's own value on one GPU (``dev``; None: on a GPU that no
+        per-device value names)."""
+        v = self.get(knob)
+        if isinstance(v, PerDevice):
+            return v.on(dev)
+        assert v is None or isinstance(v, int | float)
+        return v
+
+    def per_device(self) -> bool:
+        """Whether some knob of this slice has values per GPU."""
+        return any(isinstance(v[0], PerDevice) for v in self.knobs.values())
+
+    def cores_max_on(self, dev: DeviceRef | None) -> float | None:
+        v = self.on(CORES_MAX, dev)
+        return None if v is None else float(v)
+
+    def cores_min_on(self, dev: DeviceRef | None) -> float:
+        return float(self.on(CORES_MIN, dev) or 0)
+
+    def weight_on(self, dev: DeviceRef | None) -> int:
+        v = self.on(CORES_WEIGHT, dev)
+        return int(v) if v is not None else WEIGHT_DEFAULT
+
+    def mem_max_on(self, dev: DeviceRef | None) -> int | None:
+        v = self.on(MEMORY_MAX, dev)
+        return None if v is None else int(v)
+
+    def mem_high_on(self, dev: DeviceRef | None) -> int | None:
+        v = self.on(MEMORY_HIGH, dev)
+        return None if v is None else int(v)
+
+    # The values on a GPU that no per-device value names.
     @property
     def cores_max(self) -> float | None:
-        v = self.get(CORES_MAX)
-        return None if v is None else float(v)  # type: ignore[arg-type]
+        return self.cores_max_on(None)
 
     @property
     def cores_min(self) -> float:
-        return float(self.get(CORES_MIN))  # type: ignore[arg-type]
+        return self.cores_min_on(None)
 
     @property
     def weight(self) -> int:
-        return int(self.get(CORES_WEIGHT))  # type: ignore[arg-type]
+        return self.weight_on(None)
 
     @property
     def cores_idle(self) -> bool:
@@ -111,13 +149,11 @@ class Node:
 
     @property
     def mem_max(self) -> int | None:
-        v = self.get(MEMORY_MAX)
-        return None if v is None else int(v)  # type: ignore[arg-type]
+        return self.mem_max_on(None)
 
     @property
     def mem_high(self) -> int | None:
-        v = self.get(MEMORY_HIGH)
-        return None if v is None else int(v)  # type: ignore[arg-type]
+        return self.mem_high_on(None)
 
     @property
     def devices(self) -> tuple[str, ...] | None:
@@ -151,9 +187,10 @@ class ClientState:
     usage_ns: int = 0
     throttled_ns: int = 0
     nr_throttled: int = 0
-    #: (slice, its gpu.memory.max, its gpu.memory.high), leaf first, valid
-    #: while the tree's generation is ``chain_gen`` (see SliceTree._chain)
-    chain: list[tuple[Node, int | None, int | None]] = field(default_factory=list)
+    #: per device, (slice, its gpu.memory.max, its gpu.memory.high there),
+    #: leaf first, valid while the tree's generation is ``chain_gen`` (see
+    #: SliceTree._chain)
+    chains: dict[str, list[tuple[Node, int | None, int | None]]] = field(default_factory=dict)
     chain_gen: int = -1
 
 
@@ -186,6 +223,20 @@ class SliceIndex:
         self.membership = 0
         #: bumped whenever memory is booked or given back anywhere.
         self.mem_version = 0
+        #: the node's GPUs by UUID (``set_devices``): what per-device values
+        #: that name a GPU by index are matched against
+        self.device_refs: dict[str, DeviceRef] = {}
+
+    def set_devices(self, refs: list[DeviceRef]) -> None:
+        """The node's GPUs (each UUID with its index)."""
+        self.device_refs = {r.uuid: r for r in refs}
+        self.generation += 1
+
+    def ref(self, dev: str) -> DeviceRef:
+        """The GPU a UUID names, for per-device values (one unknown to the
+        tree gets index -1: only values that name it by UUID apply)."""
+        r = self.device_refs.get(dev)
+        return r if r is not None else DeviceRef(dev, -1)
 
     def _lookup(self, path: str) -> Node | None:
         node = self.root
@@ -267,30 +318,33 @@ class SliceIndex:
         except KeyError:
             raise KeyError(f"unknown client {client}") from None
 
-    def effective_limits(self, slice: str) -> Limits:
-        """Tightest limits along the slice's path (KeyError if unknown).
+    def effective_limits(self, slice: str, dev: str | None = None) -> Limits:
+        """Tightest limits along the slice's path (KeyError if unknown), on
+        GPU ``dev`` (a UUID; None: on a GPU that no per-device value names).
 
         ``cores_max``, ``mem_max``, ``mem_high``: the minimum set on the path;
         ``cores_min``: the slice's own, capped by the effective max;
         ``weight``: the slice's own; ``devices``: those every level allows
         (compared as written: an index and a UUID of the same GPU differ).
         """
-        return self._limits(self.node(slice))
+        return self._limits(self.node(slice), None if dev is None else self.ref(dev))
 
-    def _limits(self, node: Node) -> Limits:
+    def _limits(self, node: Node, dev: DeviceRef | None = None) -> Limits:
         cmax: float | None = None
         mmax: int | None = None
         mhigh: int | None = None
         devs: tuple[str, ...] | None = None
         for n in node.ancestry():
-            if n.cores_max is not None:
-                cmax = n.cores_max if cmax is None else min(cmax, n.cores_max)
-            if n.mem_max is not None:
-                mmax = n.mem_max if mmax is None else min(mmax, n.mem_max)
-            if n.mem_high is not None:
-                mhigh = n.mem_high if mhigh is None else min(mhigh, n.mem_high)
+            c, m, h = n.cores_max_on(dev), n.mem_max_on(dev), n.mem_high_on(dev)
+            if c is not None:
+                cmax = c if cmax is None else min(cmax, c)
+            if m is not None:
+                mmax = m if mmax is None else min(mmax, m)
+            if h is not None:
+                mhigh = h if mhigh is None else min(mhigh, h)
             d = n.devices
             if d is not None:
                 devs = d if devs is None else tuple(x for x in devs if x in d)
-        cmin = node.cores_min if cmax is None else min(node.cores_min, cmax)
-        return Limits(cmax, cmin, node.weight, mmax, mhigh, devs)
+        cmin = node.cores_min_on(dev)
+        cmin = cmin if cmax is None else min(cmin, cmax)
+        return Limits(cmax, cmin, node.weight_on(dev), mmax, mhigh, devs)

@@ -2,7 +2,9 @@
 
 The daemon is single-threaded, so ``reserve`` checks every ancestor's
 ``gpu.memory.max`` and books the allocation in one step: that is what makes
-admission exact under any concurrency of clients. Pure state, no I/O.
+admission exact under any concurrency of clients. Everything is per device:
+each GPU has its own usage and its own limits (a per-device value of the
+knob, or the one for every GPU). Pure state, no I/O.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ from ._tree_index import ClientState, Denial, Grant, Node, SliceIndex, check_byt
 class MemoryBooks(SliceIndex):
     """What each client and slice holds on each device (``SliceTree``'s)."""
 
-    def _chain(self, st: ClientState) -> list[tuple[Node, int | None, int | None]]:
-        """The client's slices with their memory limits, cached per knob
-        generation: admission is the reservation round trip's hot path."""
+    def _chain(self, st: ClientState, dev: str) -> list[tuple[Node, int | None, int | None]]:
+        """The client's slices with their memory limits on device ``dev``,
+        cached per knob generation: admission is the reservation round
+        trip's hot path."""
         if st.chain_gen != self.generation:
-            st.chain = [(n, n.mem_max, n.mem_high) for n in st.node.ancestry()]
+            st.chains.clear()
             st.chain_gen = self.generation
-        return st.chain
+        chain = st.chains.get(dev)
+        if chain is None:
+            ref = self.ref(dev)
+            chain = st.chains[dev] = [(n, n.mem_max_on(ref), n.mem_high_on(ref))
+                                      for n in st.node.ancestry()]
+        return chain
 
     def reserve(self, client: int, dev: str, n: int) -> Grant | Denial:
         """Exact admission of ``n`` bytes on ``dev`` against every ancestor's max.
@@ -31,7 +39,7 @@ class MemoryBooks(SliceIndex):
         """
         n = check_bytes(n)
         st = self._client(client)
-        path = self._chain(st)
+        path = self._chain(st, dev)
         for i, (node, lim, _high) in enumerate(path):
             cur = node.current.get(dev, 0)
             if lim is not None and cur + n > lim:
@@ -58,7 +66,7 @@ class MemoryBooks(SliceIndex):
         """
         n = check_bytes(n)
         st = self._client(client)
-        path = self._chain(st)
+        path = self._chain(st, dev)
         best: tuple[int, int] | None = None  # (headroom, limit) of the tightest
         for node, lim, _high in path:
             if lim is not None:
@@ -108,8 +116,7 @@ class MemoryBooks(SliceIndex):
         n = check_bytes(n)
         st = self._client(client)
         over: Denial | None = None
-        for node in st.node.ancestry():
-            lim = node.mem_max
+        for node, lim, _high in self._chain(st, dev):
             cur = node.current.get(dev, 0)
             if over is None and lim is not None and cur + n > lim:
                 over = Denial(node.path, lim, cur)
@@ -135,7 +142,7 @@ class MemoryBooks(SliceIndex):
         self.mem_version += 1
         if st.held[dev] == 0:
             del st.held[dev]
-        for node, _lim, _high in self._chain(st):
+        for node in st.node.ancestry():
             node.current[dev] -= n
 
     def held(self, client: int) -> dict[str, int]:
@@ -150,7 +157,7 @@ class MemoryBooks(SliceIndex):
         """
         st = self._client(client)
         best: tuple[int, int] | None = None
-        for node, lim, _high in self._chain(st):
+        for node, lim, _high in self._chain(st, dev):
             if lim is None:
                 continue
             cur = node.current.get(dev, 0)

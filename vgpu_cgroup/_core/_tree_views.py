@@ -44,6 +44,12 @@ class TreeViews(SliceIndex):
             "nr_throttled": node.nr_throttled,
         }
 
+    @staticmethod
+    def _stat_devices(node: Node) -> dict[str, dict[str, int]]:
+        """``gpu.cores.stat`` per device (UUID), like cgroup v2's io.stat."""
+        return {dev: {"usage_usec": u // 1000, "throttled_usec": t // 1000, "nr_throttled": n}
+                for dev, (u, t, n) in sorted(node.cores_dev.items())}
+
     def _node_or_detached(self, slice: str) -> Node:
         """The slice's node, or one made for the view only (not in the tree)
         under its nearest existing ancestor: a slice known elsewhere (one
@@ -97,15 +103,34 @@ class TreeViews(SliceIndex):
             "configured": node.configured,
             "knobs": knobs,
             "effective": effective,
+            "effective.devices": self._effective_devices(node),
             "gpu.memory.current": self._mem(node.current),
             "gpu.memory.peak": self._mem(node.peak),
             "gpu.memory.events": {"high": node.ev_high, "max": node.ev_max, "oom": node.ev_oom},
             "gpu.memory.events.local": {"high": node.lev_high, "max": node.lev_max,
                                         "oom": node.lev_oom},
             "gpu.cores.stat": self._stat(node),
+            "gpu.cores.stat.devices": self._stat_devices(node),
             "processes": self._procs(node),
             "children": sorted(node.children),
         }
+
+    def _effective_devices(self, node: Node) -> dict[str, dict[str, str]]:
+        """Where a knob on the path has values per GPU: the effective limits
+        on each of the node's GPUs (UUID: knob: text); else nothing."""
+        if not any(n.per_device() for n in node.ancestry()):
+            return {}
+        out: dict[str, dict[str, str]] = {}
+        for uuid, ref in sorted(self.device_refs.items(), key=lambda kv: kv[1].index):
+            lim = self._limits(node, ref)
+            out[uuid] = {
+                CORES_MAX: format_knob(CORES_MAX, lim.cores_max),
+                CORES_MIN: format_knob(CORES_MIN, lim.cores_min),
+                CORES_WEIGHT: format_knob(CORES_WEIGHT, lim.weight),
+                MEMORY_MAX: format_knob(MEMORY_MAX, lim.mem_max),
+                MEMORY_HIGH: format_knob(MEMORY_HIGH, lim.mem_high),
+            }
+        return out
 
     def _snap(self, node: Node) -> dict[str, Any]:
         return {
@@ -115,7 +140,7 @@ class TreeViews(SliceIndex):
             "knobs": {k: format_knob(k, v[0]) for k, v in sorted(node.knobs.items())},
             "processes": self._procs(node),
             "memory": self._mem(node.current),
-            "cores": self._stat(node),
+            "cores": {**self._stat(node), "devices": self._stat_devices(node)},
             "children": [self._snap(c) for _, c in sorted(node.children.items())],
         }
 

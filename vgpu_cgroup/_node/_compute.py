@@ -59,10 +59,11 @@ class ComputeService:
     def __init__(self, tree: SliceTree, devices: Iterable[str], *, lag_ns: int,
                  clock_exponent: float, params: ArbiterParams | None = None) -> None:
         self.tree = tree
-        self.model = ShareModel(tree)
         self.params = params or ArbiterParams()
         self.lag_ns = lag_ns
-        self.arbiters = {uuid: Arbiter(self.model, self.params) for uuid in devices}
+        #: one share model per GPU: knobs may have values per device
+        self.models = {uuid: ShareModel(tree, tree.ref(uuid)) for uuid in devices}
+        self.arbiters = {uuid: Arbiter(m, self.params) for uuid, m in self.models.items()}
         self.attrib = {uuid: Attributor() for uuid in self.arbiters}
         self.clock = {uuid: ClockScale(exponent=clock_exponent) for uuid in self.arbiters}
         self._peers: dict[int, Peer] = {}
@@ -157,7 +158,7 @@ class ComputeService:
         if got is None or got[0] != seen:
             arb = self.arbiters[uuid]
             groups = {g for c in arb.clients() if (g := arb.group_of(c)) is not None}
-            got = self._limited[uuid] = (seen, self.model.limited(groups))
+            got = self._limited[uuid] = (seen, self.models[uuid].limited(groups))
         return got[1]
 
     def publish(self, uuid: str) -> None:

@@ -229,7 +229,7 @@ class ControlOps:
 
     def events(self) -> dict[str, Any]:
         """Per slice: ``gpu.memory.events`` (descendants included),
-        ``gpu.memory.events.local``, ``gpu.cores.stat`` and
+        ``gpu.memory.events.local``, ``gpu.cores.stat`` (and per device) and
         ``gpu.clients.events`` counters (also of slices known only from
         their connections or refusals)."""
         tree, bounds = self.d.tree, self.d.bounds
@@ -241,6 +241,7 @@ class ControlOps:
             out[path] = {"gpu.memory.events": show["gpu.memory.events"],
                          "gpu.memory.events.local": show["gpu.memory.events.local"],
                          "gpu.cores.stat": show["gpu.cores.stat"],
+                         "gpu.cores.stat.devices": show["gpu.cores.stat.devices"],
                          "gpu.clients.events": bounds.events(path)}
         return {"slices": out}
 
@@ -287,7 +288,8 @@ class ControlOps:
 
     def top(self) -> dict[str, Any]:
         """Per slice: GPU time over the last second (% of one GPU, per device),
-        and memory current (descendants included)."""
+        and memory current, in all and per device (descendants included);
+        the node's devices (UUID: index)."""
         tree, tick_ns = self.d.tree, self.d.tick_ns
         win = self.d.compute.window
         span = max(win[-1][0] - win[0][0] + tick_ns, tick_ns) if win else TOP_WINDOW_NS
@@ -301,6 +303,7 @@ class ControlOps:
             slices[path] = {
                 "gpu_percent": {},
                 "memory_current": show["gpu.memory.current"]["total"],
+                "memory_devices": show["gpu.memory.current"]["devices"],
                 # Like systemd-cgtop's tasks: descendants' processes included.
                 "processes": sum(len(n.clients) for n in tree.node(path).subtree()),
             }
@@ -321,4 +324,5 @@ class ControlOps:
                     if node.path in slices:
                         nv = slices[node.path].setdefault("nvml_percent", {})
                         nv[uuid] = round(nv.get(uuid, 0.0) + pct, 2)
-        return {"window_ns": span, "slices": slices}
+        devices = {uuid: dev.index for uuid, dev in self.d.devices.items()}
+        return {"window_ns": span, "devices": devices, "slices": slices}

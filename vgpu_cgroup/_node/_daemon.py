@@ -49,6 +49,7 @@ from vgpu_cgroup._core import (
     ClientLimits,
     ConfigError,
     DaemonConfig,
+    DeviceRef,
     KnobError,
     SliceTree,
     Ticket,
@@ -110,6 +111,7 @@ class Daemon:
         self.epoch = time.time_ns()
         self.log = get_logger()
         self.tree = SliceTree()
+        self.tree.set_devices([DeviceRef(d.uuid, d.index) for d in devices])
         #: connection counts per slice and their admission (see _core._bounds)
         self.bounds = ClientBounds(limits, self.tree.clients_max_chain)
         self.clients: dict[int, Session] = {}

@@ -96,17 +96,18 @@ class VgpuCollector:
 
         data = self.source()
         snap: dict[str, Any] = data["tree"]
-        mem_max: dict[str, int | None] = data["mem_max"]
+        #: per slice, the effective gpu.memory.max on each device (UUID)
+        mem_max: dict[str, dict[str, int | None]] = data["mem_max"]
         devices: list[str] = data["devices"]
         gpu = CounterMetricFamily("vgpu_slice_gpu_time_seconds",
-                                  "GPU time charged to the slice (descendants included)",
-                                  labels=["slice"])
+                                  "GPU time charged to the slice on the device (descendants "
+                                  "included)", labels=["slice", "device"])
         thr = CounterMetricFamily("vgpu_slice_throttled_seconds",
-                                  "Time launching threads waited for GPU-time budget",
-                                  labels=["slice"])
+                                  "Time launching threads waited for GPU-time budget on the "
+                                  "device", labels=["slice", "device"])
         nthr = CounterMetricFamily("vgpu_slice_throttled",
-                                   "Kernel launches that had to wait for budget",
-                                   labels=["slice"])
+                                   "Kernel launches on the device that had to wait for budget",
+                                   labels=["slice", "device"])
         cur = GaugeMetricFamily("vgpu_slice_memory_current_bytes",
                                 "GPU memory held by the slice", labels=["slice", "device"])
         peak = GaugeMetricFamily("vgpu_slice_memory_peak_bytes",
@@ -126,14 +127,15 @@ class VgpuCollector:
                                     "included)", labels=["slice"])
         for node in _walk(snap):
             slc = node["slice"] or "-.slice"
-            cores = node["cores"]
-            gpu.add_metric([slc], cores["usage_usec"] / 1e6)
-            thr.add_metric([slc], cores["throttled_usec"] / 1e6)
-            nthr.add_metric([slc], cores["nr_throttled"])
+            per_dev: dict[str, dict[str, int]] = node["cores"].get("devices", {})
             for dev in devices:
+                cores = per_dev.get(dev, {})
+                gpu.add_metric([slc, dev], cores.get("usage_usec", 0) / 1e6)
+                thr.add_metric([slc, dev], cores.get("throttled_usec", 0) / 1e6)
+                nthr.add_metric([slc, dev], cores.get("nr_throttled", 0))
                 cur.add_metric([slc, dev], node["memory"]["devices"].get(dev, 0))
                 peak.add_metric([slc, dev], node["peak"].get(dev, 0))
-                lim = mem_max.get(node["slice"])
+                lim = mem_max.get(node["slice"], {}).get(dev)
                 if lim is not None:
                     mmax.add_metric([slc, dev], lim)
             for typ, n in node["events"].items():
@@ -171,13 +173,15 @@ def daemon_source(daemon: Daemon) -> Callable[[], dict[str, Any]]:
 
     def source() -> dict[str, Any]:
         snap = daemon.snapshot()
-        mem_max: dict[str, int | None] = {}
+        mem_max: dict[str, dict[str, int | None]] = {}
         for node in _walk(snap):
             show = daemon.tree.show(node["slice"])
             node["peak"] = show["gpu.memory.peak"]["devices"]
             node["events"] = show["gpu.memory.events"]
             node["events_local"] = show["gpu.memory.events.local"]
-            mem_max[node["slice"]] = daemon.tree.effective_limits(node["slice"]).mem_max
+            mem_max[node["slice"]] = {
+                dev: daemon.tree.effective_limits(node["slice"], dev).mem_max
+                for dev in daemon.devices}
         b = daemon.bounds
         paths = {*mem_max, *b.slices()}
         clients = {p: (b.current(p), b.events(p)) for p in paths}

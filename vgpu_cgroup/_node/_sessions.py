@@ -31,7 +31,7 @@ import trio.socket
 from structlog.typing import FilteringBoundLogger
 
 from vgpu_cgroup._core import ClientBounds, ConfigError, DaemonConfig, SliceTree, Ticket
-from vgpu_cgroup._wire import ClientShm, proto
+from vgpu_cgroup._wire import MAX_DEVICES, ClientShm, proto
 
 from ._accept import Acceptor
 from ._compute import ComputeService
@@ -219,7 +219,8 @@ class Sessions:
                        client: Session) -> None:
         """The welcome frame, with the two region fds for a hook."""
         welcome = conn.send(proto.Welcome(id=client.id, slice=client.slice,
-                                          tick_ns=self.d.tick_ns, epoch=self.d.epoch))
+                                          tick_ns=self.d.tick_ns, epoch=self.d.epoch,
+                                          devices=self.visible_devices(client)))
         if client.shm is not None:
             fds = array.array("i", client.shm.fds_for_client())
             with trio.fail_after(SEND_TIMEOUT_S):
@@ -232,6 +233,19 @@ class Sessions:
                 await self._sendall(sock, welcome[sent:])
         else:
             await self._sendall(sock, welcome)
+
+    def visible_devices(self, client: Session) -> tuple[str, ...] | None:
+        """What a hook's welcome lists: the UUIDs of the devices its slice
+        may use (``gpu.devices`` along its path), in the node's order, at
+        most MAX_DEVICES of them (what a hook can attach); None when that
+        is every device of the node, or for a control connection."""
+        if not client.in_tree:
+            return None
+        node = sorted(self.d.devices.values(), key=lambda dev: dev.index)
+        allowed = self.d.tree.allowed_devices(client.id, [(dev.uuid, dev.index) for dev in node])
+        if len(allowed) == len(node):
+            return None
+        return tuple(allowed[:MAX_DEVICES])
 
     def lane_closed(self, client: Session, why: str | None) -> None:
         """A connection the lane served has ended."""

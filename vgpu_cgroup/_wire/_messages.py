@@ -146,6 +146,9 @@ class Welcome:
     slice: str
     tick_ns: int
     epoch: int
+    #: the UUIDs of the devices the slice may use, in the node's order;
+    #: None (not sent) when it may use every device of the node
+    devices: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

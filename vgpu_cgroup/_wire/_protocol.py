@@ -94,8 +94,12 @@ _HEADER = struct.Struct(">I")
 
 def _reply_map(msg: Reply) -> dict[str, Any]:
     if isinstance(msg, Welcome):
-        return {"t": "welcome", "v": PROTO_VERSION, "id": msg.id, "slice": msg.slice,
-                "tick_ns": msg.tick_ns, "epoch": msg.epoch}
+        welcome: dict[str, Any] = {"t": "welcome", "v": PROTO_VERSION, "id": msg.id,
+                                   "slice": msg.slice, "tick_ns": msg.tick_ns,
+                                   "epoch": msg.epoch}
+        if msg.devices is not None:
+            welcome["devices"] = list(msg.devices)
+        return welcome
     if isinstance(msg, Attached):
         return {"t": "attached", "id": msg.id, "slot": msg.slot, "mem_limit": msg.mem_limit}
     if isinstance(msg, Granted):
