@@ -260,8 +260,7 @@ def test_cuda_graphs_capture_cleanly_and_replays_are_capped(vgpud: VgpudProc, cg
                                                            built: Path) -> None:
     """Capturing a graph under the hook works (the hook neither gates nor
     measures the captured launches) and replays of the graph are held to the
-    cap. The simulated driver does not enforce CUDA's rule that other threads
-    stay quiet during a global-mode capture; the H200 graph run checks that."""
+    cap."""
     s = configure(vgpud, cgroups, "graphs", "gpu.cores.max=30")
     p = spawn([str(built / "graph_client"), str(KERNEL_NS), "10", "3"], vgpud.client_env(), s,
               cgroups, stdout=subprocess.PIPE)
