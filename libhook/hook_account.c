@@ -16,6 +16,10 @@
  * are converted to host time through a per-context anchor: an event recorded
  * on a private stream and polled to completion, bracketed by host clock reads;
  * the tightest of a few tries is kept and refreshed every few seconds.
+ *
+ * Programs capture CUDA graphs meanwhile: the thread runs in relaxed capture
+ * mode, and an open batch whose end event would land in a capture stays
+ * open until the capture is over (ensure_relaxed, vgpu_capture_record).
  */
 #include <limits.h>
 #include <signal.h>
@@ -41,6 +45,34 @@
 
 static pthread_mutex_t amu = PTHREAD_MUTEX_INITIALIZER;
 static CUcontext cur_ctx; /* accountant thread only */
+
+/* While any thread captures a graph in global mode (PyTorch's default),
+ * CUDA forbids every other thread still in the default (global) capture
+ * mode the calls the accountant makes (event queries, the anchor's wait),
+ * and one of them invalidates the capture: seen with PyTorch's CUDA graphs
+ * on the H200, as with PyTorch's own NCCL watchdog. So the accountant's
+ * thread puts itself in relaxed mode, once, before its first pass. 1: done;
+ * 0: not yet (the driver is not initialized yet); -1: the driver cannot (no
+ * cuThreadExchangeStreamCaptureMode): passes then pause during captures, a
+ * race with every capture's beginning. Relaxed mode does not allow what
+ * conflicts with a capture whatever the modes (recording into it, the legacy
+ * stream beside a capturing blocking stream): vgpu_capture_record keeps the
+ * hook's records out of captures. */
+static int relaxed; /* accountant thread only */
+
+static bool ensure_relaxed(void)
+{
+    if (relaxed == 0) {
+        CUstreamCaptureMode m = CU_STREAM_CAPTURE_MODE_RELAXED;
+        CUresult r = real_cuThreadExchangeStreamCaptureMode ? real_cuThreadExchangeStreamCaptureMode(&m)
+                                                            : CUDA_ERROR_NOT_FOUND;
+        if (r == CUDA_SUCCESS)
+            relaxed = 1;
+        else if (r != CUDA_ERROR_NOT_INITIALIZED)
+            relaxed = -1;
+    }
+    return relaxed > 0;
+}
 
 static bool set_ctx(CUcontext ctx)
 {
@@ -275,8 +307,9 @@ static bool fast_device(const struct vgpu_hdev *hd)
 }
 
 /* now: CLOCK_MONOTONIC (the quiet rule, which must resolve 100 µs: the
- * coarse clock ticks every 1-4 ms); coarse: the clock first_ns was read on. */
-static void close_idle(struct vgpu_batch *b, uint64_t now, uint64_t coarse)
+ * coarse clock ticks every 1-4 ms); coarse: the clock first_ns was read on;
+ * force: the exit flush (nothing waits for a capture to end). */
+static void close_idle(struct vgpu_batch *b, uint64_t now, uint64_t coarse, bool force)
 {
     /* Fields the owner wrote before publishing OPEN (release). */
     unsigned n = atomic_load_explicit(&b->n, memory_order_relaxed);
@@ -296,18 +329,21 @@ static void close_idle(struct vgpu_batch *b, uint64_t now, uint64_t coarse)
                                                  memory_order_relaxed))
         return;
     /* The per-thread default stream is the launching thread's: from here we
-     * can only reach it through the legacy stream, which waits for it. During
-     * a global-mode capture touching the legacy stream is not allowed: wait. */
-    CUstream s = b->stream;
-    if (s == CU_STREAM_PER_THREAD) {
-        if (atomic_load(&vgpu_active_captures) > 0) {
-            atomic_store_explicit(&b->state, VGPU_B_OPEN, memory_order_release);
-            return;
-        }
-        s = CU_STREAM_LEGACY;
+     * can only reach it through the legacy stream, which waits for it. */
+    CUstream s = b->stream == CU_STREAM_PER_THREAD ? CU_STREAM_LEGACY : b->stream;
+    if (!b->ci || atomic_load(&b->ci->ctx) != b->ctx || !set_ctx(b->ctx)) {
+        drop(b);
+        return;
     }
-    if (!b->ci || atomic_load(&b->ci->ctx) != b->ctx || !set_ctx(b->ctx) ||
-        real_cuEventRecord(b->ev_end, s) != CUDA_SUCCESS) {
+    /* Never into a capture (the stream's own, or a blocking stream's that
+     * the legacy stream would wait for): the batch stays open until the
+     * capture is over, and a later pass ends it. */
+    int rec = vgpu_capture_record(b->ev_end, s, b->ctx);
+    if (rec == 0 && !force) {
+        atomic_store_explicit(&b->state, VGPU_B_OPEN, memory_order_release);
+        return;
+    }
+    if (rec <= 0) {
         drop(b);
         return;
     }
@@ -334,7 +370,7 @@ static int pass_ex(bool force)
                 struct vgpu_batch *b = &t->ts[i].b[j];
                 int st = atomic_load_explicit(&b->state, memory_order_acquire);
                 if (st == VGPU_B_OPEN)
-                    close_idle(b, now, coarse);
+                    close_idle(b, now, coarse, force);
                 st = atomic_load_explicit(&b->state, memory_order_acquire);
                 if (st == VGPU_B_PENDING) {
                     finish(b);
@@ -430,10 +466,16 @@ static void account_flush(void)
     if (pthread_mutex_timedlock(&amu, &dl) != 0)
         return;
     cur_ctx = NULL; /* this thread's current context is not the accountant's */
+    /* Nor its capture mode: relaxed for the flush too, then back. */
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    bool swapped = real_cuThreadExchangeStreamCaptureMode &&
+                   real_cuThreadExchangeStreamCaptureMode(&mode) == CUDA_SUCCESS;
     while (pass_ex(true) > 0 && vgpu_now_ns() < deadline) {
         struct timespec ts = {0, 200000};
         nanosleep(&ts, NULL);
     }
+    if (swapped)
+        real_cuThreadExchangeStreamCaptureMode(&mode);
     cur_ctx = NULL;
     pthread_mutex_unlock(&amu);
 }
@@ -453,12 +495,14 @@ static void *account_main(void *arg)
     uint64_t idle_ns = POLL_NS;
     unsigned stalled = 0; /* passes in a row that found only unfinished batches */
     for (;;) {
-        /* While any stream is being captured in global mode, CUDA forbids
-         * other threads the calls this pass makes (cuEventQuery, event
-         * records, the anchor's wait): one of them invalidates the capture
-         * (seen with PyTorch's CUDA graphs on the H200). Captures are short;
-         * measurement resumes, late but complete, when they end. */
+        /* In relaxed capture mode, passes go on during captures (batches on
+         * a capturing stream, or on the legacy stream beside a capturing
+         * blocking one, wait for the capture's end). Without it, a pass
+         * would invalidate a global-mode capture: passes pause while any
+         * capture is counted (captures are short; measurement resumes, late
+         * but complete, when they end). */
         static uint64_t capture_since, last_sweep;
+        bool relaxed_ok = ensure_relaxed();
         bool capturing = atomic_load_explicit(&vgpu_active_captures, memory_order_acquire) > 0;
         uint64_t now = vgpu_coarse_ns();
         if (!capturing)
@@ -473,7 +517,7 @@ static void *account_main(void *arg)
             last_sweep = now;
             vgpu_capture_sweep();
         }
-        if (!capturing || now - capture_since > CAPTURE_PAUSE_MAX_NS) {
+        if (!capturing || relaxed_ok || now - capture_since > CAPTURE_PAUSE_MAX_NS) {
             pthread_mutex_lock(&amu);
             busy = pass_ex(false);
             fast = report_idle();
@@ -573,4 +617,5 @@ void vgpu_account_atfork_child(void)
     pthread_mutex_init(&amu, NULL);
     atomic_store(&vgpu_account_started, 0);
     cur_ctx = NULL;
+    relaxed = 0; /* the child's accountant is a new thread */
 }

@@ -118,8 +118,10 @@ CUresult cuStreamBeginCapture_ptsz(CUstream hStream, CUstreamCaptureMode mode);
     X(cuCtxGetCurrent)                                                         \
     X(cuCtxGetDevice)                                                          \
     X(cuStreamCreate)                                                          \
+    X(cuStreamGetFlags)                                                        \
     X(cuStreamIsCapturing)                                                     \
     X(cuStreamIsCapturing_ptsz)                                                \
+    X(cuThreadExchangeStreamCaptureMode)                                       \
     X(cuEventCreate)                                                           \
     X(cuEventRecord)                                                           \
     X(cuEventRecord_ptsz)                                                      \

@@ -84,6 +84,11 @@ struct vgpu_thread *vgpu_thread_state(void)
     return t;
 }
 
+struct vgpu_thread *vgpu_thread_peek(void)
+{
+    return tls_thr;
+}
+
 void vgpu_batch_atfork_child(void)
 {
     tls_thr = NULL;

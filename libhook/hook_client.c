@@ -528,7 +528,8 @@ bool vgpu_client_register(void)
 static void *monitor_main(void *arg)
 {
     (void)arg;
-    vgpu_in_hook = 1; /* a service thread (it makes no driver calls anyway) */
+    vgpu_in_hook = 1; /* a service thread (it makes no driver calls anyway, so
+                       * CUDA's rules during graph captures do not concern it) */
     uint64_t backoff_ms = 50;
     for (;;) {
         int fd = atomic_load(&cfd_snapshot);

@@ -73,15 +73,23 @@ void vgpu_launch_atfork_child(void)
 /* ---- the gate ---- */
 
 /* Owner side: end the open batch b now (record its end event) so the
- * accountant can time it. Used before waiting and before reusing a stream
- * record for another stream. */
+ * accountant can time it. Used before waiting, before reusing a stream
+ * record for another stream and before a capture of its stream. Where the
+ * record could land in a capture (another thread's, of the batch's stream
+ * or, for the legacy stream, of a blocking one) the batch stays open for
+ * the accountant to end once that capture is over. */
 static void close_own(struct vgpu_batch *b)
 {
     int open = VGPU_B_OPEN;
     if (!atomic_compare_exchange_strong_explicit(&b->state, &open, VGPU_B_CLOSING, memory_order_acquire,
                                                  memory_order_relaxed))
         return;
-    if (real_cuEventRecord(b->ev_end, b->stream) == CUDA_SUCCESS) {
+    int rec = vgpu_capture_record(b->ev_end, b->stream, b->ctx);
+    if (rec == 0) {
+        atomic_store_explicit(&b->state, VGPU_B_OPEN, memory_order_release);
+        return;
+    }
+    if (rec > 0) {
         atomic_store_explicit(&b->state, VGPU_B_PENDING, memory_order_release);
         return;
     }
@@ -96,6 +104,14 @@ static void close_current(CUcontext ctx, CUstream s)
     struct vgpu_tstream *ts = vgpu_tls_ts;
     if (ts && ts->ctx == ctx && ts->stream == s && ts->cur >= 0)
         close_own(&ts->b[ts->cur]);
+}
+
+void vgpu_batch_close_mine(void)
+{
+    struct vgpu_thread *t = vgpu_thread_peek();
+    for (int i = 0; t && i < VGPU_THREAD_STREAMS; i++)
+        if (t->ts[i].cur >= 0)
+            close_own(&t->ts[i].b[t->ts[i].cur]);
 }
 
 static long futex_wait(_Atomic uint32_t *word, uint32_t val, long ns, bool shared)

@@ -64,15 +64,20 @@ VGPU_EXPORT CUresult cuGraphLaunch(CUgraphExec g, CUstream hStream)
 VGPU_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream hStream)
     GATED(cuGraphLaunch_ptsz, hStream, 1, 1, real_cuGraphLaunch_ptsz(g, hStream))
 
-/* Every variant the driver exports (CUDA 10.0's and _v2, each with _ptsz):
- * count the capture once it has begun. */
-#define BEGIN_CAPTURE(name, ptsz)                                              \
-    VGPU_EXPORT CUresult name(CUstream s, CUstreamCaptureMode mode)            \
+/* Every variant the driver exports (CUDA 10.0's and _v2, each with _ptsz).
+ * Before the driver begins the capture: this thread's open batches are
+ * ended (the one on the stream it captures, say: its end event recorded
+ * outside the capture, not held open through it), and the capture is
+ * listed, so that no record of the hook's lands in it (hook_capture.c); the
+ * entry goes again if the driver refuses. */
+#define BEGIN_CAPTURE(name, ptsz)                                                          \
+    VGPU_EXPORT CUresult name(CUstream s, CUstreamCaptureMode mode)                        \
     {                                                                                      \
         ENTER(name);                                                                       \
-        CUresult r = real_##name(s, mode);                                     \
-        if (r == CUDA_SUCCESS)                                                 \
-            vgpu_capture_add(s, (ptsz));                                                   \
+        vgpu_batch_close_mine();                                                           \
+        int ticket_ = vgpu_capture_begin(s, (ptsz));                                       \
+        CUresult r = real_##name(s, mode);                                                 \
+        vgpu_capture_begun(ticket_, r == CUDA_SUCCESS);                                    \
         return r;                                                                          \
     }
 
@@ -86,7 +91,7 @@ VGPU_EXPORT CUresult cuStreamEndCapture(CUstream s, CUgraph *g)
     ENTER(cuStreamEndCapture);
     CUresult r = real_cuStreamEndCapture(s, g);
     if (!vgpu_stream_capturing(s, 0))
-        vgpu_capture_drop(s, NULL, false);
+        vgpu_capture_end(s, 0);
     return r;
 }
 
@@ -95,7 +100,7 @@ VGPU_EXPORT CUresult cuStreamEndCapture_ptsz(CUstream s, CUgraph *g)
     ENTER(cuStreamEndCapture_ptsz);
     CUresult r = real_cuStreamEndCapture_ptsz(s, g);
     if (!vgpu_stream_capturing(s, 1))
-        vgpu_capture_drop(s, NULL, false);
+        vgpu_capture_end(s, 1);
     return r;
 }
 

@@ -161,6 +161,8 @@ extern _Atomic(struct vgpu_thread *) vgpu_threads;
 extern _Atomic uint64_t vgpu_lost_batches;
 /* The calling thread's batch records (made on its first launch). */
 struct vgpu_thread *vgpu_thread_state(void);
+/* The same, NULL if it has none (never made here). */
+struct vgpu_thread *vgpu_thread_peek(void);
 /* The accountant: started by registration (hook_account.c), asleep while the
  * process launches nothing; a launching thread that opens a batch kicks it. */
 extern _Atomic int vgpu_account_started;
@@ -175,10 +177,21 @@ void vgpu_batch_atfork_child(void);
  * launches pay for cuStreamIsCapturing. */
 extern _Atomic int vgpu_active_captures;
 bool vgpu_stream_capturing(CUstream s, int ptsz);
-/* A capture of s began (counted once it has). */
-void vgpu_capture_add(CUstream s, int ptsz);
+/* A capture of s (as a _ptsz entry point saw it when ptsz) is about to
+ * begin: list and count it before the driver is called, so that no record
+ * of the hook's lands in it. Returns a ticket for vgpu_capture_begun, which
+ * says whether the driver began it. */
+int vgpu_capture_begin(CUstream s, int ptsz);
+void vgpu_capture_begun(int ticket, bool ok);
+/* The capture of s (as vgpu_capture_begin named it) has ended. */
+void vgpu_capture_end(CUstream s, int ptsz);
 /* Drop the entry of stream s (all of ctx's when any_of_ctx). */
 void vgpu_capture_drop(CUstream s, CUcontext ctx, bool any_of_ctx);
+/* Record the hook's event ev onto stream s of context ctx, unless it could
+ * land in a capture (s capturing or beginning to; s the legacy stream while
+ * a blocking stream of ctx captures): 1 recorded, 0 not now, -1 the
+ * driver's error. A BeginCapture waits for a record in progress. */
+int vgpu_capture_record(CUevent ev, CUstream s, CUcontext ctx);
 /* Captures: drop what a destroyed context had; drop entries whose stream no
  * longer captures (accountant thread, while any capture is counted). */
 void vgpu_capture_forget_ctx(CUcontext ctx);
@@ -208,6 +221,10 @@ __attribute__((noinline, cold)) int vgpu_gate_wait(struct vgpu_hdev *hd, CUconte
 __attribute__((noinline)) struct vgpu_batch *vgpu_batch_enter_slow(CUcontext ctx, struct vgpu_ctxinfo *ci,
                                                                     CUstream s, bool gate);
 __attribute__((noinline)) void vgpu_batch_close(struct vgpu_batch *b);
+/* End the calling thread's open batches (before it begins a capture: their
+ * end events stay out of it, and the accountant need not wait for its end
+ * to end them). */
+void vgpu_batch_close_mine(void);
 __attribute__((noinline)) struct vgpu_ctxinfo *vgpu_current_ci(void);
 
 /* ---- the launch fast path, inline in every launch entry point ----

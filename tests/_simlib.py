@@ -107,6 +107,8 @@ _SIGNATURES: dict[str, list[Any]] = {
     "cuStreamBeginCapture_v2": [_vp, _int],
     "cuStreamEndCapture": [_vp, _pvp],
     "cuStreamIsCapturing": [_vp, ctypes.POINTER(_int)],
+    "cuThreadExchangeStreamCaptureMode": [ctypes.POINTER(_int)],
+    "cuStreamGetFlags": [_vp, ctypes.POINTER(_uint)],
     "cuEventCreate": [_pvp, _uint],
     "cuEventRecord": [_vp, _vp],
     "cuEventQuery": [_vp],

@@ -33,7 +33,7 @@ STEADY = ["kernel_ns=500000", "sync=64"]
 REQUESTS = ["mode=requests", "period_ns=5000000", "kernels=2", "kernel_ns=500000"]
 
 
-built = built_fixture("spin_client", "tenant", "graph_client")
+built = built_fixture("spin_client", "tenant", "graph_client", "capture_client")
 vgpud = vgpud_fixture()
 
 
@@ -277,8 +277,7 @@ def test_cuda_graphs_capture_cleanly_and_replays_are_capped(vgpud: VgpudProc, cg
                                                            built: Path) -> None:
     """Capturing a graph under the hook works (the hook neither gates nor
     measures the captured launches) and replays of the graph are held to the
-    cap. The simulated driver does not enforce CUDA's rule that other threads
-    stay quiet during a global-mode capture; the H200 graph run checks that."""
+    cap."""
     s = configure(vgpud, cgroups, "graphs", "gpu.cores.max=30")
     p = spawn([str(built / "graph_client"), str(KERNEL_NS), "10", "3"], vgpud.client_env(), s,
               cgroups, stdout=subprocess.PIPE)
@@ -287,3 +286,30 @@ def test_cuda_graphs_capture_cleanly_and_replays_are_capped(vgpud: VgpudProc, cg
     assert (r["begin_rc"], r["launch_rc"], r["end_rc"], r["instantiate_rc"]) == (0, 0, 0, 0)
     assert r["replays"] > 0
     assert r["share"] == pytest.approx(0.30, abs=0.03)
+
+
+@pytest.mark.parametrize("kind", ["nonblocking", "shared", "blocking"])
+def test_global_mode_captures_beside_busy_threads_are_never_invalidated(
+        vgpud: VgpudProc, cgroups: Cgroups, built: Path, kind: str) -> None:
+    """torch.cuda.graph captures in global mode, where CUDA forbids every other
+    thread not in relaxed mode the calls the hook's accountant makes (event
+    queries, its anchor's wait), and any thread work on the legacy stream
+    while a blocking stream captures: either invalidates the capture (seen on
+    the H200 as PyTorch's assert that the capture is active, right after
+    beginning it). The simulated driver enforces both rules. Two threads keep
+    the capped slice busy, so batches are open and being timed, while the
+    main thread captures 40 times for 20 ms each, and once for longer than
+    the old hook paused measurement for a capture (5 s), each time with a
+    batch of the hook's open on the stream it captures: the capturing
+    thread's, or (shared) another thread's, which the hook must not end with
+    a record into the capture; or (blocking, where the legacy stream may not
+    be touched during the capture) another thread's on the legacy stream."""
+    s = configure(vgpud, cgroups, "capture", "gpu.cores.max=50")
+    p = spawn([str(built / "capture_client"), str(KERNEL_NS), "40", "20", "5500", "2", kind],
+              vgpud.client_env(), s, cgroups, stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=90)
+    assert p.returncode == 0, out
+    r = json.loads(out.splitlines()[-1])
+    assert r["ok"] == r["captures"] == 41, r
+    assert r["launch_rc"] == 0, r
+    assert r["launched"] > 0, r

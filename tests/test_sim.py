@@ -301,8 +301,17 @@ def test_graph_capture_and_streams(simdir: Path, shm: str) -> None:
         r['capturing'] = st.value
         for _ in range(3):
             check(cu.launch_sleep(fn, 5_000_000, s.value))
+        # synchronizing the capturing stream fails and invalidates the capture
         r['sync_capturing'] = lib.cuStreamSynchronize(s)
-        g = ctypes.c_void_p(); check(lib.cuStreamEndCapture(s, ctypes.byref(g)))
+        check(lib.cuStreamIsCapturing(s, ctypes.byref(st))); r['invalidated'] = st.value
+        r['launch_invalidated'] = cu.launch_sleep(fn, 5_000_000, s.value)
+        g = ctypes.c_void_p()
+        r['end_invalidated'] = lib.cuStreamEndCapture(s, ctypes.byref(g))
+        r['no_graph'] = g.value is None
+        check(lib.cuStreamBeginCapture_v2(s, 0))
+        for _ in range(3):
+            check(cu.launch_sleep(fn, 5_000_000, s.value))
+        check(lib.cuStreamEndCapture(s, ctypes.byref(g)))
         check(lib.cuStreamIsCapturing(s, ctypes.byref(st))); r['after'] = st.value
         r['busy_captured'] = cu.stats()[0]
         ex = ctypes.c_void_p(); check(lib.cuGraphInstantiateWithFlags(ctypes.byref(ex), g, 0))
@@ -329,12 +338,119 @@ def test_graph_capture_and_streams(simdir: Path, shm: str) -> None:
     assert res["capturing"] == 1
     assert res["after"] == 0
     assert res["sync_capturing"] == 900
+    assert res["invalidated"] == 2
+    assert (res["launch_invalidated"], res["end_invalidated"], res["no_graph"]) == (901, 901, True)
     assert res["busy_captured"] == 0
     assert 14.9 <= res["graph_ms"] <= 22
     assert res["wait_ok"] == 0
     assert res["bad_fn"] == CUDA_ERROR_INVALID_HANDLE
     assert res["bad_stream"] == CUDA_ERROR_INVALID_HANDLE
     assert res["bad_event"] == CUDA_ERROR_INVALID_HANDLE
+
+
+def test_capture_modes_and_what_they_forbid(simdir: Path, shm: str) -> None:
+    """CUDA's rules for other calls during a stream capture (sim_ctx.c): a
+    potentially unsafe call (a query, a synchronize, cuMemAlloc) from a
+    thread in GLOBAL mode while another thread captures in GLOBAL mode fails
+    and invalidates that capture; RELAXED and THREAD_LOCAL threads may; a
+    capture's own thread may not unless it began the capture RELAXED; and
+    some calls conflict whatever the modes: querying a captured event, work
+    on the legacy stream beside a capturing blocking stream."""
+    res = run_py("""
+        import threading
+        ctx = cu.init_ctx(); fn = cu.sleep_fn()
+
+        def other(f):
+            box = {}
+            def body():
+                check(lib.cuCtxSetCurrent(ctx))
+                box['r'] = f()
+            t = threading.Thread(target=body); t.start(); t.join()
+            return box['r']
+
+        def stream(flags):
+            s = ctypes.c_void_p(); check(lib.cuStreamCreate(ctypes.byref(s), flags)); return s.value
+
+        def status(s):
+            st = ctypes.c_int()
+            check(lib.cuStreamIsCapturing(s, ctypes.byref(st)))
+            return st.value
+
+        def end(s):
+            g = ctypes.c_void_p(); return lib.cuStreamEndCapture(s, ctypes.byref(g))
+
+        def exchange(mode):
+            m = ctypes.c_int(mode); rc = lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(m))
+            return [rc, m.value]
+
+        def alloc():
+            rc, p = cu.alloc(1 << 20)
+            if rc == 0:
+                check(lib.cuMemFree_v2(p))
+            return rc
+
+        ev = cu.event(); check(lib.cuEventRecord(ev, None)); check(lib.cuEventSynchronize(ev))
+        s, b = stream(1), stream(0)  # non-blocking, blocking
+        flags = ctypes.c_uint()
+        r = {'flags': [lib.cuStreamGetFlags(s, ctypes.byref(flags)), flags.value]}
+        check(lib.cuStreamGetFlags(b, ctypes.byref(flags))); r['flags'].append(flags.value)
+        # GLOBAL capture, another thread in GLOBAL mode: refused, capture invalidated
+        unsafe = (('query', lambda: lib.cuEventQuery(ev)), ('sync', lambda: lib.cuCtxSynchronize()),
+                  ('alloc', alloc))
+        for name, call in unsafe:
+            check(lib.cuStreamBeginCapture_v2(s, 0))
+            r['global_' + name] = [other(call), status(s), end(s)]
+        # ... but not from a thread that switched to RELAXED or THREAD_LOCAL
+        for mode in (2, 1):
+            check(lib.cuStreamBeginCapture_v2(s, 0))
+            calls = other(lambda: [exchange(mode), lib.cuEventQuery(ev), alloc(),
+                                   lib.cuStreamQuery(None), exchange(0)])
+            r[f'mode{mode}'] = calls + [status(s), end(s)]
+        # THREAD_LOCAL capture: other threads are free, its own thread is not
+        check(lib.cuStreamBeginCapture_v2(s, 1))
+        r['tl_other'] = [other(lambda: lib.cuEventQuery(ev)), status(s)]
+        r['tl_own'] = [lib.cuEventQuery(ev), status(s), end(s)]
+        # RELAXED capture: its own thread may query
+        check(lib.cuStreamBeginCapture_v2(s, 2))
+        r['relaxed_own'] = [lib.cuEventQuery(ev), status(s), end(s)]
+        # a record into a capturing stream from another thread joins the capture;
+        # the event is then a captured one: querying it conflicts
+        e2 = cu.event()
+        check(lib.cuStreamBeginCapture_v2(s, 2))
+        r['captured_event'] = [other(lambda: lib.cuEventRecord(e2, s)), status(s),
+                               lib.cuEventQuery(e2), status(s), end(s)]
+        check(lib.cuEventRecord(e2, s)); check(lib.cuEventSynchronize(e2))
+        r['recorded_again'] = lib.cuEventQuery(e2)
+        # the legacy stream beside a capturing blocking stream, not beside a non-blocking one
+        check(lib.cuStreamBeginCapture_v2(s, 2))
+        r['legacy_nonblocking'] = [cu.launch_sleep(fn, 1000, None), status(s), end(s)]
+        check(lib.cuStreamBeginCapture_v2(b, 2))
+        st = ctypes.c_int()
+        r['legacy_blocking'] = [lib.cuStreamIsCapturing(None, ctypes.byref(st)), status(b),
+                                cu.launch_sleep(fn, 1000, None), status(b), end(b)]
+        # only the thread that began a non-relaxed capture ends it
+        check(lib.cuStreamBeginCapture_v2(s, 0))
+        r['wrong_thread'] = [other(lambda: end(s)), status(s), end(s)]
+        r['bad_mode'] = exchange(7)
+        check(lib.cuCtxSynchronize())
+        out(r)
+    """, simdir, env_for(shm))
+    unsupported, invalidated, implicit, captured, wrong_thread = 900, 901, 906, 907, 908
+    assert res["flags"] == [0, 1, 0]
+    active, gone = 1, 2
+    for name in ("query", "sync", "alloc"):
+        assert res["global_" + name] == [unsupported, gone, invalidated], name
+    assert res["mode2"] == [[0, 0], 0, 0, 0, [0, 2], active, 0]
+    assert res["mode1"] == [[0, 0], 0, 0, 0, [0, 1], active, 0]
+    assert res["tl_other"] == [0, active]
+    assert res["tl_own"] == [unsupported, gone, invalidated]
+    assert res["relaxed_own"] == [0, active, 0]
+    assert res["captured_event"] == [0, active, captured, gone, invalidated]
+    assert res["recorded_again"] == 0
+    assert res["legacy_nonblocking"] == [0, active, 0]
+    assert res["legacy_blocking"] == [implicit, active, implicit, gone, invalidated]
+    assert res["wrong_thread"] == [wrong_thread, active, 0]
+    assert res["bad_mode"] == [1, 7]
 
 
 _SATURATE = """
@@ -401,6 +517,9 @@ def test_get_proc_address(simdir: Path) -> None:
     assert gpa("cuLaunchKernel", 12000, 2)[1] == addr("cuLaunchKernel_ptsz")
     assert gpa("cuLaunchKernel", 12000, 1)[1] == addr("cuLaunchKernel")
     assert gpa("cuStreamBeginCapture", 12000, 2)[1] == addr("cuStreamBeginCapture_v2_ptsz")
+    exchange = "cuThreadExchangeStreamCaptureMode"
+    assert gpa(exchange, 12000)[1] == addr(exchange)
+    assert gpa("cuStreamGetFlags", 12000)[1] == addr("cuStreamGetFlags")
     assert gpa("cuMemAlloc", 12000, 2)[1] == addr("cuMemAlloc_v2")  # no ptsz variant
     assert gpa("cuNoSuchThing", 12000) == (CUDA_ERROR_NOT_FOUND, 0, 1)
     assert gpa("cuMemCreate", 9000) == (CUDA_ERROR_NOT_FOUND, 0, 2)

@@ -1,8 +1,120 @@
 /*
  * sim_ctx.c - contexts (primary and created) and the calling thread's context
- * stack, streams (with stream capture into graphs) and events.
+ * stack, streams (with stream capture into graphs and its rules for other
+ * calls) and events.
  */
 #include "sim_internal.h"
+
+/* ---- stream capture: what CUDA lets other calls do meanwhile ----
+ *
+ * Modeled on the driver's documented rules (cuStreamBeginCapture,
+ * cuThreadExchangeStreamCaptureMode), because the hook's own threads and
+ * calls must live by them inside programs that capture CUDA graphs:
+ *
+ *  - Each thread has a capture interaction mode, GLOBAL until it calls
+ *    cuThreadExchangeStreamCaptureMode; each capture keeps the mode it was
+ *    begun with, and the thread that began it.
+ *  - A thread in GLOBAL mode may not make a potentially unsafe call while it
+ *    has a capture of its own not begun RELAXED, nor while another thread
+ *    has one begun GLOBAL; a THREAD_LOCAL thread only the former; a RELAXED
+ *    thread may always. A forbidden call fails with
+ *    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED ("operation not permitted when
+ *    stream is capturing", what PyTorch's NCCL watchdog got from
+ *    cudaEventQuery) and invalidates every capture that forbade it.
+ *  - Potentially unsafe, here: what synchronizes or is not stream-ordered,
+ *    so a graph could not replay it: cuCtxSynchronize, cuStreamSynchronize,
+ *    cuStreamQuery, cuEventSynchronize, cuEventQuery, cuMemAlloc_v2,
+ *    cuMemAllocPitch_v2, cuMemAllocManaged, cuMemFree_v2, and the
+ *    synchronous cuMemcpyHtoD_v2, cuMemcpyDtoH_v2 and cuMemsetD8_v2.
+ *    Creating streams and events, recording events, asking
+ *    cuStreamIsCapturing, timing events and setting the context are not.
+ *  - Whatever the modes, some calls necessarily conflict with a capture and
+ *    invalidate it: synchronizing or querying the capturing stream itself
+ *    (STREAM_CAPTURE_UNSUPPORTED); querying, synchronizing or timing an
+ *    event last recorded into a capture (CUDA_ERROR_CAPTURED_EVENT); work on
+ *    the legacy stream while a blocking stream of its context captures (the
+ *    legacy stream would wait for it: CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+ *    cuStreamIsCapturing on the legacy stream then says so, invalidating
+ *    nothing).
+ *  - Work for a capturing stream joins the capture, whichever thread
+ *    enqueues it: an event recorded there becomes a captured event, not a
+ *    timing mark. Into an invalidated capture it fails with
+ *    STREAM_CAPTURE_INVALIDATED; cuStreamIsCapturing says INVALIDATED, and
+ *    cuStreamEndCapture ends the capture with STREAM_CAPTURE_INVALIDATED and
+ *    no graph. Only the thread that began a capture not begun RELAXED may
+ *    end it (else STREAM_CAPTURE_WRONG_THREAD). An invalidated capture
+ *    forbids nothing more.
+ */
+__thread CUstreamCaptureMode t_capmode = CU_STREAM_CAPTURE_MODE_GLOBAL;
+__thread char t_self;
+CUstream g_capturing;
+static uint64_t g_capture_ids;
+
+static void capture_unlink_locked(CUstream s)
+{
+    for (CUstream *pp = &g_capturing; *pp; pp = &(*pp)->cap_next)
+        if (*pp == s) {
+            *pp = s->cap_next;
+            break;
+        }
+    s->cap_next = NULL;
+}
+
+CUresult capture_unsafe_locked(void)
+{
+    if (t_capmode == CU_STREAM_CAPTURE_MODE_RELAXED)
+        return CUDA_SUCCESS;
+    CUresult r = CUDA_SUCCESS;
+    for (CUstream s = g_capturing; s; s = s->cap_next) {
+        if (s->cap_invalid)
+            continue;
+        bool forbids = s->cap_thread == &t_self
+                           ? s->cap_mode != CU_STREAM_CAPTURE_MODE_RELAXED
+                           : t_capmode == CU_STREAM_CAPTURE_MODE_GLOBAL && s->cap_mode == CU_STREAM_CAPTURE_MODE_GLOBAL;
+        if (forbids) {
+            s->cap_invalid = true;
+            r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+        }
+    }
+    return r;
+}
+
+CUresult capture_legacy_locked(CUcontext c, bool invalidate)
+{
+    CUresult r = CUDA_SUCCESS;
+    for (CUstream s = g_capturing; s; s = s->cap_next) {
+        if (s->cap_invalid || s->h.ctx != c || (s->flags & CU_STREAM_NON_BLOCKING))
+            continue;
+        if (invalidate)
+            s->cap_invalid = true;
+        r = CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+    }
+    return r;
+}
+
+/* A query, wait or timing of e: CUDA_ERROR_CAPTURED_EVENT (invalidating its
+ * capture if that is still on) if e was last recorded into a capture. */
+static CUresult event_captured_locked(CUevent e)
+{
+    if (!e->cap_id)
+        return CUDA_SUCCESS;
+    for (CUstream s = g_capturing; s; s = s->cap_next)
+        if (s->cap_id == e->cap_id)
+            s->cap_invalid = true;
+    return CUDA_ERROR_CAPTURED_EVENT;
+}
+
+CUresult cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode)
+{
+    CHECK_INIT();
+    if (mode == NULL || (*mode != CU_STREAM_CAPTURE_MODE_GLOBAL && *mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+                         *mode != CU_STREAM_CAPTURE_MODE_RELAXED))
+        return CUDA_ERROR_INVALID_VALUE;
+    CUstreamCaptureMode old = t_capmode;
+    t_capmode = *mode;
+    *mode = old;
+    return CUDA_SUCCESS;
+}
 
 /* ---- contexts ---- */
 
@@ -87,8 +199,10 @@ static void ctx_free_locked(CUcontext c)
         n = s->next;
         for (uint64_t i = s->head; i < s->tail; i++)
             op_discard(&s->q[i % QCAP]);
-        if (s->capture)
+        if (s->capture) {
+            capture_unlink_locked(s);
             graph_free_locked(s->capture);
+        }
         reg_del(s);
         free(s);
     }
@@ -346,7 +460,10 @@ CUresult cuCtxSynchronize(void)
 {
     CHECK_INIT();
     WITH_CTX(c);
+    CUresult r = capture_unsafe_locked();
     pthread_mutex_unlock(&g_mu);
+    if (r != CUDA_SUCCESS)
+        return r;
     ctx_wait_idle(c, NULL);
     sync_trim(c->dev);
     return CUDA_SUCCESS;
@@ -393,11 +510,37 @@ CUresult cuStreamDestroy_v2(CUstream hStream)
     if (c->rr == hStream)
         c->rr = NULL;
     pthread_mutex_unlock(&c->m);
-    if (hStream->capture)
+    if (hStream->capture) {
+        capture_unlink_locked(hStream);
         graph_free_locked(hStream->capture);
+    }
     free(hStream);
     pthread_mutex_unlock(&g_mu);
     return CUDA_SUCCESS;
+}
+
+static CUresult stream_flags(CUstream hs, unsigned *flags)
+{
+    CHECK_INIT();
+    if (flags == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g_mu);
+    CUstream s;
+    CUresult r = resolve_stream(hs, &s);
+    if (r == CUDA_SUCCESS)
+        *flags = s->flags;
+    pthread_mutex_unlock(&g_mu);
+    return r;
+}
+
+CUresult cuStreamGetFlags(CUstream hStream, unsigned int *flags)
+{
+    return stream_flags(hStream, flags);
+}
+
+CUresult cuStreamGetFlags_ptsz(CUstream hStream, unsigned int *flags)
+{
+    return stream_flags(hStream, flags);
 }
 
 /* CUDA 3.x's name, still exported by the driver (cuda.h maps the name to
@@ -409,14 +552,28 @@ CUresult cuStreamDestroy(CUstream hStream)
     return cuStreamDestroy_v2(hStream);
 }
 
-static CUresult stream_sync(CUstream hs)
+/* What synchronizing with or querying stream hs (of an entry point's _ptsz
+ * variant when ptsz) may do during captures. g_mu held. */
+static CUresult stream_wait_allowed_locked(CUstream hs, bool ptsz, CUstream *s)
+{
+    CUresult r = resolve_stream(hs, s);
+    if (r == CUDA_SUCCESS)
+        r = capture_unsafe_locked();
+    if (r == CUDA_SUCCESS && is_legacy(hs, ptsz))
+        r = capture_legacy_locked((*s)->h.ctx, true);
+    if (r == CUDA_SUCCESS && (*s)->capture != NULL) {
+        (*s)->cap_invalid = true;
+        r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    }
+    return r;
+}
+
+static CUresult stream_sync(CUstream hs, bool ptsz)
 {
     CHECK_INIT();
     pthread_mutex_lock(&g_mu);
     CUstream s;
-    CUresult r = resolve_stream(hs, &s);
-    if (r == CUDA_SUCCESS && s->capture != NULL)
-        r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    CUresult r = stream_wait_allowed_locked(hs, ptsz, &s);
     pthread_mutex_unlock(&g_mu);
     if (r != CUDA_SUCCESS)
         return r;
@@ -427,20 +584,20 @@ static CUresult stream_sync(CUstream hs)
 
 CUresult cuStreamSynchronize(CUstream hStream)
 {
-    return stream_sync(hStream);
+    return stream_sync(hStream, false);
 }
 
 CUresult cuStreamSynchronize_ptsz(CUstream hStream)
 {
-    return stream_sync(hStream);
+    return stream_sync(hStream, true);
 }
 
-static CUresult stream_query(CUstream hs)
+static CUresult stream_query(CUstream hs, bool ptsz)
 {
     CHECK_INIT();
     pthread_mutex_lock(&g_mu);
     CUstream s;
-    CUresult r = resolve_stream(hs, &s);
+    CUresult r = stream_wait_allowed_locked(hs, ptsz, &s);
     pthread_mutex_unlock(&g_mu);
     if (r != CUDA_SUCCESS)
         return r;
@@ -452,15 +609,15 @@ static CUresult stream_query(CUstream hs)
 
 CUresult cuStreamQuery(CUstream hStream)
 {
-    return stream_query(hStream);
+    return stream_query(hStream, false);
 }
 
 CUresult cuStreamQuery_ptsz(CUstream hStream)
 {
-    return stream_query(hStream);
+    return stream_query(hStream, true);
 }
 
-static CUresult stream_wait_event(CUstream hs, CUevent e, unsigned flags)
+static CUresult stream_wait_event(CUstream hs, CUevent e, unsigned flags, bool ptsz)
 {
     CHECK_INIT();
     if (flags != 0)
@@ -470,6 +627,13 @@ static CUresult stream_wait_event(CUstream hs, CUevent e, unsigned flags)
     CUresult r = resolve_stream(hs, &s);
     if (r == CUDA_SUCCESS && !reg_is(e, T_EVENT))
         r = CUDA_ERROR_INVALID_HANDLE;
+    if (r == CUDA_SUCCESS && is_legacy(hs, ptsz))
+        r = capture_legacy_locked(s->h.ctx, true);
+    if (r == CUDA_SUCCESS && s->capture != NULL) {
+        r = capture_join_locked(s); /* a dependency inside the graph: nothing to wait for */
+        pthread_mutex_unlock(&g_mu);
+        return r;
+    }
     struct op op = {.kind = OP_WAIT};
     if (r == CUDA_SUCCESS) {
         op.seq = __atomic_load_n(&e->rec_seq, __ATOMIC_ACQUIRE);
@@ -477,7 +641,7 @@ static CUresult stream_wait_event(CUstream hs, CUevent e, unsigned flags)
         __atomic_add_fetch(&e->refs, 1, __ATOMIC_ACQ_REL);
     }
     pthread_mutex_unlock(&g_mu);
-    if (r != CUDA_SUCCESS || op.seq == 0 || s->capture != NULL) {
+    if (r != CUDA_SUCCESS || op.seq == 0) {
         if (op.ev)
             event_unref(op.ev);
         return r;
@@ -490,15 +654,15 @@ static CUresult stream_wait_event(CUstream hs, CUevent e, unsigned flags)
 
 CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags)
 {
-    return stream_wait_event(hStream, hEvent, Flags);
+    return stream_wait_event(hStream, hEvent, Flags, false);
 }
 
 CUresult cuStreamWaitEvent_ptsz(CUstream hStream, CUevent hEvent, unsigned int Flags)
 {
-    return stream_wait_event(hStream, hEvent, Flags);
+    return stream_wait_event(hStream, hEvent, Flags, true);
 }
 
-static CUresult is_capturing(CUstream hs, CUstreamCaptureStatus *st)
+static CUresult is_capturing(CUstream hs, CUstreamCaptureStatus *st, bool ptsz)
 {
     CHECK_INIT();
     if (st == NULL)
@@ -506,29 +670,33 @@ static CUresult is_capturing(CUstream hs, CUstreamCaptureStatus *st)
     pthread_mutex_lock(&g_mu);
     CUstream s;
     CUresult r = resolve_stream(hs, &s);
+    if (r == CUDA_SUCCESS && is_legacy(hs, ptsz))
+        r = capture_legacy_locked(s->h.ctx, false);
     if (r == CUDA_SUCCESS)
-        *st = s->capture ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
+        *st = !s->capture     ? CU_STREAM_CAPTURE_STATUS_NONE
+              : s->cap_invalid ? CU_STREAM_CAPTURE_STATUS_INVALIDATED
+                               : CU_STREAM_CAPTURE_STATUS_ACTIVE;
     pthread_mutex_unlock(&g_mu);
     return r;
 }
 
 CUresult cuStreamIsCapturing(CUstream hStream, CUstreamCaptureStatus *captureStatus)
 {
-    return is_capturing(hStream, captureStatus);
+    return is_capturing(hStream, captureStatus, false);
 }
 
 CUresult cuStreamIsCapturing_ptsz(CUstream hStream, CUstreamCaptureStatus *captureStatus)
 {
-    return is_capturing(hStream, captureStatus);
+    return is_capturing(hStream, captureStatus, true);
 }
 
-static CUresult begin_capture(CUstream hs, CUstreamCaptureMode mode)
+static CUresult begin_capture(CUstream hs, CUstreamCaptureMode mode, bool ptsz)
 {
     CHECK_INIT();
     if (mode != CU_STREAM_CAPTURE_MODE_GLOBAL && mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
         mode != CU_STREAM_CAPTURE_MODE_RELAXED)
         return CUDA_ERROR_INVALID_VALUE;
-    if (hs == NULL || hs == CU_STREAM_LEGACY)
+    if (is_legacy(hs, ptsz))
         return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED; /* the legacy stream cannot be captured */
     pthread_mutex_lock(&g_mu);
     CUstream s;
@@ -537,18 +705,26 @@ static CUresult begin_capture(CUstream hs, CUstreamCaptureMode mode)
         r = CUDA_ERROR_INVALID_VALUE;
     if (r == CUDA_SUCCESS && (s->capture = graph_new_locked()) == NULL)
         r = CUDA_ERROR_OUT_OF_MEMORY;
+    if (r == CUDA_SUCCESS) {
+        s->cap_mode = mode;
+        s->cap_thread = &t_self;
+        s->cap_invalid = false;
+        s->cap_id = ++g_capture_ids;
+        s->cap_next = g_capturing;
+        g_capturing = s;
+    }
     pthread_mutex_unlock(&g_mu);
     return r;
 }
 
 CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mode)
 {
-    return begin_capture(hStream, mode);
+    return begin_capture(hStream, mode, false);
 }
 
 CUresult cuStreamBeginCapture_v2_ptsz(CUstream hStream, CUstreamCaptureMode mode)
 {
-    return begin_capture(hStream, mode);
+    return begin_capture(hStream, mode, true);
 }
 
 static CUresult end_capture(CUstream hs, CUgraph *out)
@@ -561,9 +737,19 @@ static CUresult end_capture(CUstream hs, CUgraph *out)
     CUresult r = resolve_stream(hs, &s);
     if (r == CUDA_SUCCESS && s->capture == NULL)
         r = CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS && s->cap_mode != CU_STREAM_CAPTURE_MODE_RELAXED && s->cap_thread != &t_self)
+        r = CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD;
     if (r == CUDA_SUCCESS) {
-        *out = s->capture;
+        capture_unlink_locked(s);
+        if (s->cap_invalid) {
+            graph_free_locked(s->capture);
+            *out = NULL;
+            r = CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+        } else {
+            *out = s->capture;
+        }
         s->capture = NULL;
+        s->cap_invalid = false;
     }
     pthread_mutex_unlock(&g_mu);
     return r;
@@ -604,7 +790,7 @@ CUresult cuEventCreate(CUevent *phEvent, unsigned int Flags)
     return r;
 }
 
-static CUresult event_record(CUevent e, CUstream hs)
+static CUresult event_record(CUevent e, CUstream hs, bool ptsz)
 {
     CHECK_INIT();
     pthread_mutex_lock(&g_mu);
@@ -614,10 +800,19 @@ static CUresult event_record(CUevent e, CUstream hs)
         r = CUDA_ERROR_INVALID_HANDLE;
     if (r == CUDA_SUCCESS && e->h.ctx != s->h.ctx)
         r = CUDA_ERROR_INVALID_HANDLE;
+    if (r == CUDA_SUCCESS && is_legacy(hs, ptsz))
+        r = capture_legacy_locked(s->h.ctx, true);
+    if (r == CUDA_SUCCESS && s->capture != NULL) {
+        /* Joins the capture: a captured event, no timed work. */
+        r = capture_join_locked(s);
+        if (r == CUDA_SUCCESS)
+            e->cap_id = s->cap_id;
+    }
     if (r != CUDA_SUCCESS || s->capture != NULL) {
         pthread_mutex_unlock(&g_mu);
-        return r; /* a record while capturing adds no timed work */
+        return r;
     }
+    e->cap_id = 0;
     pthread_mutex_lock(&s->h.ctx->m);
     struct op op = {.kind = OP_RECORD, .ev = e, .seq = ++e->rec_seq};
     __atomic_add_fetch(&e->refs, 1, __ATOMIC_ACQ_REL);
@@ -631,12 +826,12 @@ static CUresult event_record(CUevent e, CUstream hs)
 
 CUresult cuEventRecord(CUevent hEvent, CUstream hStream)
 {
-    return event_record(hEvent, hStream);
+    return event_record(hEvent, hStream, false);
 }
 
 CUresult cuEventRecord_ptsz(CUevent hEvent, CUstream hStream)
 {
-    return event_record(hEvent, hStream);
+    return event_record(hEvent, hStream, true);
 }
 
 static bool event_done(CUevent e)
@@ -648,8 +843,13 @@ CUresult cuEventQuery(CUevent hEvent)
 {
     CHECK_INIT();
     pthread_mutex_lock(&g_mu);
-    CUresult r = reg_is(hEvent, T_EVENT) ? (event_done(hEvent) ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY)
-                                        : CUDA_ERROR_INVALID_HANDLE;
+    CUresult r = reg_is(hEvent, T_EVENT) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (r == CUDA_SUCCESS)
+        r = capture_unsafe_locked();
+    if (r == CUDA_SUCCESS)
+        r = event_captured_locked(hEvent);
+    if (r == CUDA_SUCCESS && !event_done(hEvent))
+        r = CUDA_ERROR_NOT_READY;
     pthread_mutex_unlock(&g_mu);
     return r;
 }
@@ -658,9 +858,14 @@ CUresult cuEventSynchronize(CUevent hEvent)
 {
     CHECK_INIT();
     pthread_mutex_lock(&g_mu);
-    if (!reg_is(hEvent, T_EVENT)) {
+    CUresult r = reg_is(hEvent, T_EVENT) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (r == CUDA_SUCCESS)
+        r = capture_unsafe_locked();
+    if (r == CUDA_SUCCESS)
+        r = event_captured_locked(hEvent);
+    if (r != CUDA_SUCCESS) {
         pthread_mutex_unlock(&g_mu);
-        return CUDA_ERROR_INVALID_HANDLE;
+        return r;
     }
     CUcontext c = hEvent->h.ctx;
     pthread_mutex_unlock(&g_mu);
@@ -680,11 +885,17 @@ CUresult cuEventElapsedTime(float *pMilliseconds, CUevent hStart, CUevent hEnd)
     pthread_mutex_lock(&g_mu);
     CUresult r = CUDA_SUCCESS;
     if (!reg_is(hStart, T_EVENT) || !reg_is(hEnd, T_EVENT) || (hStart->flags & CU_EVENT_DISABLE_TIMING) ||
-        (hEnd->flags & CU_EVENT_DISABLE_TIMING) || hStart->rec_seq == 0 || hEnd->rec_seq == 0)
+        (hEnd->flags & CU_EVENT_DISABLE_TIMING))
         r = CUDA_ERROR_INVALID_HANDLE;
-    else if (!event_done(hStart) || !event_done(hEnd))
+    if (r == CUDA_SUCCESS)
+        r = event_captured_locked(hStart);
+    if (r == CUDA_SUCCESS)
+        r = event_captured_locked(hEnd);
+    if (r == CUDA_SUCCESS && (hStart->rec_seq == 0 || hEnd->rec_seq == 0))
+        r = CUDA_ERROR_INVALID_HANDLE;
+    if (r == CUDA_SUCCESS && (!event_done(hStart) || !event_done(hEnd)))
         r = CUDA_ERROR_NOT_READY;
-    else
+    if (r == CUDA_SUCCESS)
         *pMilliseconds = (float)(((double)hEnd->t_ns - (double)hStart->t_ns) / 1e6);
     pthread_mutex_unlock(&g_mu);
     return r;

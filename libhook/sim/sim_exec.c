@@ -285,7 +285,7 @@ CUresult cuGraphDestroy(CUgraph hGraph)
     return r;
 }
 
-static CUresult graph_launch(CUgraphExec e, CUstream hs)
+static CUresult graph_launch(CUgraphExec e, CUstream hs, bool ptsz)
 {
     CHECK_INIT();
     pthread_mutex_lock(&g_mu);
@@ -293,7 +293,10 @@ static CUresult graph_launch(CUgraphExec e, CUstream hs)
     CUresult r = resolve_stream(hs, &s);
     if (r == CUDA_SUCCESS && !reg_is(e, T_EXEC))
         r = CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS && is_legacy(hs, ptsz))
+        r = capture_legacy_locked(s->h.ctx, true);
     if (r == CUDA_SUCCESS && s->capture != NULL) {
+        r = capture_join_locked(s);
         for (size_t i = 0; i < e->n && r == CUDA_SUCCESS; i++)
             r = graph_add_locked(s->capture, true, e->ns[i], NULL);
         pthread_mutex_unlock(&g_mu);
@@ -319,17 +322,17 @@ static CUresult graph_launch(CUgraphExec e, CUstream hs)
 
 CUresult cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream)
 {
-    return graph_launch(hGraphExec, hStream);
+    return graph_launch(hGraphExec, hStream, false);
 }
 
 CUresult cuGraphLaunch_ptsz(CUgraphExec hGraphExec, CUstream hStream)
 {
-    return graph_launch(hGraphExec, hStream);
+    return graph_launch(hGraphExec, hStream, true);
 }
 
 /* ---- launches ---- */
 static CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                       CUstream hs, void **params, void **extra)
+                       CUstream hs, bool ptsz, void **params, void **extra)
 {
     CHECK_INIT();
     if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0 || bx * by * bz > 1024)
@@ -339,6 +342,10 @@ static CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsi
     CUresult r = resolve_stream(hs, &s);
     if (r == CUDA_SUCCESS && !reg_is(f, T_FUNC))
         r = CUDA_ERROR_INVALID_HANDLE;
+    if (r == CUDA_SUCCESS && is_legacy(hs, ptsz))
+        r = capture_legacy_locked(s->h.ctx, true);
+    if (r == CUDA_SUCCESS && s->capture != NULL)
+        r = capture_join_locked(s);
     if (r != CUDA_SUCCESS) {
         pthread_mutex_unlock(&g_mu);
         return r;
@@ -359,7 +366,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDi
                         unsigned int sharedMemBytes, CUstream hStream, void **kernelParams, void **extra)
 {
     (void)sharedMemBytes;
-    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, kernelParams, extra);
+    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, false, kernelParams,
+                  extra);
 }
 
 CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
@@ -367,20 +375,26 @@ CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int g
                              unsigned int sharedMemBytes, CUstream hStream, void **kernelParams, void **extra)
 {
     (void)sharedMemBytes;
-    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, kernelParams, extra);
+    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, true, kernelParams,
+                  extra);
 }
 
-CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **kernelParams, void **extra)
+static CUresult launch_ex(const CUlaunchConfig *config, CUfunction f, void **kernelParams, void **extra, bool ptsz)
 {
     if (config == NULL || (config->numAttrs > 0 && config->attrs == NULL))
         return check_init() ? check_init() : CUDA_ERROR_INVALID_VALUE;
     return launch(f, config->gridDimX, config->gridDimY, config->gridDimZ, config->blockDimX, config->blockDimY,
-                  config->blockDimZ, config->hStream, kernelParams, extra);
+                  config->blockDimZ, config->hStream, ptsz, kernelParams, extra);
+}
+
+CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **kernelParams, void **extra)
+{
+    return launch_ex(config, f, kernelParams, extra, false);
 }
 
 CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **kernelParams, void **extra)
 {
-    return cuLaunchKernelEx(config, f, kernelParams, extra);
+    return launch_ex(config, f, kernelParams, extra, true);
 }
 
 CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
@@ -388,7 +402,8 @@ CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDimX, unsigned
                                    unsigned int sharedMemBytes, CUstream hStream, void **kernelParams)
 {
     (void)sharedMemBytes;
-    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, kernelParams, NULL);
+    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, false, kernelParams,
+                  NULL);
 }
 
 CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
@@ -397,5 +412,6 @@ CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gridDimX, uns
                                         void **kernelParams)
 {
     (void)sharedMemBytes;
-    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, kernelParams, NULL);
+    return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream, true, kernelParams,
+                  NULL);
 }

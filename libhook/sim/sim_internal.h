@@ -120,7 +120,12 @@ struct CUstream_st {
     struct CUstream_st *next;
     unsigned flags;
     uint64_t head, tail;
-    CUgraph capture;
+    CUgraph capture; /* non-NULL while capturing; the rest of the capture's state: */
+    CUstreamCaptureMode cap_mode; /* the mode it was begun with */
+    const void *cap_thread;       /* the thread that began it (&t_self) */
+    bool cap_invalid;             /* an illegal call invalidated it */
+    uint64_t cap_id;
+    struct CUstream_st *cap_next; /* g_capturing */
     struct op q[QCAP];
 };
 
@@ -129,6 +134,7 @@ struct CUevent_st {
     unsigned flags;
     int refs; /* the handle + pending ops naming it */
     uint64_t rec_seq, done_seq, t_ns;
+    uint64_t cap_id; /* non-zero: last recorded into that capture (a captured event) */
 };
 
 struct CUmod_st {
@@ -230,6 +236,13 @@ extern CUmemoryPool g_default_pool[SIM_MAX_DEVS];
 extern __thread CUcontext t_stack[64];
 extern __thread int t_depth;
 
+/* Stream capture (sim_ctx.c): the calling thread's capture interaction mode
+ * (cuThreadExchangeStreamCaptureMode; GLOBAL by default), its identity, and
+ * every stream now capturing (linked through cap_next, under g_mu). */
+extern __thread CUstreamCaptureMode t_capmode;
+extern __thread char t_self;
+extern CUstream g_capturing;
+
 /* ---- what every entry point uses, inline as it was in one file ---- */
 static inline CUresult check_init(void)
 {
@@ -269,6 +282,13 @@ static inline CUcontext current_ctx(void)
     return reg_is(c, T_CTX) ? c : NULL;
 }
 
+/* Whether handle h names the legacy default stream, as passed to an entry
+ * point (its _ptsz variant when ptsz): NULL is the per-thread stream there. */
+static inline bool is_legacy(CUstream h, bool ptsz)
+{
+    return h == CU_STREAM_LEGACY || (h == NULL && !ptsz);
+}
+
 /* Maps NULL/legacy/per-thread handles to the current context's default stream. g_mu held. */
 static inline CUresult resolve_stream(CUstream h, CUstream *out)
 {
@@ -305,6 +325,20 @@ void pools_sync_trim(int dev);
 void alloc_free_locked(struct alloc *a);
 /* sim_ctx.c */
 void event_unref(CUevent e);
+/* Stream capture's rules (see sim_ctx.c), g_mu held. The calling thread is
+ * making a potentially unsafe call: SUCCESS, or STREAM_CAPTURE_UNSUPPORTED
+ * having invalidated every capture that forbids it. */
+CUresult capture_unsafe_locked(void);
+/* An operation on c's legacy stream: SUCCESS, or STREAM_CAPTURE_IMPLICIT
+ * having invalidated the captures of c's blocking streams (it would wait
+ * for them); `invalidate` false only asks. */
+CUresult capture_legacy_locked(CUcontext c, bool invalidate);
+/* Work for capturing stream s: SUCCESS (it joins the capture) or
+ * STREAM_CAPTURE_INVALIDATED. */
+static inline CUresult capture_join_locked(CUstream s)
+{
+    return s->cap_invalid ? CUDA_ERROR_STREAM_CAPTURE_INVALIDATED : CUDA_SUCCESS;
+}
 /* sim_worker.c */
 void op_discard(struct op *op);
 void *worker_main(void *arg);

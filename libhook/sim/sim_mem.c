@@ -142,7 +142,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     if (dptr == NULL || bytesize == 0)
         return CUDA_ERROR_INVALID_VALUE;
     WITH_CTX(c);
-    CUresult r = alloc_new_locked(c, bytesize, bytesize, A_PLAIN, NULL, dptr);
+    CUresult r = capture_unsafe_locked();
+    if (r == CUDA_SUCCESS)
+        r = alloc_new_locked(c, bytesize, bytesize, A_PLAIN, NULL, dptr);
     pthread_mutex_unlock(&g_mu);
     return r;
 }
@@ -159,7 +161,9 @@ CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t WidthInByt
     if (Height > SIZE_MAX / pitch)
         return CUDA_ERROR_OUT_OF_MEMORY;
     WITH_CTX(c);
-    CUresult r = alloc_new_locked(c, pitch * Height, pitch * Height, A_PLAIN, NULL, dptr);
+    CUresult r = capture_unsafe_locked();
+    if (r == CUDA_SUCCESS)
+        r = alloc_new_locked(c, pitch * Height, pitch * Height, A_PLAIN, NULL, dptr);
     pthread_mutex_unlock(&g_mu);
     if (r == CUDA_SUCCESS)
         *pPitch = pitch;
@@ -172,7 +176,9 @@ CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flag
     if (dptr == NULL || bytesize == 0 || (flags != CU_MEM_ATTACH_GLOBAL && flags != CU_MEM_ATTACH_HOST))
         return CUDA_ERROR_INVALID_VALUE;
     WITH_CTX(c);
-    CUresult r = alloc_new_locked(c, bytesize, bytesize, A_PLAIN, NULL, dptr);
+    CUresult r = capture_unsafe_locked();
+    if (r == CUDA_SUCCESS)
+        r = alloc_new_locked(c, bytesize, bytesize, A_PLAIN, NULL, dptr);
     pthread_mutex_unlock(&g_mu);
     return r;
 }
@@ -184,7 +190,11 @@ CUresult cuMemFree_v2(CUdeviceptr dptr)
         return CUDA_SUCCESS;
     pthread_mutex_lock(&g_mu);
     struct alloc *a = (struct alloc *)hmap_get(&g_allocs, (uintptr_t)dptr);
-    CUresult r = CUDA_ERROR_INVALID_VALUE;
+    CUresult r = capture_unsafe_locked();
+    if (r != CUDA_SUCCESS)
+        a = NULL;
+    else
+        r = CUDA_ERROR_INVALID_VALUE;
     if (a != NULL && (a->kind == A_PLAIN || a->kind == A_POOL)) {
         CUmemoryPool p = a->kind == A_POOL ? a->pool : NULL;
         alloc_free_locked(a);
@@ -216,7 +226,11 @@ static CUresult copy_check(CUdeviceptr d, size_t n, const void *host, unsigned c
         return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&g_mu);
     struct alloc *a = alloc_containing(d, n);
-    CUresult r = a ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    CUresult r = capture_unsafe_locked(); /* synchronous: the caller waits for the copy */
+    if (r != CUDA_SUCCESS)
+        a = NULL;
+    else if (!a)
+        r = CUDA_ERROR_INVALID_VALUE;
     *shadow = a && a->shadow ? a->shadow + (d - a->base) : NULL;
     pthread_mutex_unlock(&g_mu);
     return r;
