@@ -331,9 +331,9 @@ def test_alone_and_uncapped_queues_without_bound() -> None:
 
 def trainer_beside_requests() -> Device:
     """A best-effort trainer (1) beside an inference slice (2) that gets a
-    1 ms request every 5 ms."""
+    1 ms request every 5 ms, with the look-ahead on (2 ms)."""
     tree = SliceTree()
-    dev = Device(tree)
+    dev = Device(tree, ArbiterParams(yield_lead_ns=2 * MS))
     knobs(tree, "train", idle=1)
     dev.add(1, "train")
     dev.add_requests(2, "infer", period=5 * MS, work=MS)
@@ -376,7 +376,7 @@ def test_no_hold_for_a_neighbour_without_a_schedule_or_a_normal_owner() -> None:
         dev.run(15 * MS)
         assert dev.arb._hold is None
     tree2 = SliceTree()
-    dev2 = Device(tree2)  # an owner that does not yield to the neighbour
+    dev2 = Device(tree2, ArbiterParams(yield_lead_ns=2 * MS))  # an owner that does not yield
     knobs(tree2, "light", min=70)
     knobs(tree2, "heavy", min=30, max=100)
     dev2.add_requests(1, "light", period=5 * MS, work=MS)
@@ -412,3 +412,13 @@ def test_a_capped_group_alone_may_queue_deeper_than_beside_others() -> None:
     assert dev.arb.inflight_ns(1) == dev.arb.p.inflight_ns
     dev.add(2, "b")
     assert dev.arb.inflight_ns(1) == dev.arb.p.inflight_ns
+
+
+def test_the_look_ahead_is_off_by_default() -> None:
+    tree = SliceTree()
+    dev = Device(tree)
+    knobs(tree, "train", idle=1)
+    dev.add(1, "train")
+    dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    dev.run(200 * MS)
+    assert dev.arb._hold is None

@@ -23,19 +23,25 @@ class CapBuckets:
         self.quantum_ns = quantum_ns
         self.window_ns = window_ns
         self._b: dict[str, list[float]] = {}  # slice -> [tokens ns, cap fraction]
+        #: whether one group alone is attached to the device (``sync``)
+        self.alone = False
 
     def tokens(self) -> dict[str, float]:
         """Tokens (ns) per capped slice, for tracing."""
         return {path: b[0] for path, b in self._b.items()}
 
     def start_tokens(self, b: list[float]) -> float:
-        """A capped group waits for this much budget before a window: enough
-        that, alone on the device, it owns it for about a window (the bucket
-        drains at 1 - cap while it does), at least ``quantum_ns``. Each
-        hand-over costs a capped tenant alone its pipeline (a PyTorch
-        trainer capped at 30 did 0.71 of its charged time's work in
-        windows of 8 ms, 0.97 in windows of 25 ms: H200)."""
-        return min(max(self.quantum_ns, (1.0 - b[1]) * self.window_ns), self.bucket_ns / 2)
+        """A capped group waits for this much budget before a window, at
+        least ``quantum_ns``: beside other groups, its cap's share of a
+        window; alone on the device, enough to own it for about a window
+        (the bucket drains at 1 - cap while it does). Each hand-over costs a
+        capped tenant alone its pipeline (a PyTorch trainer capped at 30 did
+        0.71 of its charged time's work in windows of 8 ms, 0.97 in windows
+        of 25 ms: H200); beside others the larger budget made the simulated
+        GPU's slices that share a device under caps lose up to 0.035 of
+        their share to the waits."""
+        share = (1.0 - b[1]) if self.alone else b[1]
+        return min(max(self.quantum_ns, share * self.window_ns), self.bucket_ns / 2)
 
     def startable(self, key: str, owner: str | None = None) -> bool:
         """Whether group ``key`` may start a window: every capped slice on
@@ -61,7 +67,9 @@ class CapBuckets:
         """One bucket per capped slice on an attached group's path (knobs can
         change live: a new cap starts full, a removed one is dropped)."""
         want: dict[str, float] = {}
-        for key in groups:
+        keys = list(groups)
+        self.alone = len(keys) == 1
+        for key in keys:
             for path, cap in self.model.caps(key):
                 want[path] = cap
         for path in [p for p in self._b if p not in want]:
