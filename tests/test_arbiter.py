@@ -329,11 +329,11 @@ def test_alone_and_uncapped_queues_without_bound() -> None:
     assert dev.arb.inflight_ns(1) == ArbiterParams().inflight_ns
 
 
-def trainer_beside_requests() -> Device:
+def trainer_beside_requests(lead_ns: int = 2 * MS) -> Device:
     """A best-effort trainer (1) beside an inference slice (2) that gets a
-    1 ms request every 5 ms, with the look-ahead on (2 ms)."""
+    1 ms request every 5 ms, with the look-ahead on (2 ms) unless told."""
     tree = SliceTree()
-    dev = Device(tree, ArbiterParams(yield_lead_ns=2 * MS))
+    dev = Device(tree, None if lead_ns < 0 else ArbiterParams(yield_lead_ns=lead_ns))
     knobs(tree, "train", idle=1)
     dev.add(1, "train")
     dev.add_requests(2, "infer", period=5 * MS, work=MS)
@@ -415,10 +415,6 @@ def test_a_capped_group_alone_may_queue_deeper_than_beside_others() -> None:
 
 
 def test_the_look_ahead_is_off_by_default() -> None:
-    tree = SliceTree()
-    dev = Device(tree)
-    knobs(tree, "train", idle=1)
-    dev.add(1, "train")
-    dev.add_requests(2, "infer", period=5 * MS, work=MS)
+    dev = trainer_beside_requests(lead_ns=-1)  # the default parameters
     dev.run(200 * MS)
     assert dev.arb._hold is None
