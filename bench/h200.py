@@ -64,6 +64,10 @@ class Bench:
             env=dict(
                 self.env,
                 VGPU_DEBUG_TICK=os.path.join(os.environ.get("OUT", self.workdir), "ticks.log"),
+                # BENCH_TRACE=1: every arbiter event and measured interval
+                **({"VGPU_DEBUG_ARBITER": os.path.join(os.environ.get("OUT", self.workdir),
+                                                       "arbiter.log")}
+                   if os.environ.get("BENCH_TRACE") else {}),
             ),
             stdout=self.log,
             stderr=self.log,
@@ -321,14 +325,7 @@ def sc_compute(b: Bench) -> dict[str, Any]:
     for name, knobs in slices.items():
         b.ctl("set", "--runtime", f"bench-{name}.slice", *(f"{k}={v}" for k, v in knobs.items()))
 
-    def step(key: str, fn: Callable[[], Any]) -> None:
-        try:
-            res[key] = fn()
-        except Exception as e:
-            res[key] = {"error": repr(e)[:500]}
-        finally:
-            b.reap()
-        print(f"   compute {key}: {json.dumps(res[key])[:300]}", flush=True)
+    step = _stepper(b, res, "compute")
 
     def solo(slice_: str, mode: str = "matmul") -> float:
         return float(b.group([([mode, *secs], {"slice_": slice_})])[0]["rate"])
@@ -497,7 +494,8 @@ def sc_latency(b: Bench) -> dict[str, Any]:
                                        {"slice_": "bench-lat-cap30.slice"}))
     # Variants that restart vgpud with other [compute] settings (µs each).
     for env, key, label in (("BENCH_YIELD_US", "yield_inflight_us", "yield"),
-                            ("BENCH_LEAD_US", "yield_lead_us", "lead")):
+                            ("BENCH_LEAD_US", "yield_lead_us", "lead"),
+                            ("BENCH_RESUME_US", "resume_lead_us", "resume")):
         for us in (int(x) for x in os.environ.get(env, "").split(",") if x):
             def variant(us: int = us, key: str = key) -> dict[str, Any]:
                 b.restart_daemon({f"compute.{key}": us})

@@ -251,11 +251,18 @@ struct vgpu_hdev {
     _Atomic uint64_t want_conn;     /* vgpu_conn_gen of the last `want` */
     _Atomic uint32_t room_word;
     _Atomic uint32_t room_waiters;
+    /* A HOLD grant (hook_gate.c): the estimated end of what this process
+     * has queued (CLOCK_MONOTONIC ns), and the grant word that estimate
+     * started under (a new hold starts it afresh). */
+    _Atomic uint64_t hold_qend;
+    _Atomic uint32_t hold_grant;
     /* accountant-only: the grant state it last saw, and whether the
      * device was lost with work queued that has not been reported drained */
     uint32_t seen_grant;
     uint32_t drain_pending;
-    uint64_t cost_ns;               /* moving average GPU ns per launch, 0 = none yet */
+    uint64_t cost_ns;               /* moving average GPU ns per launch, 0 = none yet
+                                       (written by the accountant only; launching threads
+                                       read it with relaxed atomic loads under HOLD) */
     /* accountant-only: idleness */
     uint64_t idle_launches;         /* stat launches at the last look */
     uint64_t idle_since;            /* when they last changed (coarse clock) */

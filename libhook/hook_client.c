@@ -768,13 +768,18 @@ void vgpu_client_atfork_child(void)
 bool vgpu_client_notify(int slot, enum vgpu_note what)
 {
     static const char *const names[] = {"want", "idle", "drained"};
-    uint8_t out[32];
+    uint8_t out[48];
     struct mp_w w = {.p = out + 4, .cap = sizeof out - 4};
-    mp_map(&w, 2);
+    bool at = what == VGPU_NOTE_WANT; /* when: the daemon judges schedules on it */
+    mp_map(&w, at ? 3 : 2);
     mp_str(&w, "t");
     mp_str(&w, names[what]);
     mp_str(&w, "slot");
     mp_uint(&w, (uint64_t)slot);
+    if (at) {
+        mp_str(&w, "at");
+        mp_uint(&w, vgpu_now_ns());
+    }
     if (w.overflow)
         return false;
     out[0] = (uint8_t)(w.len >> 24);

@@ -139,6 +139,55 @@ static void say_want(struct vgpu_hdev *hd, int slot)
     pthread_mutex_unlock(&hd->note_mu);
 }
 
+/* HOLD (vgpu_abi.h): how long to wait before a launch fits, 0 if it fits
+ * now. The queue's end is estimated from the launches admitted since the
+ * hold began (each adds the measured cost per launch after the later of
+ * now and the estimate) and, where that is less, from what is still in
+ * flight (the accountant retires launches as their batches complete: the
+ * estimate shrinks when the GPU ran ahead of it). Launches on several
+ * streams are counted as if they ran one after another (conservative). */
+#define HOLD_RECHECK_NS 100000
+static uint64_t hold_wait(struct vgpu_hdev *hd, const struct vgpu_ctl_dev *cd, uint32_t grant, uint64_t now,
+                          bool count)
+{
+    uint64_t end = __atomic_load_n(&cd->hold_end_ns, __ATOMIC_RELAXED);
+    uint64_t until = __atomic_load_n(&cd->hold_until_ns, __ATOMIC_RELAXED);
+    if (now >= until || end >= until)
+        return 0; /* over: the neighbour is late (or a malformed hold) */
+    uint64_t cost = __atomic_load_n(&hd->cost_ns, __ATOMIC_RELAXED);
+    if (!cost)
+        cost = VGPU_COST_INIT_NS;
+    uint64_t fresh = now + (uint64_t)atomic_load_explicit(&hd->inflight, memory_order_relaxed) * cost;
+    uint64_t q = atomic_load_explicit(&hd->hold_qend, memory_order_relaxed);
+    if (atomic_load_explicit(&hd->hold_grant, memory_order_relaxed) != grant) {
+        q = fresh;
+        atomic_store_explicit(&hd->hold_qend, q, memory_order_relaxed);
+        atomic_store_explicit(&hd->hold_grant, grant, memory_order_relaxed);
+    }
+    if (fresh < q)
+        q = fresh;
+    if (q < now)
+        q = now;
+    if (q + cost > end) {
+        if (now + cost > end)
+            return until - now; /* nothing fits any more: until the hold ends */
+        uint64_t ns = until - now;
+        return ns < HOLD_RECHECK_NS ? ns : HOLD_RECHECK_NS; /* the queue may shrink */
+    }
+    if (count)
+        atomic_store_explicit(&hd->hold_qend, q + cost, memory_order_relaxed);
+    return 0;
+}
+
+__attribute__((noinline)) bool vgpu_hold_admits(struct vgpu_hdev *hd, const struct vgpu_ctl_dev *cd, uint32_t grant)
+{
+    if (!atomic_load_explicit(&hd->busy, memory_order_relaxed) ||
+        atomic_load_explicit(&hd->inflight, memory_order_relaxed) >=
+            atomic_load_explicit(&hd->inflight_max, memory_order_relaxed))
+        return false;
+    return !hold_wait(hd, cd, grant, vgpu_now_ns(), true);
+}
+
 /* The slow path of the gate: wait until the slice owns the device (or is
  * pre-approved to take it) and there is in-flight room (or the slot is no
  * longer gated, or the daemon is gone or stalled). Returns the slot. */
@@ -162,13 +211,34 @@ __attribute__((noinline, cold)) int vgpu_gate_wait(struct vgpu_hdev *hd, CUconte
             break;
         uint32_t g = __atomic_load_n(&cd->grant, __ATOMIC_ACQUIRE);
         uint32_t st = g & VGPU_GRANT_STATE_MASK;
+        if (st == VGPU_GRANT_HOLD) {
+            /* Owner, but a scheduled neighbour is due: launch only what will
+             * have run by then; otherwise wait, for the queue to shrink or
+             * the hold to end (or the grant to change: the neighbour came).
+             * Next in line after a request: wait until its `until`. */
+            uint64_t ns = hold_wait(hd, cd, g, vgpu_now_ns(), false);
+            if (ns) {
+                waited = true;
+                say_want(hd, slot);
+                if (ns > GATE_WAIT_NS)
+                    ns = GATE_WAIT_NS;
+                atomic_fetch_add_explicit(&hd->grant_waiters, 1, memory_order_acq_rel);
+                futex_wait((_Atomic uint32_t *)&cd->grant, g, (long)ns, true);
+                atomic_fetch_sub_explicit(&hd->grant_waiters, 1, memory_order_acq_rel);
+                continue;
+            }
+        }
         if (st != VGPU_GRANT_WAIT) {
-            /* RUN or TAKE: say so if not said, then wait only for room. */
+            /* RUN, TAKE or a HOLD it fits in: say so if not said, then wait
+             * only for room. */
             say_want(hd, slot);
             if (atomic_load_explicit(&hd->inflight, memory_order_relaxed) <
                     atomic_load_explicit(&hd->inflight_max, memory_order_relaxed) ||
-                !vgpu_account_running())
+                !vgpu_account_running()) {
+                if (st == VGPU_GRANT_HOLD)
+                    hold_wait(hd, cd, g, vgpu_now_ns(), true); /* count this launch */
                 break;
+            }
             uint32_t w = atomic_load_explicit(&hd->room_word, memory_order_acquire);
             atomic_fetch_add_explicit(&hd->room_waiters, 1, memory_order_acq_rel);
             if (atomic_load_explicit(&hd->inflight, memory_order_acquire) >=

@@ -226,6 +226,10 @@ __attribute__((noinline)) void vgpu_batch_close(struct vgpu_batch *b);
  * to end them). */
 void vgpu_batch_close_mine(void);
 __attribute__((noinline)) struct vgpu_ctxinfo *vgpu_current_ci(void);
+/* Under a HOLD grant: whether one more launch fits before the hold's end
+ * (by the hook's estimate of when what it queued will have run), counting
+ * it in the estimate if so. One clock read; no syscall, no lock. */
+__attribute__((noinline)) bool vgpu_hold_admits(struct vgpu_hdev *hd, const struct vgpu_ctl_dev *cd, uint32_t grant);
 
 /* ---- the launch fast path, inline in every launch entry point ----
  *
@@ -307,13 +311,16 @@ static inline __attribute__((always_inline)) void vgpu_gate_enter(struct vgpu_la
     }
     uint32_t flags = __atomic_load_n(&ctl->dev[slot].flags, __ATOMIC_ACQUIRE);
     bool gate = vgpu_gated(flags);
-    if (gate && __builtin_expect((__atomic_load_n(&ctl->dev[slot].grant, __ATOMIC_ACQUIRE) &
-                                  VGPU_GRANT_STATE_MASK) != VGPU_GRANT_RUN ||
-                                     !atomic_load_explicit(&hd->busy, memory_order_relaxed) ||
-                                     atomic_load_explicit(&hd->inflight, memory_order_relaxed) >=
-                                         atomic_load_explicit(&hd->inflight_max, memory_order_relaxed),
-                                 0))
-        slot = vgpu_gate_wait(hd, ctx, s);
+    if (gate) {
+        uint32_t grant = __atomic_load_n(&ctl->dev[slot].grant, __ATOMIC_ACQUIRE);
+        if (__builtin_expect((grant & VGPU_GRANT_STATE_MASK) != VGPU_GRANT_RUN ||
+                                 !atomic_load_explicit(&hd->busy, memory_order_relaxed) ||
+                                 atomic_load_explicit(&hd->inflight, memory_order_relaxed) >=
+                                     atomic_load_explicit(&hd->inflight_max, memory_order_relaxed),
+                             0) &&
+            ((grant & VGPU_GRANT_STATE_MASK) != VGPU_GRANT_HOLD || !vgpu_hold_admits(hd, &ctl->dev[slot], grant)))
+            slot = vgpu_gate_wait(hd, ctx, s);
+    }
     struct vgpu_stat_dev *sd = vgpu_stat_dev(slot);
     if (__builtin_expect(sd != NULL, 1)) {
         __atomic_fetch_add(&sd->launches, 1, __ATOMIC_RELAXED);

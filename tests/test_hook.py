@@ -610,6 +610,73 @@ def test_unlimited_client_is_not_inflight_limited(peer: Peer, sock: str, tmp_pat
     assert out["max_inflight_ns"] >= 60_000_000, out
 
 
+_HOLD_PROBE = r"""
+import ctypes, json, sys, time
+n, k = int(sys.argv[1]), int(sys.argv[2])
+cuda = ctypes.CDLL("libcuda.so.1")
+assert cuda.cuInit(0) == 0
+dev = ctypes.c_int(0); ctx = ctypes.c_void_p()
+cuda.cuDeviceGet(ctypes.byref(dev), 0)
+assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+cuda.cuCtxSetCurrent(ctx)
+mod = ctypes.c_void_p(); fn = ctypes.c_void_p()
+assert cuda.cuModuleLoadData(ctypes.byref(mod), b"vgpu-sim") == 0
+assert cuda.cuModuleGetFunction(ctypes.byref(fn), mod, b"sim_sleep_ns") == 0
+ns = ctypes.c_uint64(k)
+params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(ns), ctypes.c_void_p))
+for _ in range(3):  # let the hook learn the cost per launch
+    for _ in range(4):
+        assert cuda.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, None, params, None) == 0
+    assert cuda.cuCtxSynchronize() == 0
+    time.sleep(0.05)
+print(json.dumps({"phase": "warm"}), flush=True)
+sys.stdin.readline()
+t = []
+for i in range(n):
+    assert cuda.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, None, params, None) == 0
+    t.append(time.monotonic_ns())
+assert cuda.cuCtxSynchronize() == 0
+print(json.dumps({"returned": t}), flush=True)
+"""
+
+
+def test_hold_launches_only_what_runs_before_its_end(sock: str, tmp_path: Path) -> None:
+    """HOLD: the owner's hook launches only what its estimate of its queue
+    says will have run by the hold's end, then waits until the hold's
+    `until` (or a new grant), then launches freely."""
+    p = Peer(sock, unlimited=False)
+    k, n = 2_000_000, 40
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_PROBE, str(n), str(k)],
+                            env=env(sock, tmp_path), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert json.loads(proc.stdout.readline())["phase"] == "warm"
+        c = p.wait_conn()
+        go = time.monotonic_ns()
+        end, until = go + 20_000_000, go + 300_000_000
+        c.set_dev(0, hold_end_ns=end, hold_until_ns=until, grant=lib.VGPU_GRANT_HOLD)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out = json.loads(proc.stdout.readline())
+        ret = out["returned"]
+        assert len(ret) == n
+        early = [r for r in ret if r < until]
+        # What was launched before `until` fits before `end` by the hook's
+        # estimate (cost learned: 2 ms a launch), give or take one launch;
+        # it did not stop far short of it either.
+        assert len(early) * k <= end - go + k, (len(early), (end - go) // k)
+        assert len(early) >= 4, len(early)
+        # The rest waited for `until` (not for the queue), then ran.
+        assert len(early) < n
+        assert ret[len(early)] - early[-1] >= (until - end) // 2
+        assert c.stat(0, "nr_throttled") >= 1
+    finally:
+        proc.communicate("", timeout=30)
+        p.close()
+
+
 @pytest.mark.parametrize("unlimited", [True, False])
 def test_burst_is_fully_measured(sock: str, tmp_path: Path, unlimited: bool) -> None:
     # 2000 launches back to back: far more than 16 batches of 64 can hold

@@ -101,6 +101,11 @@ static inline int vgpu_error_code_of(const char *text)
  *   RUN   this process's slice owns the device: launch
  *   TAKE  the daemon would hand the device over the moment this slice asks:
  *         launch at once, and say so (`want`)
+ *   HOLD  as RUN, but a neighbour that wakes on a schedule is due: what this
+ *         process queues must have run by hold_end_ns (launch only what the
+ *         hook's estimate of its queue says fits), and from hold_until_ns on
+ *         launch freely again (the neighbour is late). A hook that does not
+ *         know the state launches, as for RUN.
  *
  * A slice owns a device for a window; the daemon charges it the windows it
  * owned (docs/design.md, "Compute").
@@ -108,6 +113,7 @@ static inline int vgpu_error_code_of(const char *text)
 #define VGPU_GRANT_WAIT 0u
 #define VGPU_GRANT_RUN 1u
 #define VGPU_GRANT_TAKE 2u
+#define VGPU_GRANT_HOLD 3u
 #define VGPU_GRANT_STATE_MASK 3u
 #define VGPU_GRANT_GEN_SHIFT 2u
 
@@ -122,7 +128,9 @@ struct vgpu_ctl_dev {
     uint64_t mem_used;      /* the limiting slice's current usage */
     uint64_t rate_ppm;      /* the slice's current share of one GPU, parts per million */
     uint64_t inflight_ns;   /* GPU time an owner may keep queued; 0: no bound */
-    uint64_t _pad1[3];
+    uint64_t hold_end_ns;   /* HOLD: queued work must have run by then (CLOCK_MONOTONIC) */
+    uint64_t hold_until_ns; /* HOLD: launch freely from then on */
+    uint64_t _pad1[1];
 };                          /* 64 bytes */
 
 struct vgpu_ctl_page {

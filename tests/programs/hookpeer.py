@@ -53,7 +53,7 @@ class Conn:
         generation, written last and its waiters woken (as vgpud does)."""
         base = CTL_DEV0 + slot * CTL_DEV
         fmt = {"grant": "<I", "flags": "<I", "mem_limit": "<Q", "mem_used": "<Q",
-               "rate_ppm": "<Q", "inflight_ns": "<Q"}
+               "rate_ppm": "<Q", "inflight_ns": "<Q", "hold_end_ns": "<Q", "hold_until_ns": "<Q"}
         grant = kv.pop("grant", None)
         for k, v in kv.items():
             struct.pack_into(fmt[k], self.ctl_map, base + _off("struct vgpu_ctl_dev", k), v)

@@ -19,6 +19,7 @@ core imports nothing of the rest).
 """
 
 from ._arbiter import (
+    HOLD,
     RUN,
     TAKE,
     WAIT,
@@ -163,6 +164,7 @@ __all__ = [
     "FULL_UTIL",
     "GONE",
     "HANDSHAKE",
+    "HOLD",
     "HOOK",
     "IDENTITY_MODES",
     "IDLE_RECORDS",

@@ -52,15 +52,16 @@ from collections.abc import Callable, Iterable, Mapping
 
 from ._device import _MIN_RATE, ArbiterParams, DeviceGroups, Group
 from ._handovers import HandoverLog
-from ._lookahead import hold_window
+from ._lookahead import hold_window, resume_at
 from ._share import ShareModel
 
-__all__ = ["RUN", "TAKE", "WAIT", "Arbiter", "ArbiterParams", "diff_states"]
+__all__ = ["HOLD", "RUN", "TAKE", "WAIT", "Arbiter", "ArbiterParams", "diff_states"]
 
 #: Gate states, as in ``vgpu_abi.h``.
 WAIT = 0
 RUN = 1
 TAKE = 2
+HOLD = 3
 
 class Arbiter(DeviceGroups):
     """Ownership and charges of one device (see the module docstring); the
@@ -76,7 +77,6 @@ class Arbiter(DeviceGroups):
         self._log = HandoverLog(max_tail_ns=self.p.max_tail_ns,
                                 max_start_gap_ns=self.p.max_start_gap_ns,
                                 history_ns=self.p.history_ns)
-        self._take: set[str] = set()
         #: a hand-over waiting for the old owner's work to drain: the members
         #: that have not said ``drained`` yet, and when it goes ahead anyway
         self._drain: set[int] | None = None
@@ -84,10 +84,6 @@ class Arbiter(DeviceGroups):
         self._drain_since = 0
         #: an idle owner keeps the device until then (0: not lingering)
         self._linger_until = 0
-        #: a best-effort owner held back ahead of a neighbour due on its
-        #: schedule: (hold from, hold until), and whether it holds now
-        self._hold: tuple[int, int] | None = None
-        self._holding = False
         self.handovers = 0  # counter, for stats and tests
         self.debug: Callable[[str], None] | None = None
 
@@ -111,8 +107,9 @@ class Arbiter(DeviceGroups):
 
     # --------------------------------------------------------------- events
 
-    def want(self, client: int, now: int) -> None:
-        """The process has work for the device (it launched, or waits to)."""
+    def want(self, client: int, now: int, at: int | None = None) -> None:
+        """The process has work for the device (it launched, or waits to;
+        ``at``: when, by its hook's clock, if it said)."""
         key = self._group_of.get(client)
         if key is None:
             return
@@ -125,7 +122,7 @@ class Arbiter(DeviceGroups):
         self._settle(now)
         g.busy.add(client)
         if woke:
-            g.note_wake(now)
+            g.note_wake(at if at is not None and now - self.p.window_ns <= at <= now else now)
         if woke and g.idle_at >= 0:
             gap = now - g.idle_at
             g.idle_ns = gap if g.idle_ns == float("inf") else 0.75 * g.idle_ns + 0.25 * gap
@@ -165,6 +162,7 @@ class Arbiter(DeviceGroups):
         g.busy.discard(client)
         if not g.busy:
             g.idle_at = now
+            g.note_spell(now)
             if key == self.owner and self._drain is None and 2 * g.idle_ns < self.p.linger_ns:
                 self._linger(now, g)
         self._update(now)
@@ -229,26 +227,13 @@ class Arbiter(DeviceGroups):
         """The gate state of every attached process."""
         out: dict[int, int] = {}
         for key, g in self._groups.items():
-            owns = key == self.owner and self._drain is None and not self._holding
-            st = RUN if owns else TAKE if key in self._take else WAIT
+            owns = key == self.owner and self._drain is None
+            st = ((HOLD if self.hold is not None else RUN) if owns
+                  else TAKE if key in self._take
+                  else HOLD if self.resume is not None and self.resume[0] == key else WAIT)
             for c in g.members:
                 out[c] = st
         return out
-
-    def inflight_ns(self, client: int) -> int:
-        """GPU time the process may keep queued while its group owns the device."""
-        key = self._group_of.get(client)
-        if key is None:
-            return self.p.inflight_ns
-        if len(self._groups) == 1:
-            cap = self.model.ceiling(key)
-            if cap >= 1.0:
-                return 0  # alone and uncapped: nobody to hand over to, no bound
-            # Alone and capped: half of the time its cap keeps it off the
-            # device after a window (see ArbiterParams.alone_inflight_ns).
-            off = self.p.window_ns * (1.0 - cap) / max(cap, 0.01)
-            return int(min(self.p.alone_inflight_ns, max(self.p.inflight_ns, off / 2)))
-        return self.p.yield_inflight_ns if self._yields(key) else self.p.inflight_ns
 
     def deadline(self) -> int | None:
         """When ``advance`` must next be called, if no event comes first."""
@@ -262,8 +247,8 @@ class Arbiter(DeviceGroups):
         elif o is not None:
             out.append(self._window_start + self._window(o))
             out.extend(self.buckets.empty_deadlines(o.key, now, self.group_scale(o.key)))
-            if self._hold is not None:
-                out.append(self._hold[0] if now < self._hold[0] else self._hold[1])
+            if self.hold is not None:
+                out.append(self.hold[1])  # the hooks enforce its start
         else:
             for g in self._groups.values():
                 if not g.busy or g.rate <= 0:
@@ -352,10 +337,13 @@ class Arbiter(DeviceGroups):
                 self._handover(now, nxt)
         self._take = self._pre_approved()
         o = self._owner_group()
-        self._hold = None
-        if o is not None and o.busy and self._drain is None and self._yields(o.key):
-            self._hold = hold_window(now, [self._groups[k] for k in self._take], self.p)
-        self._holding = self._hold is not None and self._hold[0] <= now < self._hold[1]
+        self.hold = self.resume = None
+        if o is not None and o.busy and self._drain is None:
+            if self._take:
+                self.hold = hold_window(now, [self._groups[k] for k in self._take], self.p)
+            nxt = self._next_after(o.key)
+            at = resume_at(o, nxt, nxt is not None and self._gives_way(nxt, o.key), self.p)
+            self.resume = None if nxt is None or at is None else (nxt, at)
 
 
 def diff_states(old: Mapping[int, int], new: Mapping[int, int]) -> dict[int, int]:

@@ -60,6 +60,7 @@ COMPUTE_KEYS: dict[str, tuple[int, int]] = {
     "compute.yield_inflight_us": (0, 1_000_000),
     "compute.linger_us": (0, 100_000),
     "compute.yield_lead_us": (0, 100_000),
+    "compute.resume_lead_us": (0, 100_000),
 }
 
 
@@ -76,7 +77,8 @@ class DaemonConfig:
     clock_exponent: float = 0.8
     #: ``[compute]``: the arbiter's windows and in-flight bounds, in µs
     #: (``compute.window_us``, ``inflight_us``, ``yield_inflight_us``,
-    #: ``linger_us``, ``yield_lead_us``); absent keys keep ``ArbiterParams``' defaults
+    #: ``linger_us``, ``yield_lead_us``, ``resume_lead_us``); absent keys keep
+    #: ``ArbiterParams``' defaults
     compute: dict[str, int] = field(default_factory=dict)
     simulate: bool = False
     log_format: str = "auto"

@@ -6,11 +6,14 @@ The state the arbiter (``_arbiter``) decides ownership on. Pure.
 
 from __future__ import annotations
 
+import collections
+import itertools
 from dataclasses import dataclass, field, replace
 
 from ._buckets import CapBuckets
 from ._share import ShareModel
 
+_SCHEDULE_SPAN = 9  # wake-ups and busy spells a schedule is judged on
 _MIN_RATE = 0.01  # charging a group whose rate fell to 0 (its tail) moves v by at most this
 
 
@@ -66,23 +69,31 @@ class ArbiterParams:
     alone_inflight_ns: int = 20_000_000
     #: ...when it yields to a non-idle neighbour (best-effort owners).
     yield_inflight_ns: int = 2_000_000
-    #: A best-effort owner beside a neighbour that wakes on a schedule (a
-    #: request every few ms) stops launching this long before the neighbour's
-    #: next expected wake-up, so that what it queued has run by then; 0: never
-    #: (the default: on the H200, 2 ms took an inference's p50 / p99 from
-    #: 1.30x / 2.05x of solo to 1.11x / 1.28x, but left the trainer 0.44 of
-    #: what the inference left instead of 0.85; vgpud.toml opts in).
-    yield_lead_ns: int = 0
+    #: An owner beside a neighbour that may take the device at once and
+    #: wakes on a schedule (a request every few ms) must have run what it
+    #: queued this long (plus the neighbour's jitter) before the neighbour
+    #: is due: its HOLD grant, which its hooks enforce from their estimate
+    #: of their queue (``_lookahead``); 0: never.
+    yield_lead_ns: int = 250_000
     #: ...and launches again if the neighbour has not come this long after it
     #: was expected (late, or no longer periodic).
     yield_slack_ns: int = 500_000
+    #: While a neighbour that took the device is serving a request whose
+    #: spells are regular, the group next in line (one that gives way to
+    #: it) may launch again this long before the neighbour is expected to
+    #: say ``idle`` (its HOLD until then): its threads are awake and its
+    #: first work queued when the neighbour's ends, instead of a report
+    #: and a wake-up later (0.44 ms at the median on the H200). What it
+    #: queues early runs after the neighbour's queue, within the
+    #: neighbour's time-slice; it is charged to it as a tail; 0: never.
+    resume_lead_ns: int = 400_000
 
 
 def arbiter_params(us: dict[str, int]) -> ArbiterParams:
     """ArbiterParams from vgpud.toml's ``[compute]`` (µs; see ``_config``)."""
     names = {"window_us": "window_ns", "inflight_us": "inflight_ns",
              "yield_inflight_us": "yield_inflight_ns", "linger_us": "linger_ns",
-             "yield_lead_us": "yield_lead_ns"}
+             "yield_lead_us": "yield_lead_ns", "resume_lead_us": "resume_lead_ns"}
     return replace(ArbiterParams(), **{names[k]: v * 1000 for k, v in us.items() if k in names})
 
 
@@ -106,34 +117,63 @@ class Group:
     #: when it last went idle, and a moving average of how long it stays so
     idle_at: int = -1
     idle_ns: float = float("inf")
-    #: when it last woke (went from no work to work), and moving averages of
-    #: the time between wake-ups and of how far one strays from the average:
-    #: a request-driven group wakes on a schedule an owner can yield ahead of
+    #: when it last woke (went from no work to work), the last few wake-ups
+    #: and how long each busy spell lasted (from its wake-up to its ``idle``):
+    #: a request-driven group wakes on a schedule an owner can make room
+    #: for, and gives the device back after a spell its neighbour can be
+    #: ready for (``_lookahead``). Medians, not averages: one late request
+    #: (an inference that fell behind) must not move the schedule.
     woke_at: int = -1
+    wakes: int = 0
+    _wake_log: collections.deque[int] = field(
+        default_factory=lambda: collections.deque(maxlen=_SCHEDULE_SPAN))
+    _spells: collections.deque[int] = field(
+        default_factory=lambda: collections.deque(maxlen=_SCHEDULE_SPAN))
     period_ns: float = float("inf")
     jitter_ns: float = 0.0
-    wakes: int = 0
 
-    def note_wake(self, now: int) -> None:
+    def note_wake(self, at: int) -> None:
+        """It woke at ``at`` (its hook's clock, when it first wanted the device)."""
         self.wakes += 1
-        if self.woke_at >= 0:
-            gap = float(now - self.woke_at)
-            if self.period_ns == float("inf"):
-                self.period_ns = gap
-            else:
-                self.jitter_ns = 0.75 * self.jitter_ns + 0.25 * abs(gap - self.period_ns)
-                self.period_ns = 0.75 * self.period_ns + 0.25 * gap
-        self.woke_at = now
+        self.woke_at = at
+        log = self._wake_log
+        log.append(at)
+        if len(log) >= 3:
+            gaps = sorted(b - a for a, b in itertools.pairwise(log))
+            self.period_ns = float(gaps[len(gaps) // 2])
+            devs = sorted(abs(g - self.period_ns) for g in gaps)
+            self.jitter_ns = devs[len(devs) // 2]
+
+    def note_spell(self, now: int) -> None:
+        """It went idle at ``now``, having woken at ``woke_at``."""
+        if self.woke_at >= 0 and now >= self.woke_at:
+            self._spells.append(now - self.woke_at)
 
     def expected_wake(self) -> int | None:
         """When it should next wake, if it wakes on a schedule (seen a few
-        times, its wake-ups stray by less than a quarter of their period)."""
-        if self.wakes < 5 or self.period_ns == float("inf"):
+        times, its wake-ups stray by less than a quarter of their period):
+        the median of what each recent wake-up says, so a late one does not
+        move it."""
+        if self.wakes < 5 or self.period_ns == float("inf") or self.jitter_ns * 4 > self.period_ns:
             return None  # a schedule shows in a few wake-ups, not one
-        if self.jitter_ns * 4 > self.period_ns:
-            return None
-        return self.woke_at + int(self.period_ns)
+        log = self._wake_log
+        n = len(log)
+        p = self.period_ns
+        guesses = sorted(int(w + (n - i) * p) for i, w in enumerate(log) if i >= n - 5)
+        return guesses[len(guesses) // 2]
 
+    def expected_idle(self) -> int | None:
+        """When its current busy spell should have ended (its ``idle``), if
+        its spells are regular (a request's work): by the second longest of
+        the last few (one slow request is forgiven, two are not), if that is
+        within a quarter of their median."""
+        sp = sorted(self._spells)
+        if len(sp) < 5 or self.woke_at < 0:
+            return None
+        mid, long = sp[len(sp) // 2], sp[-2]
+        if (long - mid) * 4 > mid:
+            return None
+        return self.woke_at + long
 
 
 class DeviceGroups:
@@ -154,6 +194,15 @@ class DeviceGroups:
         self.owner: str | None = None
         self._seen = (-1, -1)
         self._yielding: dict[str, bool] = {}
+        #: groups that may take the device the moment they ask (TAKE)
+        self._take: set[str] = set()
+        #: the owner's HOLD grant, which its hooks enforce (``_lookahead``):
+        #: its queued work must have run by the first time (a neighbour that
+        #: may take the device at once is due), and it launches freely from
+        #: the second
+        self.hold: tuple[int, int] | None = None
+        #: the group next in line may launch from then (its HOLD meanwhile)
+        self.resume: tuple[str, int] | None = None
 
     def attach(self, client: int, group: str) -> None:
         """A process attached the device; it belongs to ``group`` (its slice)."""
@@ -197,6 +246,27 @@ class DeviceGroups:
         self._usage = {k: v for k, v in self._usage.items() if v < 0 and k in self._groups}
         return out
 
+    def inflight_ns(self, client: int) -> int:
+        """GPU time the process may keep queued while its group owns the device."""
+        key = self._group_of.get(client)
+        if key is None:
+            return self.p.inflight_ns
+        if len(self._groups) == 1:
+            cap = self.model.ceiling(key)
+            if cap >= 1.0:
+                return 0  # alone and uncapped: nobody to hand over to, no bound
+            # Alone and capped: half of the time its cap keeps it off the
+            # device after a window (see ArbiterParams.alone_inflight_ns).
+            off = self.p.window_ns * (1.0 - cap) / max(cap, 0.01)
+            return int(min(self.p.alone_inflight_ns, max(self.p.inflight_ns, off / 2)))
+        if (self._yields(key) or (key == self.owner and self._take)
+                or (self.resume is not None and self.resume[0] == key)):
+            # It yields to a neighbour, a neighbour may take the device from
+            # it at once, or it launches early: a short queue, so that the
+            # two overlap little.
+            return self.p.yield_inflight_ns
+        return self.p.inflight_ns
+
     def _window(self, g: Group) -> int:
         return max(self.p.window_ns, min(self.p.max_window_ns, self.p.window_kernels * g.cost_ns))
 
@@ -238,11 +308,17 @@ class DeviceGroups:
 
     def _pre_approved(self) -> set[str]:
         """Groups without work that may take the device the moment they ask
-        (TAKE): where nobody owns it, or its owner is best-effort beside
-        them. Taking overlaps the owner's last queued work with the taker's
-        first, which only an owner with a small in-flight bound (one that
-        yields) keeps short: a group owed more than a normal owner waits
-        for that owner to drain instead (``want``)."""
+        (TAKE): where nobody owns it; where its owner is best-effort beside
+        them; or where neither it nor the owner is capped and it would be
+        owed more than the owner the moment it woke (a light soft tenant
+        beside a heavy one: waiting for the owner to drain cost it a
+        report and a wake-up each time, 0.36 ms at the median on the
+        H200). Taking overlaps the owner's last queued work with the
+        taker's first, so such an owner keeps a short queue
+        (``yield_inflight_ns``) and, where the taker wakes on a schedule,
+        lets it run out before the taker is due (``_lookahead``). A capped
+        group owed more waits for the owner to drain instead (``want``):
+        overlapping work would blur what each is charged."""
         out: set[str] = set()
         o = self._owner_group()
         busy = frozenset(k for k, g in self._groups.items() if g.busy)
@@ -253,9 +329,36 @@ class DeviceGroups:
             r = rates.get(key, 0.0)
             if r <= 0:
                 continue
-            if o is None or rates.get(o.key, 0.0) <= 0:
+            o_r = rates.get(o.key, 0.0) if o is not None else 0.0
+            if o is None or o_r <= 0:
                 out.add(key)  # nobody owns it, or its owner yields to this group
+            elif (o.busy and self._uncapped(key, o.key)
+                  and max(g.v, o.v - self.p.bonus_ns / r) + self.p.granularity_ns / r < o.v):
+                out.add(key)  # owed more than an uncapped owner: would preempt it
         return out
+
+    def _next_after(self, owner: str) -> str | None:
+        """The group that gets the device when ``owner`` goes idle, by the
+        rates of the others with work (a best-effort one has none beside it)."""
+        busy = frozenset(k for k, g in self._groups.items() if g.busy and k != owner)
+        rates = self.model.rates(busy)
+        best: Group | None = None
+        for key in busy:
+            g = self._groups[key]
+            if rates.get(key, 0.0) > 0 and self.buckets.startable(key, owner) and (
+                    best is None or (g.v, key) < (best.v, best.key)):
+                best = g
+        return None if best is None else best.key
+
+    def _uncapped(self, *keys: str) -> bool:
+        return all(self.model.ceiling(k) >= 1.0 for k in keys)
+
+    def _gives_way(self, key: str, owner: str) -> bool:
+        """Whether group ``key`` is one whose device ``owner`` takes at once
+        when it wakes (``_pre_approved``): ``key`` is best-effort beside it,
+        or neither is capped."""
+        rates = self.model.rates(frozenset((key, owner)))
+        return rates.get(key, 0.0) <= 0 or self._uncapped(key, owner)
 
     def note_power(self, capped: bool) -> None:
         """An NVML sample: whether the power cap holds the clock down now.

@@ -42,15 +42,26 @@ class HandoverLog:
         self.max_start_gap_ns = max_start_gap_ns
         self.history_ns = history_ns
         self._log: collections.deque[Handover] = collections.deque()
+        #: the hand-over that gave each owner the device (its window not
+        #: ended yet), and the one that took it from each group that has
+        #: not owned it since: what ``record`` updates, without walking the
+        #: log (a second of hand-overs, hundreds beside a request-driven
+        #: tenant, on the daemon's hand-over path)
+        self._to: dict[str | None, Handover] = {}
+        self._from: dict[str | None, Handover] = {}
 
     def record(self, now: int, old: str | None, new: str | None) -> None:
         """Ownership moved from ``old`` to ``new`` at ``now``."""
-        for h in self._log:
-            if h.new == old and h.new_end is None:
-                h.new_end = now
-            if h.old == new and h.regained is None:
-                h.regained = now
-        self._log.append(Handover(t=now, old=old, new=new, tail_end=now))
+        h = self._to.pop(old, None)
+        if h is not None and h.new_end is None:
+            h.new_end = now
+        h = self._from.pop(new, None)
+        if h is not None and h.regained is None:
+            h.regained = now
+        h = Handover(t=now, old=old, new=new, tail_end=now)
+        self._log.append(h)
+        self._to[new] = h
+        self._from[old] = h
         while self._log and self._log[0].t < now - self.history_ns:
             self._log.popleft()
 

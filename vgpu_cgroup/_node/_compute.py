@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from vgpu_cgroup._core import (
+    HOLD,
     RUN,
     WAIT,
     Arbiter,
@@ -100,10 +101,10 @@ class ComputeService:
 
     # --------------------------------------------------------------- events
 
-    def want(self, peer: Peer, slot: int, now: int) -> None:
+    def want(self, peer: Peer, slot: int, now: int, at: int | None = None) -> None:
         uuid = peer.slots.get(slot)
         if uuid is not None and self.gated(uuid):
-            self.arbiters[uuid].want(peer.id, now)
+            self.arbiters[uuid].want(peer.id, now, at)
             self.publish(uuid)
             self._note(now, "want", peer.id, uuid)
 
@@ -176,7 +177,8 @@ class ComputeService:
             if gated:
                 peer.shm.write_gate(slot, st, unlimited=False, contended=arb.contended(cid),
                                     inflight_ns=arb.inflight_ns(cid),
-                                    rate_ppm=round(arb.rate(cid) * 1_000_000))
+                                    rate_ppm=round(arb.rate(cid) * 1_000_000),
+                                    hold=_hold_of(arb, cid) if st == HOLD else None)
             else:
                 peer.shm.write_gate(slot, RUN, unlimited=True, contended=False,
                                     inflight_ns=0, rate_ppm=1_000_000)
@@ -205,6 +207,9 @@ class ComputeService:
                     if drained.intervals:
                         if self.gated(uuid):
                             arb.measured(p.id, drained.intervals)
+                            if self._trace is not None:
+                                self._trace.write(f"{now} iv {p.id} " + " ".join(
+                                    f"{a}-{b}" for a, b in drained.intervals) + "\n")
                         else:
                             att = self.attrib[uuid]
                             for start, end in drained.intervals:
@@ -257,3 +262,12 @@ class ComputeService:
     def slice_rates(self) -> dict[tuple[str, str], float]:
         """Each busy group's current rate per device (for show/status)."""
         return {(g, uuid): r for uuid, a in self.arbiters.items() for g, r in a.rates().items()}
+
+
+def _hold_of(arb: Arbiter, client: int) -> tuple[int, int] | None:
+    """A HOLD grant's (end, until) for the process: its group owns the
+    device ahead of a neighbour's request, or is next in line and may
+    launch again from ``until`` (``Arbiter.resume``)."""
+    if arb.resume is not None and arb.group_of(client) == arb.resume[0]:
+        return (0, arb.resume[1])
+    return arb.hold

@@ -269,7 +269,7 @@ class Daemon:
             return None
         if type(ev) is proto.Want:
             client.device_of(ev.slot, None)
-            self.compute.want(client, ev.slot, self.clock())
+            self.compute.want(client, ev.slot, self.clock(), ev.at)
             return None
         if type(ev) is proto.Idle:
             client.device_of(ev.slot, None)

@@ -106,9 +106,12 @@ class Release:
 @dataclass(slots=True)
 class Want:
     """One-way: this process has work for the device in ``slot`` (it launched,
-    or one of its threads waits to); see docs/design.md, "Compute"."""
+    or one of its threads waits to); see docs/design.md, "Compute". ``at``:
+    when, by the hook's CLOCK_MONOTONIC (a schedule is judged on it, not on
+    when the daemon got round to reading the note); optional."""
 
     slot: int
+    at: int | None = None
 
 
 @dataclass(slots=True)

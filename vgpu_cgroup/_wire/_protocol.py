@@ -359,7 +359,8 @@ class Connection:
                 return Release(slot=_int(m, "slot", 0, MAX_DEVICES - 1),
                                n=_int(m, "n", 0, U63_MAX))
             if t == "want":
-                return Want(slot=_int(m, "slot", 0, MAX_DEVICES - 1))
+                return Want(slot=_int(m, "slot", 0, MAX_DEVICES - 1),
+                            at=_int(m, "at", 0, U63_MAX) if "at" in m else None)
             if t == "idle":
                 return Idle(slot=_int(m, "slot", 0, MAX_DEVICES - 1))
             if t == "drained":

@@ -32,6 +32,7 @@ DEV_ACTIVE: Final[int] = int(lib.VGPU_DEV_ACTIVE)
 DEV_UNLIMITED: Final[int] = int(lib.VGPU_DEV_UNLIMITED)
 DEV_CONTENDED: Final[int] = int(lib.VGPU_DEV_CONTENDED)
 GRANT_STATE_MASK: Final[int] = int(lib.VGPU_GRANT_STATE_MASK)
+GRANT_HOLD: Final[int] = int(lib.VGPU_GRANT_HOLD)
 GRANT_GEN_SHIFT: Final[int] = int(lib.VGPU_GRANT_GEN_SHIFT)
 _U32 = 2**32 - 1
 
@@ -125,7 +126,8 @@ class ClientShm:
         self._cdev = [self.ctl.dev[i] for i in range(MAX_DEVICES)]
         # What was last written per slot: the tick rewrites a slot only when
         # its values change, so an idle client costs the daemon little.
-        self._gate_last: list[tuple[int, bool, bool, int, int] | None] = [None] * MAX_DEVICES
+        self._gate_last: list[tuple[int, bool, bool, tuple[int, int] | None, int, int] | None] = (
+            [None] * MAX_DEVICES)
         self._mem_last: list[tuple[int | None, int] | None] = [None] * MAX_DEVICES
 
     @property
@@ -156,13 +158,15 @@ class ClientShm:
         self.ctl.dev[slot].flags = self.ctl.dev[slot].flags | DEV_ACTIVE
 
     def write_gate(self, slot: int, state: int, *, unlimited: bool, contended: bool,
-                   inflight_ns: int, rate_ppm: int) -> bool:
+                   inflight_ns: int, rate_ppm: int, hold: tuple[int, int] | None = None) -> bool:
         """Publish a slot's launch gate; whether it differed from the last one.
 
-        A change of state or flags bumps the grant word's generation (written
-        last, with release order) and wakes the hook's threads waiting on it;
-        the bound and the rate are read when next needed."""
-        key = (state, unlimited, contended, inflight_ns, rate_ppm)
+        A change of state, flags or hold (``(end, until)`` of a HOLD grant)
+        bumps the grant word's generation (written last, with release order:
+        a hook reads the hold after the word) and wakes the hook's threads
+        waiting on it; the bound and the rate are read when next needed."""
+        hold = hold if state == GRANT_HOLD else None
+        key = (state, unlimited, contended, hold, inflight_ns, rate_ppm)
         last = self._gate_last[slot]
         if last == key:
             return False
@@ -170,10 +174,13 @@ class ClientShm:
         d = self._cdev[slot]
         d.inflight_ns = max(0, inflight_ns)
         d.rate_ppm = max(0, rate_ppm)
+        if hold is not None:
+            d.hold_end_ns = max(0, hold[0])
+            d.hold_until_ns = max(0, hold[1])
         flags = (DEV_ACTIVE | (DEV_UNLIMITED if unlimited else 0)
                  | (DEV_CONTENDED if contended else 0))
         lib.vgpu_store_release_u32(ffi.addressof(d, "flags"), flags)
-        if last is not None and last[:3] == key[:3]:
+        if last is not None and last[:4] == key[:4]:
             return True
         gen = ((int(d.grant) >> GRANT_GEN_SHIFT) + 1) & (_U32 >> GRANT_GEN_SHIFT)
         word = ffi.addressof(d, "grant")
